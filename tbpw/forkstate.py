@@ -29,7 +29,9 @@ from gguf import GGMLQuantizationType
 from .atomic import write_bytes
 from .errors import TbpwError
 
-MAGIC = int.from_bytes(b"BPW-V2\0\0", "little")
+# The fork writes the constant 0x4250572D5632 ("BPW-V2" read big-endian) as a little-endian u64,
+# so the file starts with the bytes "2V-WPB\0\0".
+MAGIC = int.from_bytes(b"BPW-V2", "big")
 _HEAD = struct.Struct("<QiffQ")
 _CAND = struct.Struct("<ifQd")
 

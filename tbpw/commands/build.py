@@ -1,0 +1,28 @@
+"""`tbpw build`: fetch, verify and build the pinned llama.cpp tools into the cache."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli_support import console, user_errors
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.option("--source", default=None, help="a source named in vendor/llama-cpp.toml (upstream, fork) or a llama.cpp checkout path")
+    @click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal", "vulkan"]), show_default=True)
+    @click.option("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: all cores)")
+    @click.option("--force", is_flag=True, help="rebuild even when the cache has this build")
+    @user_errors
+    def build(source, backend, jobs, force):
+        """Fetch, verify and build the pinned llama.cpp tools into the cache."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from ..llamacpp import build as builder
+
+        with Progress(TextColumn("building llama.cpp"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("build", total=None)
+            info = builder.build(source, backend, jobs, force=force,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+        click.echo(f"llama.cpp build {info.build_number} ({info.build_commit}, {info.backend}) ready in {info.bin_dir}")

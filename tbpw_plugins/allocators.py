@@ -1,0 +1,1 @@
+"""Built-in allocators, registered through the `tbpw` entry-point group like any third-party plugin."""

@@ -1,0 +1,1 @@
+"""Built-in datasets, registered through the `tbpw` entry-point group like any third-party plugin."""

@@ -1,0 +1,100 @@
+"""Fixtures every test module shares: the shared fixtures folder, the tiny model, the active build, plugins.
+
+Tests marked ``tools`` run the real llama.cpp binaries. They FAIL (never skip) when no build is active:
+CI always runs ``tbpw build`` first, so a missing build is a broken setup, not a reason to pass.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path:
+    env = os.environ.get("TBPW_SHARED")
+    return Path(env).expanduser().resolve() if env else (REPO_ROOT.parent / "shared").resolve()
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"test input {path} is missing: set TBPW_SHARED to the folder holding fixtures/fork-tiny")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """$TBPW_SHARED, else <repo>/../shared: reference notes and fixtures that are not part of the repo."""
+    return _require(_shared_dir())
+
+
+@pytest.fixture(scope="session")
+def fork_tiny_dir(shared_dir: Path) -> Path:
+    """The fork's reference outputs on the tiny model (see its README.md)."""
+    return _require(shared_dir / "fixtures" / "fork-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(fork_tiny_dir: Path) -> Path:
+    """A 4.46 M-parameter llama in F16 (4 layers, vocab 4096, tied embeddings)."""
+    return _require(fork_tiny_dir / "tiny-f16.gguf")
+
+
+@pytest.fixture(scope="session")
+def wiki_text(fork_tiny_dir: Path) -> Path:
+    """120 kB of English Wikipedia text, the calibration text of the fixtures."""
+    return _require(fork_tiny_dir / "wiki-sample.txt")
+
+
+@pytest.fixture(scope="session")
+def fork_imatrix(fork_tiny_dir: Path) -> Path:
+    """The fork's imatrix of the tiny model (in_sum2, counts, in_sum, stats)."""
+    return _require(fork_tiny_dir / "tiny.fork-imatrix.gguf")
+
+
+@pytest.fixture(scope="session")
+def stock_imatrix(fork_tiny_dir: Path) -> Path:
+    """Stock llama.cpp b11312's imatrix of the tiny model (in_sum2, counts)."""
+    return _require(fork_tiny_dir / "tiny.stock-imatrix.gguf")
+
+
+@pytest.fixture(scope="session")
+def active_build():
+    """The active llama.cpp build (BuildInfo); a test that needs it fails when there is none."""
+    from tbpw.errors import TbpwError
+    from tbpw.llamacpp.build import active_build as find_active
+
+    try:
+        return find_active()
+    except TbpwError as exc:
+        pytest.fail(f"no usable llama.cpp build ({exc})", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _tools_need_a_build(request: pytest.FixtureRequest) -> None:
+    # Marked tests get the build check even when they do not ask for `active_build` themselves.
+    if request.node.get_closest_marker("tools") is not None:
+        request.getfixturevalue("active_build")
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A fresh folder for one test's outputs and logs."""
+    path = tmp_path / "run"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def plugin_manager():
+    """A fresh plugin manager (entry points loaded) that later tests never see."""
+    from tbpw import plugins
+
+    plugins.reset_manager()
+    try:
+        yield plugins.get_manager()
+    finally:
+        plugins.reset_manager()
