@@ -99,3 +99,19 @@ class Evaluator(Plugin, Protocol):
     def __init__(self, options: Any) -> None: ...
 
     def evaluate(self, context: Any) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What an evaluator gets: the quantized model, the baseline's saved logits, the recipe's datasets."""
+
+    model: Path
+    log_dir: Path  # write tool logs here (one per evaluator)
+    base_logits: Path | None = None
+    datasets: dict[str, DatasetFile] = field(default_factory=dict)
+    ctx: int = 512
+    chunks: int | None = None
+    task_ctx: int = 768
+    tasks: dict[str, int] = field(default_factory=dict)  # evaluator/dataset name -> number of tasks
+    ngl: int | None = None
+    threads: int | None = None

@@ -1,0 +1,50 @@
+"""`tbpw run`, `tbpw validate` and `tbpw schema`: recipes from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..cli_support import user_errors
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override a recipe field (repeatable)")
+    @click.option("--force", "force", multiple=True, metavar="STAGE",
+                  help="recompute a stage even if finished (repeatable; 'eval' forces every eval-* stage)")
+    @user_errors
+    def run(recipe, overrides, force):
+        """Run the whole workflow of a recipe; finished stages are skipped."""
+        from .. import recipe as recipes
+        from ..pipeline import Pipeline
+
+        loaded = recipes.load(recipe, list(overrides))
+        report = Pipeline(loaded, force=set(force), log=lambda line: click.echo(line, err=True)).run()
+        click.echo(str(report))
+
+    @cli.command()
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+    @click.option("--json", "as_json", is_flag=True, help="print the resolved recipe as JSON")
+    @user_errors
+    def validate(recipe, overrides, as_json):
+        """Check a recipe (fields, plugins and their options, files) without running anything."""
+        from .. import recipe as recipes
+
+        loaded = recipes.load(recipe, list(overrides))
+        if as_json:
+            click.echo(loaded.model_dump_json(indent=1))
+        else:
+            click.echo(f"{recipe}: ok ({len(loaded.targets)} targets x {len(loaded.allocators)} allocators, "
+                       f"{len(loaded.compare_stock)} stock types, output in {loaded.output_dir})")
+
+    @cli.command()
+    @user_errors
+    def schema():
+        """Print the JSON Schema of a recipe, with every installed plugin's options."""
+        from ..recipe import json_schema
+
+        click.echo(json.dumps(json_schema(), indent=1))

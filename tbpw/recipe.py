@@ -1,0 +1,375 @@
+"""Recipes: the pydantic model of a tbpw run, read from YAML with `include:` and `--set` overrides.
+
+Every mistake names the field and, where the YAML has it, the line: unknown keys, wrong types,
+unknown plugin names (with "did you mean"), impossible targets, missing files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import TbpwError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginRef(Strict):
+    """A plugin by name with its options, validated by the plugin's own Options model."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSource(Strict):
+    """Exactly one of: a hub repo id, a local Hugging Face folder, or a GGUF file."""
+
+    hub: str | None = None
+    revision: str = "main"
+    path: Path | None = None  # a local Hugging Face model folder
+    gguf: Path | None = None
+    outtype: Literal["f16", "bf16"] = "f16"
+    allow_f16_clipping: bool = False  # convert BF16 weights to F16 even when some would overflow or vanish
+    note: str = ""  # shown in reports (e.g. "the baseline is a dequantized Q4_1 checkpoint")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSource":
+        given = [k for k in ("hub", "path", "gguf") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, gguf (got {', '.join(given) or 'none'})")
+        return self
+
+
+class ImatrixOptions(Strict):
+    collector: Literal["stock", "tbpw"] = "stock"
+    ctx: int = Field(512, ge=32)
+    chunks: int | None = Field(None, ge=1)
+    process_output: bool = False
+
+
+class MeasureOptions(Strict):
+    metric: PluginRef = Field(default_factory=lambda: PluginRef(name="wmse"))
+    candidates: list[str] | None = None  # ggml type names; None = the default 20
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    threads: int | None = Field(None, ge=1)
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+class Target(Strict):
+    """One of: bpw (all tensor bytes / all elements, no metadata), size (file size with metadata), or
+    stock (the bpw of the stock llama-quantize file of that type, for comparisons at equal size)."""
+
+    bpw: float | None = Field(None, gt=0, le=32)
+    size: str | None = None
+    stock: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Target":
+        given = [k for k in ("bpw", "size", "stock") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bpw, size, stock (got {', '.join(given) or 'none'})")
+        if self.size is not None and not _SIZE.match(self.size):
+            raise ValueError(f"size {self.size!r} is not a size: write e.g. 16GiB, 900MB or 123456789")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.bpw is not None:
+            return f"{self.bpw:g}bpw"
+        if self.size is not None:
+            return self.size.replace(" ", "")
+        return f"like-{self.stock}"
+
+
+class EvaluationOptions(Strict):
+    ctx: int = Field(512, ge=32)
+    chunks: int | None = Field(None, ge=1)
+    task_ctx: int = Field(768, ge=32)  # context for HellaSwag/WinoGrande/multiple choice
+    hellaswag_tasks: int = Field(750, ge=1)
+    winogrande_tasks: int = Field(750, ge=1)
+    multiple_choice_tasks: int = Field(750, ge=1)
+    ngl: int | None = None  # GPU layers for evaluation; None = all when the build has a GPU backend
+    threads: int | None = Field(None, ge=1)
+
+
+class BenchOptions(Strict):
+    enabled: bool = True
+    pp: int = Field(512, ge=1)
+    tg: int = Field(128, ge=1)
+    pg: tuple[int, int] | None = (1024, 1024)
+    repetitions: int = Field(5, ge=1)
+    threads: int | None = Field(None, ge=1)
+    ngl: int | None = None
+
+
+class SelectOptions(Strict):
+    by: list[Literal["kld_mean", "rho_ppl", "ppl", "same_top_p", "kld_p99"]] = Field(
+        default_factory=lambda: ["kld_mean", "rho_ppl"])
+
+
+class Datasets(Strict):
+    calibration: PluginRef
+    evaluation: PluginRef
+    hellaswag: PluginRef | None = None
+    winogrande: PluginRef | None = None
+    arc: PluginRef | None = None
+    mmlu: PluginRef | None = None
+    truthfulqa: PluginRef | None = None
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    description: str = ""
+    model: ModelSource
+    datasets: Datasets
+    imatrix: ImatrixOptions = Field(default_factory=ImatrixOptions)
+    measure: MeasureOptions = Field(default_factory=MeasureOptions)
+    targets: list[Target] = Field(min_length=1)
+    allocators: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="knapsack")], min_length=1)
+    constraints: dict[str, Any] = Field(default_factory=dict)
+    compare_stock: list[str] = Field(default_factory=list)
+    evaluators: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="kld")], min_length=1)
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+    bench: BenchOptions = Field(default_factory=BenchOptions)
+    select: SelectOptions = Field(default_factory=SelectOptions)
+    output_dir: Path | None = None  # default: runs/<name> beside the recipe
+
+    @field_validator("compare_stock")
+    @classmethod
+    def _stock_types(cls, value: list[str]) -> list[str]:
+        return [v.upper() for v in value]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers the line of every mapping key, for error messages."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
+    mapping = loader.construct_mapping(node, deep=True)
+    lines = {}
+    for key_node, _ in node.value:
+        lines[loader.construct_object(key_node)] = key_node.start_mark.line + 1
+    mapping["__lines__"] = lines
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise TbpwError(f"recipe {path} does not exist: check the path")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TbpwError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}): fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise TbpwError(f"{path}: a recipe is a mapping of fields (name, model, datasets, targets, ...)")
+    return data
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if key == "__lines__":
+                merged["__lines__"] = {**base.get("__lines__", {}), **value}
+            else:
+                merged[key] = _merge(base.get(key), value) if key in base else value
+        return merged
+    return override
+
+
+def _resolve_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise TbpwError(f"{path}: include cycle ({' -> '.join(p.name for p in (*seen, path))}): remove one include")
+    data = _read_yaml(path)
+    includes = data.pop("include", None)
+    data.get("__lines__", {}).pop("include", None)
+    if includes is None:
+        return _rebase_paths(data, path.parent)
+    merged: dict = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = _merge(merged, _resolve_includes(path.parent / inc, (*seen, path)))
+    return _merge(merged, _rebase_paths(data, path.parent))
+
+
+_PATH_FIELDS = {("model", "path"), ("model", "gguf"), ("output_dir",)}
+
+
+def _rebase_paths(data: dict, base: Path) -> dict:
+    """Relative paths in a recipe are relative to the file that wrote them (includes keep theirs)."""
+    for field_path in _PATH_FIELDS:
+        node = data
+        for key in field_path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(field_path[-1]), str):
+            value = Path(node[field_path[-1]]).expanduser()
+            node[field_path[-1]] = str(value if value.is_absolute() else (base / value))
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set key.path=value` (value parsed as YAML: numbers, lists, booleans)."""
+    for item in overrides:
+        if "=" not in item:
+            raise TbpwError(f"--set {item!r}: write key.path=value, e.g. --set imatrix.chunks=8")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise TbpwError(f"--set {key}: {part!r} is not a mapping in this recipe")
+            node = node.setdefault(part, {})
+        if isinstance(node, list) and parts[-1].isdigit() and int(parts[-1]) < len(node):
+            node[int(parts[-1])] = value
+        elif isinstance(node, dict):
+            node[parts[-1]] = value
+            node.get("__lines__", {}).pop(parts[-1], None)
+        else:
+            raise TbpwError(f"--set {key}: cannot set a field inside a {type(node).__name__}")
+    return data
+
+
+def _strip_lines(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _strip_lines(v) for k, v in data.items() if k != "__lines__"}
+    if isinstance(data, list):
+        return [_strip_lines(v) for v in data]
+    return data
+
+
+def _line_of(data: Any, loc: tuple) -> int | None:
+    line = None
+    node = data
+    for part in loc:
+        if isinstance(node, dict):
+            line = node.get("__lines__", {}).get(part, line)
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def _describe(error: dict, model_fields: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(error["loc"][-1]), list(model_fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown field {loc!r}{hint}"
+    if error["type"] == "missing":
+        return f"field {loc!r} is required"
+    return f"field {loc!r}: {error['msg']}"
+
+
+def _fields_at(loc: tuple) -> dict:
+    model: Any = Recipe
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        annotation = fields[part].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return getattr(model, "model_fields", {}) or {}
+
+
+def load(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe, resolving `include:` and `--set`, and validate it (plugins included)."""
+    path = Path(path)
+    raw = apply_overrides(_resolve_includes(path), overrides or [])
+    clean = _strip_lines(raw)
+    try:
+        recipe = Recipe.model_validate(clean)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        line = _line_of(raw, tuple(first["loc"]))
+        where = f"{path}:{line}" if line else str(path)
+        raise TbpwError(f"{where}: {_describe(first, _fields_at(tuple(first['loc'])))}") from exc
+    if recipe.output_dir is None:
+        recipe.output_dir = path.resolve().parent.parent / "runs" / recipe.name if path.resolve().parent.name == "recipes" \
+            else path.resolve().parent / "runs" / recipe.name
+    check_plugins(recipe, raw, path)
+    check_files(recipe, raw, path)
+    return recipe
+
+
+def _plugin_refs(recipe: Recipe) -> list[tuple[str, tuple, PluginRef]]:
+    refs: list[tuple[str, tuple, PluginRef]] = [("metric", ("measure", "metric"), recipe.measure.metric)]
+    refs += [("allocator", ("allocators", i), ref) for i, ref in enumerate(recipe.allocators)]
+    refs += [("evaluator", ("evaluators", i), ref) for i, ref in enumerate(recipe.evaluators)]
+    for field_name in Datasets.model_fields:
+        ref = getattr(recipe.datasets, field_name)
+        if ref is not None:
+            refs.append(("dataset", ("datasets", field_name), ref))
+    return refs
+
+
+def check_plugins(recipe: Recipe, raw: dict, path: Path) -> None:
+    from .plugins import get_manager
+
+    manager = get_manager()
+    for kind, loc, ref in _plugin_refs(recipe):
+        registry = manager.registries[kind]
+        line = _line_of(raw, loc)
+        where = f"{path}:{line}" if line else str(path)
+        field = ".".join(map(str, loc))
+        try:
+            registry.validate_options(ref.name, ref.options)
+        except TbpwError as exc:
+            raise TbpwError(f"{where}: {field}: {exc}") from exc
+
+
+def check_files(recipe: Recipe, raw: dict, path: Path) -> None:
+    for loc, value in ((("model", "path"), recipe.model.path), (("model", "gguf"), recipe.model.gguf)):
+        if value is not None and not Path(value).exists():
+            line = _line_of(raw, loc)
+            where = f"{path}:{line}" if line else str(path)
+            raise TbpwError(f"{where}: {'.'.join(loc)}: {value} does not exist: fix the path")
+
+
+def json_schema() -> dict:
+    """The recipe's JSON Schema, with each installed plugin's options schema attached by name."""
+    from .plugins import get_manager
+
+    schema = Recipe.model_json_schema()
+    manager = get_manager()
+    schema["x-tbpw-plugins"] = {
+        kind: {reg.cls.name: reg.cls.Options.model_json_schema() for reg in registry}
+        for kind, registry in manager.registries.items()
+    }
+    return schema
+
+
+def parse_size(text: str) -> int:
+    """'16GiB' -> bytes (binary units, as the fork: k = kib = 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise TbpwError(f"{text!r} is not a size: write e.g. 16GiB, 900MB or 123456789")
+    number = float(m.group(1))
+    unit = (m.group(2) or "b").lower().rstrip("b").rstrip("i")
+    return int(number * 1024 ** " kmgt".index(unit or " "))

@@ -1,0 +1,210 @@
+"""The run's report: model-card tables in Markdown, every number in JSON, and PNG plots.
+
+Pure formatting of the entries the pipeline collected (each entry's numbers are the parsed tool
+outputs); only `write_report` touches the disk.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_path, write_json, write_text
+from .gguf_model import nominal_bpw, role_of
+
+TASK_COLUMNS = (("arc", "ARC"), ("hellaswag", "HellaSwag"), ("mmlu", "MMLU"), ("truthfulqa", "TruthfulQA"),
+                ("winogrande", "WinoGrande"))
+
+
+def _fmt(value: Any, digits: int = 4, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _label(entry: dict) -> str:
+    star = " ★" if entry.get("selected") else ""
+    return f"{entry['name']}{star}"
+
+
+def quality_table(entries: list[dict]) -> str:
+    rows = []
+    for e in entries:
+        m = e.get("metrics", {})
+        rows.append([_label(e), _fmt(e.get("bpw")), _fmt(e.get("size_bytes", 0) / 2**20, 2),
+                     _fmt(m.get("ppl")), _fmt(m.get("rho_ppl"), 2, "%"), _fmt(m.get("kld_mean"), 6),
+                     _fmt(m.get("kld_p99"), 6), _fmt(m.get("same_top_p"), 2, "%")])
+    return _table(["Model", "BPW", "Size (MiB)", "μPPL", "𝜌PPL", "μKLD", "KLD p99", "Same top-p"], rows)
+
+
+def tasks_table(entries: list[dict], substitutes: dict[str, str]) -> str | None:
+    present = [(key, title) for key, title in TASK_COLUMNS if any(key in e.get("metrics", {}) for e in entries)]
+    if not present:
+        return None
+    rows = []
+    for e in entries:
+        m = e.get("metrics", {})
+        scores = [m.get(key) for key, _ in present]
+        known = [s for s in scores if s is not None]
+        rows.append([_label(e), *(_fmt(s, 2) for s in scores), _fmt(sum(known) / len(known), 2) if known else "–"])
+    header = ["Model", *(f"{title}{' (substitute)' if key in substitutes else ''}" for key, title in present), "Average"]
+    return _table(header, rows)
+
+
+def bench_table(entries: list[dict]) -> str | None:
+    tests = sorted({t for e in entries for t in e.get("bench", {})}, key=lambda t: (len(t), t))
+    if not tests:
+        return None
+    rows = [[_label(e), *(_fmt(e.get("bench", {}).get(t), 2) for t in tests)] for e in entries]
+    return _table(["Model", *(f"{t} (t/s)" for t in tests)], rows)
+
+
+def type_grid(types: dict[str, str]) -> str:
+    """The type of every tensor as a layer-by-role table (non-layer tensors on top)."""
+    layers: dict[int, dict[str, str]] = {}
+    others = []
+    roles: list[str] = []
+    for name, t in types.items():
+        layer, role = role_of(name)
+        if layer is None:
+            others.append(f"`{role}` {t}")
+            continue
+        layers.setdefault(layer, {})[role] = t
+        if role not in roles:
+            roles.append(role)
+    head = "Other tensors: " + ", ".join(others) + "\n\n" if others else ""
+    rows = [[str(i), *(layers[i].get(r, "") for r in roles)] for i in sorted(layers)]
+    return head + _table(["layer", *roles], rows)
+
+
+def markdown(run: dict) -> str:
+    entries = run["entries"]
+    parts = [f"# tbpw report: {run['name']}", ""]
+    if run.get("description"):
+        parts += [run["description"], ""]
+    parts += [f"Model: {run['model']}", f"llama.cpp: build {run.get('build', '?')}", ""]
+    for note in run.get("notes", []):
+        parts += [f"> **Note:** {note}", ""]
+    parts += ["## Quality against the baseline", "",
+              f"Evaluation text: {run.get('evaluation_text', '?')}. ★ marks the best quant of each target "
+              f"(by {', '.join(run.get('select_by', []))}).", "", quality_table(entries), ""]
+    tasks = tasks_table(entries, run.get("substitutes", {}))
+    if tasks:
+        parts += ["## Benchmarks (accuracy, %)", ""]
+        for key, what in sorted(run.get("substitutes", {}).items()):
+            parts += [f"- {key}: {what}"]
+        parts += ["", tasks, ""]
+    bench = bench_table(entries)
+    if bench:
+        parts += ["## Speed (llama-bench)", "", bench, ""]
+    chosen = [e for e in entries if e.get("selected") and e.get("types")]
+    if chosen:
+        parts += ["## Type maps of the chosen quants", ""]
+        for e in chosen:
+            parts += [f"### {e['name']} ({_fmt(e.get('bpw'))} bpw)", "", type_grid(e["types"]), ""]
+    plots = run.get("plots", [])
+    if plots:
+        parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    return "\n".join(parts)
+
+
+def plot_kld(entries: list[dict], out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series: dict[str, list[tuple[float, float]]] = {}
+    for e in entries:
+        kld = e.get("metrics", {}).get("kld_mean")
+        if kld is None or e.get("bpw") is None or e.get("kind") == "base":
+            continue
+        series.setdefault(e.get("allocator") or "stock", []).append((e["bpw"], kld))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in sorted(series.items()):
+        points.sort()
+        style = "s" if label == "stock" else "o-"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+    for e in entries:
+        if e.get("kind") == "stock" and e.get("metrics", {}).get("kld_mean") is not None:
+            ax.annotate(e["name"].removeprefix("stock-"), (e["bpw"], e["metrics"]["kld_mean"]), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("mean KL divergence (log)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_type_grid(entry: dict, out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return False
+    layers: dict[int, dict[str, str]] = {}
+    roles: list[str] = []
+    for name, t in entry.get("types", {}).items():
+        layer, role = role_of(name)
+        if layer is not None:
+            layers.setdefault(layer, {})[role] = t
+            roles.append(role) if role not in roles else None
+    if not layers:
+        return False
+    ids = sorted(layers)
+    grid = np.full((len(ids), len(roles)), np.nan)
+    for i, layer in enumerate(ids):
+        for j, role in enumerate(roles):
+            if role in layers[layer]:
+                grid[i, j] = nominal_bpw(layers[layer][role])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(roles), 1.0 + 0.28 * len(ids)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for i, layer in enumerate(ids):
+        for j, role in enumerate(roles):
+            if role in layers[layer]:
+                ax.text(j, i, layers[layer][role], ha="center", va="center", fontsize=6, color="white")
+    ax.set_xticks(range(len(roles)), roles, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(ids)), [str(i) for i in ids], fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title(f"{entry['name']}: nominal bpw per tensor", fontsize=9)
+    fig.colorbar(image, ax=ax, label="bpw")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(run: dict, folder: Path) -> Path:
+    """Write report.md, report.json and the plots into `folder`; returns the Markdown's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if plot_kld(run["entries"], folder / "kld-vs-bpw.png"):
+        plots.append("kld-vs-bpw.png")
+    for e in run["entries"]:
+        if e.get("selected") and e.get("types") and plot_type_grid(e, folder / f"types-{e['name']}.png"):
+            plots.append(f"types-{e['name']}.png")
+    run = {**run, "plots": plots}
+    write_json(folder / "report.json", run)
+    write_text(folder / "report.md", markdown(run))
+    return folder / "report.md"
