@@ -72,6 +72,12 @@ class Pipeline:
     def model(self) -> Path:
         src = self.recipe.model
         options = src.model_dump(mode="json", exclude={"note"})
+        if src.asset is not None:
+            from .assets import demo_model
+
+            demo = demo_model()  # the only asset model so far: SmolLM2-135M, a dequantized Q4_1 checkpoint
+            self.notes.append(demo.note)
+            return demo.f16
         if src.gguf is not None:
             inv = ModelInventory.load(src.gguf)
             stored = {t.stored_type for t in inv.tensors}
@@ -177,9 +183,7 @@ class Pipeline:
 
             table = measure(model, imatrix, metric=opts.metric.name, metric_options=opts.metric.options,
                             candidates=opts.candidates, sampling=opts.sampling or None, threads=opts.threads)
-            from .atomic import write_json
-
-            write_json(folder / "errors.json", table.to_json())
+            table.write_json(folder / "errors.json")
             return {"table": "errors.json", "tensors": len(table.tensors)}
 
         return self._stage("measure", {"model": model, "imatrix": imatrix}, opts, body).path("errors.json")
@@ -201,19 +205,19 @@ class Pipeline:
         constraints = self.recipe.constraints
 
         def body(folder: Path) -> dict:
+            from .allocate import Target as Budget
+            from .allocate import allocate, build_problem
             from .apply import apply_plan
-            from .allocate import plan_from_table
+            from .measure import ErrorTable
 
-            plan = plan_from_table(model, table, allocator=allocator.name, allocator_options=allocator.options,
-                                   target_bpw=target_bpw, target_size=target.size, constraints=constraints)
-            out = folder / "model.gguf"
-            apply_plan(plan, model, imatrix, out, log_path=folder / "quantize.log")
-            inv = ModelInventory.load(out)
-            from .atomic import write_json
-
-            write_json(folder / "plan.json", plan.to_json())
-            return {"model": "model.gguf", "plan": "plan.json", "bpw": inv.bpw(), "size_bytes": out.stat().st_size,
-                    "types": inv.types()}
+            inventory = ModelInventory.load(model)
+            budget = Budget.parse(bpw=target_bpw) if target_bpw is not None else Budget.parse(size=target.size)
+            problem = build_problem(inventory, ErrorTable.read_json(table), budget, constraints)
+            plan = allocate(inventory, problem, allocator.name, allocator.options, manager=self.manager)
+            applied = apply_plan(plan, model, imatrix, folder / "model.gguf", log_path=folder / "quantize.log")
+            written = ModelInventory.load(applied.path)
+            return {"model": "model.gguf", "plan": applied.plan_path.name, "bpw": applied.achieved_bpw,
+                    "size_bytes": applied.file_bytes, "types": written.types()}
 
         name = f"quant-{target.label}-{allocator.name}"
         out = self._stage(name, {"model": model, "imatrix": imatrix, "table": table},

