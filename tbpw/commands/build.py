@@ -20,6 +20,19 @@ def register(cli: click.Group) -> None:
 
         from ..llamacpp import build as builder
 
+        if not console.is_terminal:
+            # A log (CI, a pipe) gets a line per tenth of the build instead of a live bar, and no stray blank line.
+            shown = set()
+
+            def report(done: int, total: int) -> None:
+                tenth = 10 * done // max(total, 1)
+                if tenth not in shown:
+                    shown.add(tenth)
+                    click.echo(f"building llama.cpp: step {done}/{total}", err=True)
+
+            info = builder.build(source, backend, jobs, force=force, progress=report)
+            click.echo(f"llama.cpp build {info.build_number} ({info.build_commit}, {info.backend}) ready in {info.bin_dir}")
+            return
         with Progress(TextColumn("building llama.cpp"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("build", total=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TbpwError
+from . import logflush
 from .build import BuildInfo, active_build
 
 LOG_TAIL_LINES = 12
@@ -51,7 +53,7 @@ def run_tool(tool: str, args: list[str | os.PathLike], *, log_path: Path | str |
     start = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
-                              env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+                              env=_environment(env), stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise TbpwError(f"{tool} did not finish within {timeout:.0f} s: raise the timeout or give it less work") from exc
     seconds = time.monotonic() - start
@@ -65,10 +67,20 @@ def run_tool(tool: str, args: list[str | os.PathLike], *, log_path: Path | str |
     return run
 
 
+def _environment(extra: dict[str, str] | None) -> dict[str, str]:
+    # The preload keeps the final lines that llama.cpp's log thread would otherwise drop at exit.
+    merged = {**os.environ, **(extra or {})}
+    return {**merged, **logflush.preload_env(merged)}
+
+
 def _last_error_line(stderr: str) -> str:
     """The most telling line of a failed tool's stderr (llama.cpp prints errors with these prefixes)."""
     for line in reversed(stderr.splitlines()):
         low = line.lower()
         if any(word in low for word in ("error", "failed", "unable", "cannot", "invalid")):
-            return line.strip()[:200]
+            return _LOG_PREFIX.sub("", line.strip())[:200]
     return ""
+
+
+# The time stamp and level llama.cpp's common log puts before each line, e.g. "0.00.007.718 E ".
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ")
