@@ -1,0 +1,183 @@
+"""`tbpw quantize`: measure, allocate to an exact bpw or size target, and write the file with stock llama-quantize.
+
+    tbpw quantize MODEL.gguf --imatrix I.gguf (--target-bpw X | --target-size N) [--allocator NAME]
+                  [--metric NAME] [--pin REGEX=TYPE ...] [--constraints FILE] [--dry-run] [--json] -o OUT.gguf
+
+The errors are measured (and cached) by tbpw.measure unless --error-table or --fork-state gives them.
+The plan is saved as OUT.plan.json next to the output; with --dry-run nothing but the plan is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..cli_support import user_errors
+
+# The command line's own default; recipes name their allocator explicitly.
+DEFAULT_ALLOCATOR = "knapsack"
+
+
+def _key_values(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=what)
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def _pins(pairs: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        # the type never contains "=", the regex may
+        pattern, sep, t = pair.rpartition("=")
+        if not sep or not pattern or not t:
+            raise click.BadParameter(f"{pair!r} is not REGEX=TYPE", param_hint="--pin")
+        out[pattern] = t
+    return out
+
+
+def _read_constraints(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    from ..errors import TbpwError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TbpwError(f"cannot read constraints file {path} ({exc}): give a YAML or JSON file") from exc
+    if not isinstance(data, dict):
+        raise TbpwError(f"constraints file {path} must hold a mapping (pins, allowed_types, min_bpw, max_bpw, share_type)")
+    return data
+
+
+def error_table(model: str, imatrix: str, *, fork_state: str | None = None, table_file: str | None = None,
+                metric: str | None = None, metric_options: dict[str, Any] | None = None, types: str | None = None,
+                threads: int | None = None, cache_dir: str | None = None, progress: bool = True):
+    """The (tensor, candidate) -> (bytes, error) table: a saved one when given, else measured (cached)."""
+    if fork_state and table_file:
+        from ..errors import TbpwError
+
+        raise TbpwError("give at most one of --fork-state and --error-table")
+    if fork_state:
+        from ..forkstate import read
+
+        return read(fork_state)
+    from ..measure import ErrorTable, measure
+
+    if table_file:
+        return ErrorTable.read_json(table_file)
+    kwargs: dict[str, Any] = {"metric_options": metric_options or {}, "threads": threads, "progress": progress,
+                              "cache_dir": cache_dir}
+    if metric:
+        kwargs["metric"] = metric
+    if types:
+        kwargs["candidates"] = [t.strip() for t in types.split(",") if t.strip()]
+    return measure(model, imatrix, **kwargs)
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False))
+    @click.option("--imatrix", required=True, type=click.Path(dir_okay=False), help="the importance matrix (GGUF or legacy .dat)")
+    @click.option("--target-bpw", type=float, default=None, help="bits per weight: 8 x all tensor bytes / all elements, metadata excluded")
+    @click.option("--target-size", default=None, help="file size with metadata, e.g. 2.5gib, 900m, 123456 (k, m, g, t are powers of 1024)")
+    @click.option("--allocator", default=DEFAULT_ALLOCATOR, show_default=True, help="allocator plugin (see `tbpw plugins`)")
+    @click.option("--option", "-O", "options", multiple=True, metavar="KEY=VALUE", help="an allocator option (repeatable)")
+    @click.option("--metric", default=None, help="error metric plugin for the measurement (default: the engine's)")
+    @click.option("--metric-option", "metric_options", multiple=True, metavar="KEY=VALUE", help="a metric option (repeatable)")
+    @click.option("--types", default=None, help="comma-separated candidate types to measure (default: the fork's 20)")
+    @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                  help="where measurements are cached (default: $TBPW_HOME/measure)")
+    @click.option("--pin", "pins", multiple=True, metavar="REGEX=TYPE", help="fix matching tensors to a type (repeatable)")
+    @click.option("--constraints", "constraints_file", type=click.Path(dir_okay=False), default=None,
+                  help="YAML/JSON with pins, allowed_types, min_bpw, max_bpw, share_type")
+    @click.option("--error-table", "table_file", type=click.Path(dir_okay=False), default=None,
+                  help="take the errors from a table written by `tbpw measure --out` instead of measuring")
+    @click.option("--fork-state", type=click.Path(dir_okay=False), default=None,
+                  help="take the errors from the fork's --state-file instead of measuring")
+    @click.option("--dry-run", is_flag=True, help="print the plan; write no model")
+    @click.option("--json", "as_json", is_flag=True, help="print the plan as one JSON object")
+    @click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="threads for measuring and llama-quantize")
+    @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None, help="the GGUF to write")
+    @user_errors
+    def quantize(model, imatrix, target_bpw, target_size, allocator, options, metric, metric_options, types, cache_dir,
+                 pins, constraints_file, table_file, fork_state, dry_run, as_json, threads, out):
+        """Quantize MODEL to an exact bpw or file-size target with the least measured error."""
+        from ..allocate import Constraints, Target, allocate, build_problem
+        from ..apply import apply_plan, plan_path_for
+        from ..atomic import write_json
+        from ..errors import TbpwError
+        from ..gguf_model import ModelInventory
+        from ..llamacpp.quantize import output_metadata_bytes
+        from ..plugins import get_manager
+
+        if out is None and not dry_run:
+            raise TbpwError("no output file: give -o OUT.gguf (or --dry-run to only print the plan)")
+        for path, what in ((model, "model"), (imatrix, "imatrix")):
+            if not Path(path).is_file():
+                raise TbpwError(f"{what} file {path} does not exist: check the path")
+        target = Target.parse(bpw=target_bpw, size=target_size)
+        registry = get_manager().allocators()
+        validated = registry.validate_options(allocator, _key_values(options, "--option"))
+        constraints = _read_constraints(constraints_file)
+        constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
+        constraints = Constraints.parse(constraints)
+
+        inventory = ModelInventory.load(model)
+        # the output's metadata: a size target pays for it, and the plan's file size is then exact
+        metadata = output_metadata_bytes(model, imatrix)
+        table = error_table(model, imatrix, fork_state=fork_state, table_file=table_file, metric=metric,
+                            metric_options=_key_values(metric_options, "--metric-option"), types=types,
+                            threads=threads, cache_dir=cache_dir)
+        context = {"model": str(model), "imatrix": str(imatrix),
+                   "log_dir": str(Path(out).parent) if out else None}
+        problem = build_problem(inventory, table, target, constraints, metadata_bytes=metadata, context=context)
+        plan = allocate(inventory, problem, allocator, validated, metadata_bytes=metadata)
+
+        result = plan.to_json()
+        if dry_run:
+            if out:
+                write_json(plan_path_for(out), result)
+        else:
+            applied = apply_plan(plan, model, imatrix, out, threads=threads)
+            result.update({"output": str(applied.path), "file_bytes": applied.file_bytes, "verified": True,
+                           "log": str(applied.log_path)})
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        _print_plan(plan, inventory)
+        if not dry_run:
+            click.echo(f"wrote {applied.path} ({applied.file_bytes} bytes, {applied.achieved_bpw:.4f} bpw; every "
+                       f"tensor verified as planned); plan: {applied.plan_path}")
+
+
+def _print_plan(plan, inventory) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col, justify in (("tensor", "left"), ("type", "left"), ("bytes", "right"), ("bpw", "right"),
+                         ("error", "right"), ("", "left")):
+        table.add_column(col, justify=justify)
+    elements = {t.name: t.n_elements for t in inventory.tensors}
+    for t in plan.tensors:
+        error = "" if t.error is None or not math.isfinite(t.error) else f"{t.error:.6g}"
+        note = {"pinned": "pinned", "fixed": "kept"}.get(t.source, "")
+        table.add_row(t.name, t.type, str(t.bytes), f"{8.0 * t.bytes / elements[t.name]:.4f}", error, note)
+    console = Console(width=120)
+    console.print(table)
+    target = f"{plan.target.bpw} bpw" if plan.target.bpw is not None else f"{plan.target.size} bytes"
+    console.print(f"allocator {plan.allocator}: target {target}, achieved {plan.achieved_bpw:.4f} bpw, "
+                  f"{plan.total_bytes} tensor bytes, {plan.file_bytes} file bytes, total error {plan.total_error:.6g}",
+                  highlight=False)

@@ -1,0 +1,152 @@
+"""llama-quantize, two ways: stock with a complete `--tensor-type-file`, or the fork's `--target-bpw` mode.
+
+Facts about stock llama-quantize (b11312) this module relies on:
+- `--tensor-type-file` is read token by token (whitespace separates entries; there is no comment
+  syntax); each entry is `PATTERN=TYPE`, the pattern is lower-cased, compiled as an ECMAScript regex
+  and *searched* in the tensor name; the first matching pattern wins;
+- the overrides only apply when the base TYPE argument is a quantized type (an F16/BF16/F32 base
+  copies every tensor), and the usual fallback for rows that do not fit a type's blocks still applies;
+- with an imatrix it adds `quantize.imatrix.*` keys to the output's metadata (the file path as given,
+  the first dataset name, both truncated to 127 bytes, the entry count and the chunk count).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+from ..errors import TbpwError
+from .build import BuildInfo, active_build
+from .tools import ToolRun, run_tool
+
+if TYPE_CHECKING:
+    from ..allocate import Target
+
+# A quantized base type that never needs imatrix data by itself; every tensor that could use it is
+# named in the tensor-type file anyway, so it only sets the file's general.file_type.
+BASE_TYPE = "Q8_0"
+_SAFE = re.compile(r"[a-z0-9_]")
+_KV_MAX_STR = 127
+
+
+def tensor_pattern(name: str) -> str:
+    """`^name$` as a regex that still matches only `name` after llama-quantize lower-cases it.
+
+    Lower-case letters, digits and `_` stand for themselves, a dot is `\\.`; every other character
+    (upper-case letters, `=` and whitespace, which the file format would split on) becomes an `\\xHH`
+    escape, whose hex digits survive lower-casing.
+    """
+    out = []
+    for ch in name:
+        if _SAFE.fullmatch(ch):
+            out.append(ch)
+        elif ch == ".":
+            out.append("\\.")
+        elif ord(ch) < 0x80:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            raise TbpwError(f"tensor name {name!r} has a non-ASCII character, which llama-quantize's "
+                            "--tensor-type-file cannot name exactly: rename the tensor")
+    return "^" + "".join(out) + "$"
+
+
+def tensor_type_text(types: Mapping[str, str]) -> str:
+    """The content of a --tensor-type-file naming every tensor in `types`, one entry a line."""
+    return "".join(f"{tensor_pattern(name)}={t.lower()}\n" for name, t in types.items())
+
+
+def quantize(model: Path | str, out: Path | str, *, imatrix: Path | str | None, tensor_type_file: Path | str | None = None,
+             base_type: str = BASE_TYPE, threads: int | None = None, extra: list[str] | None = None,
+             log_path: Path | str | None = None, build: BuildInfo | None = None) -> ToolRun:
+    """Run llama-quantize MODEL OUT BASE_TYPE [threads] with the given options."""
+    args: list[str | os.PathLike] = []
+    if imatrix is not None:
+        args += ["--imatrix", str(imatrix)]
+    if tensor_type_file is not None:
+        args += ["--tensor-type-file", str(tensor_type_file)]
+    args += list(extra or [])
+    args += [str(model), str(out), base_type]
+    if threads:
+        args.append(str(threads))
+    return run_tool("llama-quantize", args, log_path=log_path, build=build)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Size of the output's metadata (for --target-size)
+
+
+def _kv_bytes(key: str, value_bytes: int) -> int:
+    return 8 + len(key.encode()) + 4 + value_bytes
+
+
+def _str_bytes(text: str) -> int:
+    return 8 + len(text.encode("utf-8")[:_KV_MAX_STR])
+
+
+def output_metadata_bytes(model: Path | str, imatrix: Path | str | None) -> int:
+    """Bytes before the tensor data in the file stock llama-quantize writes from `model` with `imatrix`
+    (header, key/values, tensor infos, padding): the input's, plus the keys llama-quantize sets."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(model))
+    end = 0
+    for f in [*reader.fields.values(), *(t.field for t in reader.tensors)]:
+        end = max(end, f.offset + sum(int(p.nbytes) for p in f.parts))
+    existing = {name: int(sum(p.nbytes for p in f.parts)) for name, f in reader.fields.items()}
+
+    def set_value(key: str, value_bytes: int) -> int:
+        # a present key keeps its name and type, only the value's size may change
+        new = _kv_bytes(key, value_bytes)
+        return new - existing[key] if key in existing else new
+
+    delta = set_value("general.quantization_version", 4) + set_value("general.file_type", 4)
+    for key in ("split.no", "split.count", "split.tensors.count"):
+        delta -= existing.get(key, 0)
+    if imatrix is not None:
+        from ..imatrix import Imatrix
+
+        imx = Imatrix.load(imatrix)
+        delta += set_value("quantize.imatrix.file", _str_bytes(str(imatrix)))
+        if imx.datasets:
+            delta += set_value("quantize.imatrix.dataset", _str_bytes(imx.datasets[0]))
+        delta += set_value("quantize.imatrix.entries_count", 4)
+        if imx.chunk_count > 0:
+            delta += set_value("quantize.imatrix.chunks_count", 4)
+    alignment = int(reader.alignment)
+    raw = end + delta
+    return -(-raw // alignment) * alignment
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fork's native target mode
+
+
+def fork_target_types(model: Path | str, imatrix: Path | str, target: "Target", *, pins: Mapping[str, str] | None = None,
+                      threads: int | None = None, state_file: Path | str | None = None,
+                      log_dir: Path | str | None = None, build: BuildInfo | None = None) -> dict[str, str]:
+    """Let the fork's llama-quantize choose every type for `target`, and read its choices back from
+    the file it writes (which is then deleted)."""
+    from ..gguf_model import ModelInventory
+    from .features import ensure_tool_features
+
+    build = build or active_build()
+    flag = "--target-bpw" if target.bpw is not None else "--target-size"
+    ensure_tool_features(flag, "--imatrix", purpose="the fork-native allocator", build=build)
+    extra = [flag, repr(target.bpw) if target.bpw is not None else str(target.size)]
+    for name, t in (pins or {}).items():
+        extra += ["--tensor-type", f"{tensor_pattern(name)}={t.lower()}"]
+    if state_file:
+        extra += ["--state-file", str(state_file)]
+    work = Path(tempfile.mkdtemp(prefix="tbpw-fork-"))
+    try:
+        out = work / "fork-native.gguf"
+        log = Path(log_dir) / "fork-native.log" if log_dir else work / "fork-native.log"
+        quantize(model, out, imatrix=imatrix, base_type=BASE_TYPE, threads=threads, extra=extra, log_path=log, build=build)
+        written = ModelInventory.load(out)
+        return {t.name: t.stored_type for t in written.tensors}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
