@@ -181,6 +181,7 @@ def build(source: str | None = None, backend: str = "auto", jobs: int | None = N
     root = paths.builds() / key
     if not force and (root / "build.json").is_file():
         info = BuildInfo.load(root)
+        _build_collector(info)  # only compiles when tbpw's collector sources changed
         _activate(info)
         return info
     cmake = find_cmake()
@@ -211,8 +212,23 @@ def build(source: str | None = None, backend: str = "auto", jobs: int | None = N
     for tool in TOOLS:
         info.tool(tool)
     write_json(root / "build.json", info.to_json())  # written last: its presence marks a complete build
+    _build_collector(info, tree)
     _activate(info)
     return info
+
+
+def _build_collector(info: BuildInfo, tree: Path | None = None) -> None:
+    """Compile tbpw's own collector (vendor/tbpw-collector) into the build's bin/ when it is out of date.
+
+    A llama.cpp whose public API the collector does not compile against still gives usable tools: warn,
+    and let `--collector tbpw` report the compile error when it is asked for.
+    """
+    from .collector import ensure_built
+
+    try:
+        ensure_built(info, tree)
+    except TbpwError as exc:
+        print(f"warning: {exc}; the stock imatrix collector still works", file=sys.stderr)
 
 
 def _activate(info: BuildInfo) -> None:
