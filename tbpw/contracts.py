@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -60,7 +60,37 @@ class MetricContext:
     expert: int | None = None
 
 
+@dataclass(frozen=True)
+class MeasureSetup:
+    """What a metric may look at once, before any tensor is measured (optional `ErrorMetric.setup`)."""
+
+    inventory: Any  # tbpw.gguf_model.ModelInventory
+    imatrix: Any | None  # tbpw.imatrix.Imatrix, or None without an imatrix
+    tensors: tuple[str, ...]  # the tensors about to be measured
+
+
+@dataclass(frozen=True)
+class TensorSample:
+    """All sampled rows of one tensor, slice by slice (optional `ErrorMetric.tensor_factor`)."""
+
+    tensor: str
+    role: str
+    n_cols: int
+    n_rows: int  # sampled rows over all slices
+    blocks: Callable[[], Iterator[np.ndarray]]  # each call yields the float32 rows of every slice again
+
+
 class ErrorMetric(Plugin, Protocol):
+    """Scores sampled rows of a tensor against their quantized reconstruction.
+
+    For each slice (expert) and candidate type tbpw calls ``prepare_rows`` on the sampled rows, quantizes
+    and dequantizes what it returns (with the raw E[a^2] as importance), and calls ``slice_error`` with
+    the rows as sampled (``original``) and the reconstruction. Two optional methods, used when present:
+    ``setup(MeasureSetup)`` once before measuring (e.g. to rank tensors by imatrix statistics), and
+    ``tensor_factor(TensorSample, MetricContext) -> float``, a multiplier of every candidate's error of
+    that tensor (e.g. from the sampled weights' conditioning).
+    """
+
     def __init__(self, options: Any) -> None: ...
 
     def prepare_rows(self, rows: np.ndarray, context: MetricContext) -> np.ndarray:

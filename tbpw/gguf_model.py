@@ -1,8 +1,8 @@
 """Tensor inventory of a GGUF model and exact byte / bpw accounting, fallbacks included.
 
-The file is memory-mapped (gguf's reader); nothing loads a whole model. Byte sizes follow stock
-llama-quantize exactly: a type whose block does not divide the row length falls back the way
-llama-quantize falls back, and the bytes are those of the type actually written.
+The file is memory-mapped (tbpw.gguf_layout, which steps over metadata arrays); nothing loads a whole
+model. Byte sizes follow stock llama-quantize exactly: a type whose block does not divide the row
+length falls back the way llama-quantize falls back, and the bytes are those of the type actually written.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from . import gguf_layout
 from .errors import TbpwError
 
 # Stock llama-quantize's fallback when a type's block size does not divide the row length.
@@ -142,19 +143,16 @@ class ModelInventory:
     metadata_bytes: int  # everything before the tensor data (header, key/values, tensor infos, padding)
     alignment: int
     architecture: str
-    _reader: GGUFReader = field(repr=False)
+    _reader: gguf_layout.GgufLayout = field(repr=False)
 
     @classmethod
     def load(cls, path: Path | str) -> "ModelInventory":
         path = Path(path)
         if not path.is_file():
             raise TbpwError(f"model file {path} does not exist: check the path")
-        try:
-            reader = GGUFReader(path)
-        except Exception as exc:
-            raise TbpwError(f"{path} is not a readable GGUF file ({exc}): give a .gguf model") from exc
-        arch_field = reader.get_field("general.architecture")
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "unknown"
+        # gguf_layout steps over metadata arrays: GGUFReader needs tens of seconds for a 262k-token vocabulary
+        reader = gguf_layout.read(path)
+        arch = reader.architecture
         tensors = []
         for t in reader.tensors:
             shape = tuple(int(x) for x in t.shape)

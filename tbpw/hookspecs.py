@@ -70,6 +70,9 @@ def tbpw_register_metrics(register: Callable[[type["ErrorMetric"]], None]) -> No
     matrix for those columns (``stats.sq`` = E[a^2] or None, ``stats.mean`` = E[a] or None) and a
     ``MetricContext`` (tensor name, role, candidate type, nominal bpw, rows in the slice). It returns one
     float: the error of the whole slice (tbpw sums slices of a 3-D tensor). Vectorised numpy, no I/O.
+    ``prepare_rows(rows, context)`` returns the rows to quantize (usually ``rows``); optional
+    ``setup(MeasureSetup)`` and ``tensor_factor(TensorSample, MetricContext) -> float`` are described in
+    ``tbpw.contracts.ErrorMetric``.
 
     Example::
 

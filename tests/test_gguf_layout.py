@@ -1,0 +1,79 @@
+"""The fast GGUF layout reader agrees with gguf's GGUFReader, and opens big vocabularies at once."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import quantize
+
+from tbpw import gguf_layout
+from tbpw.errors import TbpwError
+from tbpw.gguf_model import ModelInventory
+
+
+def _same_as_reader(path) -> None:
+    ours, ref = gguf_layout.read(path), GGUFReader(path)
+    assert (ours.data_offset, ours.alignment) == (ref.data_offset, ref.alignment)
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert a.shape == tuple(int(x) for x in b.shape) and a.tensor_type == b.tensor_type
+        assert (a.data_offset, a.n_bytes) == (int(b.data_offset), int(b.n_bytes))
+        assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+        assert np.asarray(a.data).tobytes() == np.asarray(b.data).tobytes()  # bytes: the stats hold NaN
+
+
+def test_layout_of_the_tiny_model_and_imatrix(tiny_model, fork_imatrix):
+    _same_as_reader(tiny_model)
+    _same_as_reader(fork_imatrix)
+    assert gguf_layout.read(tiny_model).architecture == "llama"
+    assert gguf_layout.read(tiny_model).fields["llama.block_count"] == 4
+
+
+def test_layout_of_quantized_and_odd_tensors(tmp_path):
+    rng = np.random.default_rng(0)
+    w = GGUFWriter(str(tmp_path / "mixed.gguf"), "llama")
+    w.add_custom_alignment(64)
+    w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
+    w.add_tensor("a.weight", rng.standard_normal((3, 64)).astype(np.float32))
+    q = quantize(rng.standard_normal((4, 64)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    w.add_tensor("b.weight", q, raw_shape=q.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+    w.add_tensor("c.weight", rng.standard_normal((2, 3, 32)).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _same_as_reader(tmp_path / "mixed.gguf")
+    layout = gguf_layout.read(tmp_path / "mixed.gguf")
+    assert layout.alignment == 64 and layout.fields["tokenizer.ggml.tokens"] == ("array", 8, 3)
+    inv = ModelInventory.load(tmp_path / "mixed.gguf")
+    assert inv.rows("b.weight").shape == (4, 64) and inv.rows("c.weight", expert=1).shape == (3, 32)
+
+
+def test_a_large_vocabulary_opens_quickly(tmp_path):
+    n = 262_144
+    w = GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n)])
+    w.add_array("tokenizer.ggml.scores", np.arange(n, dtype=np.float32).tolist())
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    start = time.monotonic()
+    inv = ModelInventory.load(tmp_path / "vocab.gguf")
+    assert time.monotonic() - start < 5.0  # GGUFReader takes 20-60 s on this file
+    assert inv["blk.0.attn_q.weight"].shape == (32, 32)
+
+
+def test_damaged_files_are_user_errors(tmp_path, tiny_model):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_model.read_bytes()[:200_000])
+    with pytest.raises(TbpwError, match="damaged|truncated"):
+        gguf_layout.read(cut)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(TbpwError, match="not a GGUF file"):
+        ModelInventory.load(junk)
