@@ -260,7 +260,13 @@ def test_block_env_skips_an_entry_point(monkeypatch):
     loaded = {row["name"] for row in manager.describe()}
     assert loaded == names - {"evaluators", "metrics"}
     assert manager.evaluators().names() == [] and manager.metrics().names() == []
-    result = run_cli("plugins", "--json", env={BLOCK_ENV: "evaluators, metrics"})
+    from tbpw import plugins
+
+    plugins.reset_manager()  # the CLI builds the global manager with these plugins blocked...
+    try:
+        result = run_cli("plugins", "--json", env={BLOCK_ENV: "evaluators, metrics"})
+    finally:
+        plugins.reset_manager()  # ...which later tests must not inherit
     data = json.loads(result.output)
     assert data["blocked"] == ["evaluators", "metrics"]
     assert {row["name"] for row in data["plugins"]} == names - {"evaluators", "metrics"}
