@@ -217,7 +217,7 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
         "build": {"key": build.key, "number": build.build_number, "commit": build.build_commit, "backend": build.backend},
     }
     key = cache_key(parts)
-    folder = Path(cache_dir) if cache_dir is not None else paths.home() / "measure"
+    folder = Path(cache_dir) if cache_dir is not None else paths.measure_cache()
     folder = folder / key
     meta = {**parts, "key": key, "model_path": str(inventory.path),
             "imatrix_path": str(imatrix.path) if imatrix is not None else None,

@@ -32,6 +32,12 @@ def assets() -> Path:
     return home() / "assets"
 
 
+def measure_cache() -> Path:
+    """Error tables: $TBPW_MEASURE_CACHE, else <home>/measure (they can be large for big models)."""
+    env = os.environ.get("TBPW_MEASURE_CACHE")
+    return Path(env).expanduser() if env else home() / "measure"
+
+
 def vendor_dir() -> Path:
     """The pins and tbpw's own native helpers (shipped next to the package in a source checkout)."""
     env = os.environ.get("TBPW_VENDOR")
