@@ -306,6 +306,9 @@ class Pipeline:
                   "evaluation_text": data["evaluation"].description or data["evaluation"].path.name,
                   "substitutes": substitutes, "entries": [base_entry, *entries]}
         path = write_report(report, self.run_dir.root / "report")
+        from .report import quality_table
+
+        self.log("\n" + quality_table(report["entries"]) + "\n")
         self.log(f"report: {path}")
         return path
 

@@ -40,3 +40,27 @@ def test_counts_overflow_and_underflow_of_matrices_only(tmp_path: Path):
 def test_clean_model_does_not_clip(tmp_path: Path):
     _write_safetensors(tmp_path / "a.safetensors", {"w": ("BF16", _bf16(np.linspace(-3, 3, 64).reshape(8, 8)))})
     assert not count_safetensors(tmp_path).clips
+
+
+def test_run_refuses_f16_when_weights_would_clip(tmp_path: Path, wiki_text: Path):
+    from click.testing import CliRunner
+
+    from tbpw.cli import main
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    _write_safetensors(folder / "model.safetensors", {"w": ("BF16", _bf16(np.array([[1.0, 1e5]], dtype=np.float32)))})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: clip
+model: {{path: {folder}}}
+datasets:
+  calibration: {{name: file, options: {{path: {wiki_text}}}}}
+  evaluation: {{name: file, options: {{path: {wiki_text}}}}}
+targets: [{{bpw: 4}}]
+""")
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 2
+    line = result.output.strip().splitlines()[-1]
+    assert "F16 would clip" in line and "1 of 2 weights overflow" in line and "model.outtype: bf16" in line
+    assert not (tmp_path / "runs" / "clip" / "model").exists()
