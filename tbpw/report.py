@@ -68,12 +68,17 @@ def bench_table(entries: list[dict]) -> str | None:
     return _table(["Model", *(f"{t} (t/s)" for t in tests)], rows)
 
 
-def type_grid(types: dict[str, str]) -> str:
-    """The type of every tensor as a layer-by-role table (non-layer tensors on top)."""
+def _by_layer(types: dict[str, str]) -> tuple[dict[int, dict[str, str]], list[str], list[str]]:
+    """(layer -> role -> type, roles in first-seen order, "`name` TYPE" of the tensors outside layers).
+
+    F32 tensors (norms, routers) are left out: no quantization ever touches them.
+    """
     layers: dict[int, dict[str, str]] = {}
-    others = []
     roles: list[str] = []
+    others = []
     for name, t in types.items():
+        if t == "F32":
+            continue
         layer, role = role_of(name)
         if layer is None:
             others.append(f"`{role}` {t}")
@@ -81,6 +86,12 @@ def type_grid(types: dict[str, str]) -> str:
         layers.setdefault(layer, {})[role] = t
         if role not in roles:
             roles.append(role)
+    return layers, roles, others
+
+
+def type_grid(types: dict[str, str]) -> str:
+    """The type of every tensor as a layer-by-role table (non-layer tensors on top)."""
+    layers, roles, others = _by_layer(types)
     head = "Other tensors: " + ", ".join(others) + "\n\n" if others else ""
     rows = [[str(i), *(layers[i].get(r, "") for r in roles)] for i in sorted(layers)]
     return head + _table(["layer", *roles], rows)
@@ -117,13 +128,28 @@ def markdown(run: dict) -> str:
     return "\n".join(parts)
 
 
-def plot_kld(entries: list[dict], out: Path) -> bool:
+def _pyplot():
+    """matplotlib's pyplot on a file-only backend, or None when the `plots` extra is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, out: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_kld(entries: list[dict], out: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     series: dict[str, list[tuple[float, float]]] = {}
     for e in entries:
@@ -146,30 +172,16 @@ def plot_kld(entries: list[dict], out: Path) -> bool:
     ax.set_ylabel("mean KL divergence (log)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
     return True
 
 
 def plot_type_grid(entry: dict, out: Path) -> bool:
-    try:
-        import matplotlib
+    import numpy as np
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        return False
-    layers: dict[int, dict[str, str]] = {}
-    roles: list[str] = []
-    for name, t in entry.get("types", {}).items():
-        layer, role = role_of(name)
-        if layer is not None:
-            layers.setdefault(layer, {})[role] = t
-            roles.append(role) if role not in roles else None
-    if not layers:
+    plt = _pyplot()
+    layers, roles, _ = _by_layer(entry.get("types", {}))
+    if plt is None or not layers:
         return False
     ids = sorted(layers)
     grid = np.full((len(ids), len(roles)), np.nan)
@@ -188,10 +200,7 @@ def plot_type_grid(entry: dict, out: Path) -> bool:
     ax.set_ylabel("layer")
     ax.set_title(f"{entry['name']}: nominal bpw per tensor", fontsize=9)
     fig.colorbar(image, ax=ax, label="bpw")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
     return True
 
 

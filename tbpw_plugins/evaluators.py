@@ -59,6 +59,12 @@ class KlDivergence:
         }
 
 
+def _task_args(ctx: EvalContext, ds, mode: str, tasks: int) -> list[str]:
+    """llama-perplexity arguments of one task mode ("hellaswag", "winogrande", "multiple-choice")."""
+    data = ["-bf" if mode == "multiple-choice" else "-f", str(ds.path)]
+    return [*_common(ctx, ctx.task_ctx), *data, f"--{mode}", f"--{mode}-tasks", str(tasks)]
+
+
 class HellaSwag:
     name = "hellaswag"
     description = "HellaSwag acc_norm (llama-perplexity --hellaswag) on datasets.hellaswag"
@@ -68,9 +74,7 @@ class HellaSwag:
         self.options = options
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        ds = _dataset(ctx, "hellaswag", "hellaswag")
-        tasks = ctx.tasks.get("hellaswag", 750)
-        args = [*_common(ctx, ctx.task_ctx), "-f", str(ds.path), "--hellaswag", "--hellaswag-tasks", str(tasks)]
+        args = _task_args(ctx, _dataset(ctx, "hellaswag", "hellaswag"), "hellaswag", ctx.tasks.get("hellaswag", 750))
         r = parsers.parse_run(parsers.parse_hellaswag, run_tool("llama-perplexity", args, log_path=ctx.log_dir / "hellaswag.log"))
         return {"hellaswag": r.acc_norm_pct, "hellaswag_tasks": float(r.tasks)}
 
@@ -84,9 +88,7 @@ class WinoGrande:
         self.options = options
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        ds = _dataset(ctx, "winogrande", "winogrande")
-        tasks = ctx.tasks.get("winogrande", 750)
-        args = [*_common(ctx, ctx.task_ctx), "-f", str(ds.path), "--winogrande", "--winogrande-tasks", str(tasks)]
+        args = _task_args(ctx, _dataset(ctx, "winogrande", "winogrande"), "winogrande", ctx.tasks.get("winogrande", 750))
         r = parsers.parse_run(parsers.parse_winogrande, run_tool("llama-perplexity", args, log_path=ctx.log_dir / "winogrande.log"))
         return {"winogrande": r.accuracy_pct, "winogrande_tasks": float(r.tasks)}
 
@@ -105,9 +107,8 @@ class MultipleChoice:
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         key = self.options.dataset
-        ds = _dataset(ctx, key, "multiple-choice")
         tasks = ctx.tasks.get(key, ctx.tasks.get("multiple-choice", 750))
-        args = [*_common(ctx, ctx.task_ctx), "-bf", str(ds.path), "--multiple-choice", "--multiple-choice-tasks", str(tasks)]
+        args = _task_args(ctx, _dataset(ctx, key, "multiple-choice"), "multiple-choice", tasks)
         r = parsers.parse_run(parsers.parse_multiple_choice, run_tool("llama-perplexity", args, log_path=ctx.log_dir / f"{key}.log"))
         return {key: r.accuracy_pct, f"{key}_tasks": float(r.tasks)}
 
