@@ -17,6 +17,7 @@ from typing import Callable
 from . import paths
 from .contracts import DatasetContext, DatasetFile, EvalContext
 from .errors import TbpwError
+from .f16check import ClipCount, count_gguf, count_safetensors
 from .gguf_model import ModelInventory
 from .llamacpp import parsers
 from .llamacpp.build import active_build
@@ -85,37 +86,37 @@ class Pipeline:
                 return Path(src.gguf)
 
             def requantize(folder: Path) -> dict:
-                if "BF16" in stored and src.outtype == "f16":
-                    self._check_f16(lambda: __import__("tbpw.f16check", fromlist=["x"]).count_gguf(Path(src.gguf)))
+                notes = self._check_f16(count_gguf(Path(src.gguf))) if "BF16" in stored and src.outtype == "f16" else []
                 if not stored <= FLOAT_TYPES:
-                    self.notes.append(f"the source {Path(src.gguf).name} is quantized ({', '.join(sorted(stored - FLOAT_TYPES))}): "
-                                      "its float baseline is a dequantization, so source types are lossless (see assets caveat)")
+                    notes.append(f"the source {Path(src.gguf).name} is quantized ({', '.join(sorted(stored - FLOAT_TYPES))}): "
+                                 "its float baseline is a dequantization, so source types are lossless (see assets caveat)")
                 self._tool("llama-quantize", ["--allow-requantize", str(src.gguf), str(folder / "base.gguf"), src.outtype.upper()],
                            folder, "quantize.log")
-                return {"model": "base.gguf"}
+                return {"model": "base.gguf", "notes": notes}
 
-            return self._stage("model", {"source": Path(src.gguf)}, options, requantize).path("base.gguf")
+            return self._model_outcome(self._stage("model", {"source": Path(src.gguf)}, options, requantize))
         folder_src = self._hub_folder() if src.hub else Path(src.path)
 
         def convert(folder: Path) -> dict:
             from .llamacpp import convert as converter
 
-            if src.outtype == "f16":
-                from .f16check import count_safetensors
-
-                self._check_f16(lambda: count_safetensors(folder_src))
+            notes = self._check_f16(count_safetensors(folder_src)) if src.outtype == "f16" else []
             converter.convert_hf(folder_src, folder / "base.gguf", outtype=src.outtype, log_path=folder / "convert.log")
-            return {"model": "base.gguf"}
+            return {"model": "base.gguf", "notes": notes}
 
-        return self._stage("model", {"source": folder_src}, options, convert).path("base.gguf")
+        return self._model_outcome(self._stage("model", {"source": folder_src}, options, convert))
 
-    def _check_f16(self, count) -> None:
-        counted = count()
+    def _model_outcome(self, outcome: StageOutcome) -> Path:
+        # Notes live in the stage's result, so a rerun that skips the stage still reports them.
+        self.notes += outcome.result.get("notes", [])
+        return outcome.path("base.gguf")
+
+    def _check_f16(self, counted: ClipCount) -> list[str]:
+        """Refuse an F16 conversion that would clip weights, unless allowed; the report's notes otherwise."""
         if counted.clips and not self.recipe.model.allow_f16_clipping:
             raise TbpwError(f"F16 would clip this model's weights ({counted.summary()}): set model.outtype: bf16, "
                             "or model.allow_f16_clipping: true to accept it")
-        if counted.clips:
-            self.notes.append(f"F16 conversion clipped weights: {counted.summary()}")
+        return [f"F16 conversion clipped weights: {counted.summary()}"] if counted.clips else []
 
     def _hub_folder(self) -> Path:
         src = self.recipe.model

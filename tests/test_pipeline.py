@@ -99,3 +99,22 @@ def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_m
         assert f"skip  {stage}" in resumed.stderr
         assert (out / stage / "manifest.json").stat().st_mtime_ns == finished[stage]
     assert (out / "report" / "report.md").is_file() and not list(out.glob(".*.partial"))
+
+
+def test_model_stage_converts_a_hugging_face_folder_once(tmp_path, wiki_text):
+    from tbpw import recipe as recipes
+    from tbpw.gguf_model import ModelInventory
+    from tbpw.pipeline import Pipeline
+
+    hf = Path(__file__).parent / "fixtures" / "tiny-llama-hf"
+    # three of its weights are below F16's smallest subnormal: F16 is refused unless clipping is allowed
+    sets = [f"model={{path: {hf}, allow_f16_clipping: true}}", f"datasets.calibration.options.path={wiki_text}",
+            f"datasets.evaluation.options.path={wiki_text}", f"output_dir={tmp_path / 'run'}"]
+    logs: list[str] = []
+    pipeline = Pipeline(recipes.load(RECIPE, sets), log=logs.append)
+    base = pipeline.model()
+    inventory = ModelInventory.load(base)
+    assert base.name == "base.gguf" and inventory.architecture == "llama"
+    assert {t.stored_type for t in inventory.tensors if t.quantizable} == {"F16"}
+    assert pipeline.model() == base and logs == ["done  model" + logs[0].split("model", 1)[1], "skip  model"]
+    assert "3 underflow to zero" in pipeline.notes[0] and pipeline.notes[0] == pipeline.notes[1]  # kept when skipped
