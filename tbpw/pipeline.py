@@ -183,7 +183,7 @@ class Pipeline:
             from .measure import measure
 
             table = measure(model, imatrix, metric=opts.metric.name, metric_options=opts.metric.options,
-                            candidates=opts.candidates, sampling=opts.sampling or None, threads=opts.threads)
+                            candidates=opts.candidates, sampling=opts.sampling, threads=opts.threads)
             table.write_json(folder / "errors.json")
             return {"table": "errors.json", "tensors": len(table.tensors)}
 

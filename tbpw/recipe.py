@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .allocate import Constraints
 from .errors import TbpwError
+from .sampling import SamplingOptions
 
 
 class Strict(BaseModel):
@@ -58,7 +59,7 @@ class ImatrixOptions(Strict):
 class MeasureOptions(Strict):
     metric: PluginRef = Field(default_factory=lambda: PluginRef(name="wmse"))
     candidates: list[str] | None = None  # ggml type names; None = the default 20
-    sampling: dict[str, Any] = Field(default_factory=dict)
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
     threads: int | None = Field(None, ge=1)
 
 
