@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Quality at equal size: tbpw against stock llama.cpp (and the fork, when active) by KL divergence.
+
+    .venv/bin/python benchmarks/quality.py [--model bench|smollm2|PATH] [--levels IQ3_XXS,Q2_K,...]
+        [--allocators knapsack,lagrangian] [--metrics wmse] [--no-calibrated] [--no-select]
+        [--chunks 100] [--out docs/quality.md]
+
+For each stock type (level): quantize with stock llama-quantize and an imatrix made on the CALIBRATION side of
+tbpw's Wikipedia split, read the file's exact bpw, make tbpw quants at that bpw with every allocator x error
+table (each metric's proxy table and, unless --no-calibrated, its KLD-calibrated table), and pick one of them
+by KL divergence on calibration text (`tbpw-select`, unless --no-select). Every quant is then scored with
+llama-perplexity --kl-divergence against the float model's logits on the held-out EVALUATION side, which
+nothing but that final scoring ever reads. Times are given as multiples of one plain stock quantization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tbpw import assets  # noqa: E402
+from tbpw.allocate import Target, allocate, build_problem  # noqa: E402
+from tbpw.apply import apply_plan  # noqa: E402
+from tbpw.gguf_model import ModelInventory  # noqa: E402
+from tbpw.kld_eval import KldScore, base_logits, kld  # noqa: E402
+from tbpw.llamacpp.imatrix_run import make_imatrix  # noqa: E402
+from tbpw.llamacpp.quantize import quantize  # noqa: E402
+from tbpw.measure import ErrorTable, measure  # noqa: E402
+from tbpw.refine import refine_plan  # noqa: E402
+from tbpw.select_plan import PlanCandidate, select_plan  # noqa: E402
+from tbpw.sensitivity import calibrate, calibrated_table  # noqa: E402
+
+DEFAULT_LEVELS = ("IQ3_XXS", "Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
+DEQUANTIZED_MAX_BPW = 4.5
+
+
+@dataclass
+class Row:
+    level: str
+    variant: str
+    bpw: float
+    score: KldScore
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Run:
+    model: str
+    rows: list[Row] = field(default_factory=list)
+    steps: dict[str, float] = field(default_factory=dict)  # one-off steps -> seconds
+    stock_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    selected: dict[str, str] = field(default_factory=dict)  # level -> chosen variant
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def resolve_model(spec: str) -> tuple[Path, str, list[str]]:
+    """(F16 GGUF, display name, notes printed next to the numbers)."""
+    if spec == "bench":
+        from tbpw.bench_model import bench_model
+
+        bm = bench_model(log=log)
+        m = bm.manifest
+        return bm.gguf, "bench", [
+            f"benchmark model: tbpw's trained llama ({m['parameters'] / 1e6:.2f} M parameters, genuine float weights, "
+            f"held-out PPL {m['heldout_ppl']}, trained {m['train_seconds'] / 60:.1f} min on 2 CPU threads; "
+            f"settings key {m['key']})"]
+    if spec == "smollm2":
+        return assets.demo_model().f16, "smollm2", [
+            f"CAVEAT: {assets.DEQUANTIZED_NOTE}; only levels whose stock file lies below the source's precision are run "
+            "(see the threshold below), and even there an allocator that finds Q4_1 is favoured."]
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"error: no model {spec!r}: use bench, smollm2 or the path of an F16/BF16 GGUF")
+    return path, path.stem, []
+
+
+def score(model: Path, base, work: Path, name: str, threads: int) -> KldScore:
+    return kld(model, base, threads=threads, log_path=work / f"{name}.eval-kld.log")
+
+
+def run_benchmark(args: argparse.Namespace) -> Run:
+    model, label, notes = resolve_model(args.model)
+    run = Run(label, notes=list(notes))
+    if args.model == "smollm2":
+        run.notes.append(f"levels kept: stock file below {args.dequantized_max_bpw} bpw")
+    for note in notes:
+        log(note)
+    dequantized = args.model == "smollm2"
+    ctx = args.ctx or (256 if args.model == "bench" else 512)
+    work = Path(args.work) / label
+    work.mkdir(parents=True, exist_ok=True)
+    wiki = assets.wiki_split()
+    calibration, evaluation = wiki.calibration, wiki.evaluation
+    threads = args.threads
+    if args.fork:
+        from tbpw.llamacpp.features import detect
+
+        if not detect().target_bpw:
+            args.fork = False
+            run.notes.append("the active llama.cpp build has no --target-bpw (it is not the fork): no fork rows")
+
+    t = time.monotonic()
+    imatrix = work / "imatrix.gguf"
+    if not imatrix.is_file():
+        make_imatrix(model, calibration, imatrix, collector="stock", chunks=args.imatrix_chunks, ctx=ctx,
+                     threads=threads, log_path=work / "imatrix.log")
+    run.steps["imatrix"] = time.monotonic() - t
+
+    # The ONLY use of the evaluation text: the float model's logits that every quant is scored against.
+    t = time.monotonic()
+    eval_base = base_logits(model, evaluation, work / "eval-base.logits", ctx=ctx, chunks=args.chunks,
+                            threads=threads, log_path=work / "eval-base.log")
+    run.steps["float logits (evaluation)"] = time.monotonic() - t
+    log(f"float model: PPL {eval_base.ppl:.3f} on {args.chunks} x {ctx} tokens of held-out text")
+    run.notes.append(f"float model PPL {eval_base.ppl:.3f} on {args.chunks} x {ctx} held-out tokens")
+
+    tables: dict[str, ErrorTable] = {}
+    for metric in args.metrics:
+        t = time.monotonic()
+        tables[metric] = measure(model, imatrix, metric=metric, threads=threads, progress=False,
+                                 sampling={"scale": args.sampling_scale} if args.sampling_scale != 1.0 else None)
+        run.steps[f"measure {metric}"] = time.monotonic() - t if not tables[metric].meta.get("cached") else \
+            float(tables[metric].meta.get("seconds", 0.0))
+        if args.calibrated:
+            t = time.monotonic()
+            sens = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes, grouping=args.grouping,
+                             ctx=ctx, chunks=args.cal_chunks, threads=threads, log=log if args.verbose else None)
+            run.steps[f"calibrate {metric}"] = time.monotonic() - t
+            for strength in args.strengths:
+                suffix = "" if strength == 1.0 else f"{strength:g}"
+                tables[f"{metric}+kld{suffix}"] = calibrated_table(tables[metric], sens, strength)
+
+    for level in args.levels:
+        lw = work / level
+        lw.mkdir(exist_ok=True)
+        stock_out = lw / "stock.gguf"
+        t = time.monotonic()
+        qrun = quantize(model, stock_out, imatrix=imatrix, base_type=level, threads=threads, log_path=lw / "stock.quantize.log")
+        seconds = qrun.seconds
+        if not run.stock_seconds:
+            run.stock_seconds = seconds
+        bpw = ModelInventory.load(stock_out).bpw()
+        if dequantized and bpw >= args.dequantized_max_bpw:
+            log(f"{level}: {bpw:.4f} bpw is not below {args.dequantized_max_bpw} on a dequantized model: skipped")
+            stock_out.unlink()
+            continue
+        s = score(stock_out, eval_base, lw, "stock", threads)
+        run.rows.append(Row(level, "stock", bpw, s, seconds))
+        log(f"{level}: stock {bpw:.4f} bpw KLD {s.kld_mean:.6f}")
+        stock_out.unlink()
+
+        target = Target.parse(bpw=bpw)
+        candidates: list[PlanCandidate] = []
+        made: dict[str, tuple[float, KldScore, float]] = {}
+        problems = {}
+        written: dict[str, Path] = {}
+        for table_name, table in tables.items():
+            for allocator in args.allocators:
+                name = f"{allocator}/{table_name}"
+                t = time.monotonic()
+                inventory = ModelInventory.load(model)
+                problem = build_problem(inventory, table, target)
+                plan = allocate(inventory, problem, allocator)
+                out = lw / f"{allocator}-{table_name.replace('+', '-')}.gguf"
+                applied = apply_plan(plan, model, imatrix, out, threads=threads, log_path=lw / f"{out.stem}.quantize.log")
+                seconds = time.monotonic() - t
+                s = score(out, eval_base, lw, out.stem, threads)
+                run.rows.append(Row(level, name, applied.achieved_bpw, s, seconds))
+                made[name] = (applied.achieved_bpw, s, seconds)
+                candidates.append(PlanCandidate(name.replace("/", "-").replace("+", "-"), plan))
+                problems[candidates[-1].name] = (inventory, problem)
+                written[candidates[-1].name] = out
+                log(f"{level}: {name} {applied.achieved_bpw:.4f} bpw KLD {s.kld_mean:.6f}")
+        if args.select and len(candidates) > 1:
+            t = time.monotonic()
+            sel = select_plan(candidates, model, imatrix, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
+                              threads=threads, written=written, log=log if args.verbose else None)
+            seconds = time.monotonic() - t
+            chosen = next(n for n in made if n.replace("/", "-").replace("+", "-") == sel.best)
+            bpw_c, s_c, sec_c = made[chosen]
+            run.selected[level] = chosen
+            # its cost: making every candidate plus scoring them all on calibration text
+            total = sum(sec for _, _, sec in made.values()) + seconds
+            run.rows.append(Row(level, "tbpw-select", bpw_c, s_c, total, note=chosen))
+            log(f"{level}: tbpw-select chose {chosen} (calibration KLD {sel.scores[sel.best].kld_mean:.6f})")
+            if args.refine_rounds > 0:
+                t = time.monotonic()
+                inventory, problem = problems[sel.best]
+                ref = refine_plan(inventory, problem, sel.plan, model, imatrix, calibration, work / "select",
+                                  rounds=args.refine_rounds, tries=args.refine_tries, ctx=ctx, chunks=args.cal_chunks,
+                                  threads=threads, start_score=sel.scores[sel.best], log=log if args.verbose else None)
+                out = lw / "refined.gguf"
+                applied = apply_plan(ref.plan, model, imatrix, out, threads=threads, log_path=lw / "refined.quantize.log")
+                seconds = total + time.monotonic() - t
+                s = score(out, eval_base, lw, "refined", threads)
+                out.unlink()
+                note = f"{chosen}, {len(ref.accepted)} swaps kept of {ref.evaluated} tried"
+                run.rows.append(Row(level, "tbpw-refine", applied.achieved_bpw, s, seconds, note=note))
+                log(f"{level}: tbpw-refine {note}: calibration KLD {ref.start.kld_mean:.6f} -> {ref.score.kld_mean:.6f}, "
+                    f"evaluation KLD {s.kld_mean:.6f}")
+        for path in written.values():
+            path.unlink(missing_ok=True)
+        if args.fork:
+            out = lw / "fork.gguf"
+            t = time.monotonic()
+            quantize(model, out, imatrix=imatrix, base_type="Q8_0", threads=threads, extra=["--target-bpw", repr(bpw)],
+                     log_path=lw / "fork.quantize.log")
+            seconds = time.monotonic() - t
+            s = score(out, eval_base, lw, "fork", threads)
+            run.rows.append(Row(level, "fork --target-bpw", ModelInventory.load(out).bpw(), s, seconds))
+            out.unlink()
+    return run
+
+
+# ---------------------------------------------------------------- the table
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def markdown(run: Run, args: argparse.Namespace) -> str:
+    from tbpw.llamacpp.build import active_build
+
+    build = active_build()
+    stock = {r.level: r for r in run.rows if r.variant == "stock"}
+    fork = {r.level: r for r in run.rows if r.variant.startswith("fork")}
+    ref = run.stock_seconds or float("nan")
+    lines = [f"### {run.model}", ""]
+    lines += [f"- {n}" for n in run.notes]
+    lines += [f"- llama.cpp build {build.build_number} ({build.backend}); imatrix: stock llama-imatrix on "
+              f"{args.imatrix_chunks} chunks of the calibration side; KLD against the float logits on "
+              f"{args.chunks} chunks of the held-out evaluation side",
+              f"- tbpw variants: allocator/table for allocators {', '.join(args.allocators)} and tables "
+              f"{', '.join(args.metrics)}" + (f" (+kld: calibrated on {args.cal_chunks} calibration chunks, probes "
+                                              f"{', '.join(args.probes)}, per {args.grouping})" if args.calibrated else "")
+              + ("; tbpw-select: the variant with the lowest KLD on calibration chunks (never the evaluation text)"
+                 if args.select else "")
+              + (f"; tbpw-refine: tbpw-select's plan improved by up to {args.refine_rounds} rounds of "
+                 f"{args.refine_tries} type swaps, each kept only when calibration KLD confirms it"
+                 if args.select and args.refine_rounds > 0 else ""),
+              f"- error tables measured with row sampling scale {args.sampling_scale}",
+              f"- time: multiples of one plain stock quantization ({ref:.2f} s, wall clock on a shared 2-core machine); "
+              "a variant's time is allocation + writing; tbpw-select's is all candidates + scoring them on calibration "
+              "text; one-off steps (imatrix, measurement, calibration) are listed below the table", ""]
+    header = "| level | variant | bpw | KLD mean | KLD p99 | same top p | ρ PPL | PPL | KLD / stock | time |"
+    if fork:
+        header += " KLD / fork |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in run.rows:
+        ratio = r.score.kld_mean / stock[r.level].score.kld_mean if r.level in stock else float("nan")
+        variant = r.variant + (f" → {r.note}" if r.note else "")
+        cells = [r.level, variant, f"{r.bpw:.4f}", f"{r.score.kld_mean:.6f}", f"{r.score.kld_p99:.6f}",
+                 f"{r.score.same_top_p:.2f}%", f"{r.score.rho_ppl:.2f}%", f"{r.score.ppl:.3f}",
+                 "–" if r.variant == "stock" else f"{ratio:.3f}", f"{r.seconds / ref:.1f}x"]
+        if fork:
+            cells.append(f"{r.score.kld_mean / fork[r.level].score.kld_mean:.3f}" if r.level in fork else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Geometric mean of KLD(variant) / KLD(stock) over the levels:", ""]
+    variants = [v for v in dict.fromkeys(r.variant for r in run.rows) if v != "stock"]
+    for v in variants:
+        ratios = [r.score.kld_mean / stock[r.level].score.kld_mean for r in run.rows if r.variant == v and r.level in stock]
+        worst = max(ratios) if ratios else float("nan")
+        lines.append(f"- {v}: {geomean(ratios):.3f} (worst level {worst:.3f}, {len(ratios)} levels)")
+    one_off = ", ".join(f"{k} {v / ref:.1f}x" for k, v in run.steps.items())
+    lines += ["", f"One-off steps: {one_off}.", ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, model: str, text: str) -> None:
+    from tbpw.atomic import write_text
+
+    begin, end = f"<!-- quality:{model} -->", f"<!-- /quality:{model} -->"
+    doc = path.read_text(encoding="utf-8") if path.is_file() else "# Quality at equal size\n\n"
+    block = f"{begin}\n{text}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + block + "\n"
+    write_text(path, doc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="bench", help="bench (tbpw's trained model), smollm2, or a GGUF path")
+    p.add_argument("--levels", default=",".join(DEFAULT_LEVELS))
+    p.add_argument("--allocators", default="knapsack,lagrangian")
+    p.add_argument("--metrics", default="wmse")
+    p.add_argument("--no-calibrated", dest="calibrated", action="store_false", help="skip the KLD-calibrated tables")
+    p.add_argument("--no-select", dest="select", action="store_false", help="skip the choice by calibration KLD")
+    p.add_argument("--no-fork", dest="fork", action="store_false", help="skip the fork's --target-bpw row")
+    p.add_argument("--probes", default="Q3_K", help="probe types of the sensitivity calibration")
+    p.add_argument("--grouping", default="tensor", choices=["tensor", "role"])
+    p.add_argument("--strengths", default="1,0.5", help="calibration strengths (scale ** strength) to make tables of")
+    p.add_argument("--refine-rounds", type=int, default=2, help="rounds of measured swaps after the selection (0: none)")
+    p.add_argument("--refine-tries", type=int, default=4, help="swaps scored per round")
+    p.add_argument("--chunks", type=int, default=100, help="evaluation chunks (held-out text)")
+    p.add_argument("--cal-chunks", type=int, default=16, help="calibration chunks for calibration and selection")
+    p.add_argument("--imatrix-chunks", type=int, default=100)
+    p.add_argument("--ctx", type=int, default=0, help="context (default 256 for bench, 512 otherwise)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sampling-scale", type=float, default=1.0, help="row sampling of the error measurement")
+    p.add_argument("--work", default="/tmp/tbpw-quality")
+    p.add_argument("--out", default=str(REPO / "docs" / "quality.md"))
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--dequantized-max-bpw", type=float, default=DEQUANTIZED_MAX_BPW,
+                   help="smollm2: run only levels whose stock file is below this bpw (its source is Q4_1, 5.0 bpw; "
+                        "rows that are not multiples of 256 push every stock type to 4.8+ bpw there)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args()
+    for key in ("levels", "allocators", "metrics", "probes", "strengths"):
+        setattr(args, key, [x.strip() for x in getattr(args, key).split(",") if x.strip()])
+    args.strengths = [float(x) for x in args.strengths]
+
+    run = run_benchmark(args)
+    text = markdown(run, args)
+    print(text)
+    write_section(Path(args.out), run.model, text)
+    if args.json:
+        from tbpw.atomic import write_json
+
+        write_json(args.json, {"model": run.model, "stock_seconds": run.stock_seconds, "steps": run.steps,
+                               "notes": run.notes, "selected": run.selected,
+                               "rows": [{"level": r.level, "variant": r.variant, "bpw": r.bpw, "seconds": r.seconds,
+                                         "note": r.note, **r.score.to_json()} for r in run.rows]})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The quality levers: choice among plans by calibration KLD, and proxy errors calibrated to measured KLD.
+
+The tools tests run the real llama.cpp binaries on the tiny model, with wiki-sample.txt cut into a
+calibration part and an evaluation part.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tbpw import bench_model, forkstate, kld_eval, sensitivity
+from tbpw.allocate import Target, allocate, build_problem
+from tbpw.gguf_model import ModelInventory
+from tbpw.llamacpp import quantize as quantize_mod
+from tbpw.measure import CandidateError, ErrorTable, TensorErrors
+from tbpw.select_plan import PlanCandidate, select_plan
+
+
+@pytest.fixture
+def split_text(wiki_text: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(calibration, evaluation): the first and second half of wiki-sample.txt, cut at a paragraph."""
+    text = wiki_text.read_text(encoding="utf-8")
+    cut = text.index("\n\n", len(text) // 2)
+    cal, ev = tmp_path / "calibration.txt", tmp_path / "evaluation.txt"
+    cal.write_text(text[:cut] + "\n", encoding="utf-8")
+    ev.write_text(text[cut:].lstrip("\n"), encoding="utf-8")
+    return cal, ev
+
+
+@pytest.fixture
+def fork_table(fork_tiny_dir: Path) -> ErrorTable:
+    return ErrorTable.from_fork_state(forkstate.read(fork_tiny_dir / "tiny.bpw_state"))
+
+
+def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """Every llama.cpp command the selection runs, (tool, arguments), while still running it for real."""
+    calls: list[tuple[str, list[str]]] = []
+    for module in (kld_eval, quantize_mod):
+        real = module.run_tool
+
+        def spy(tool, args, *a, _real=real, **kw):
+            calls.append((tool, [str(x) for x in args]))
+            return _real(tool, args, *a, **kw)
+
+        monkeypatch.setattr(module, "run_tool", spy)
+    return calls
+
+
+@pytest.mark.tools
+def test_selection_scores_on_calibration_text_only(tiny_model, stock_imatrix, fork_table, split_text, tmp_path,
+                                                   monkeypatch):
+    cal, ev = split_text
+    inventory = ModelInventory.load(tiny_model)
+    problem = build_problem(inventory, fork_table, Target.parse(bpw=4.5))
+    candidates = [PlanCandidate(name, allocate(inventory, problem, name)) for name in ("knapsack", "greedy", "lagrangian")]
+    calls = _record(monkeypatch)
+
+    sel = select_plan(candidates, tiny_model, stock_imatrix, cal, tmp_path / "select", ctx=128, chunks=3, threads=2)
+
+    perplexity_runs = [args for tool, args in calls if tool == "llama-perplexity"]
+    texts = [args[args.index("-f") + 1] for args in perplexity_runs if "-f" in args]
+    assert texts == [str(cal)], "only the baseline logits run reads a text, and it reads the calibration file"
+    assert all(str(ev) not in " ".join(args) for _, args in calls), "no command names the evaluation text"
+    scored = [args for args in perplexity_runs if "--kl-divergence" in args]
+    assert len(scored) == len(sel.scores) == len(candidates) - len(sel.duplicates)
+    assert sel.base is not None and sel.base.text == cal
+    assert sel.best == min(sel.scores, key=lambda n: sel.scores[n].kld_mean)
+    assert all(math.isfinite(s.kld_mean) and s.kld_mean >= 0 for s in sel.scores.values())
+    assert sel.path.is_file() and ModelInventory.load(sel.path).bpw() == pytest.approx(sel.plan.achieved_bpw)
+    assert [p.name for p in (tmp_path / "select").glob("*.gguf")] == [sel.path.name]
+
+
+@pytest.mark.tools
+def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_imatrix, fork_table, split_text, tmp_path,
+                                                           monkeypatch):
+    cal, _ = split_text
+    cache = tmp_path / "sens"
+    sens = sensitivity.calibrate(tiny_model, stock_imatrix, cal, fork_table, probe_types=("Q3_K",), grouping="role",
+                                 ctx=128, chunks=2, threads=2, cache_dir=cache)
+    assert sens.meta["cached"] is False
+    scales = sens.group_scales()
+    roles = {t.role for t in ModelInventory.load(tiny_model).tensors if t.quantizable}
+    assert set(scales) == roles
+    assert all(math.isfinite(v["Q3_K"]) and v["Q3_K"] > 0 for v in scales.values())
+    # quantizing the embeddings alone to Q3_K must change the output more than quantizing nothing
+    assert sens.measured["token_embd"]["Q3_K"] > 0
+
+    calibrated = sensitivity.calibrated_table(fork_table, sens)
+    by_name = calibrated.by_name()
+    for entry in fork_table.tensors:
+        info = ModelInventory.load(tiny_model)[entry.name]
+        for before, after in zip(entry.candidates, by_name[entry.name].candidates):
+            assert after.error == pytest.approx(before.error * scales[info.role]["Q3_K"])
+
+    def no_tools(*args, **kwargs):
+        raise AssertionError("a cached calibration ran a tool")
+
+    monkeypatch.setattr(kld_eval, "run_tool", no_tools)
+    monkeypatch.setattr(quantize_mod, "run_tool", no_tools)
+    again = sensitivity.calibrate(tiny_model, stock_imatrix, cal, fork_table, probe_types=("Q3_K",), grouping="role",
+                                  ctx=128, chunks=2, threads=2, cache_dir=cache)
+    assert again.meta["cached"] is True and again.group_scales() == scales
+
+
+def _sens(measured: dict[str, dict[str, float]], proxy: dict[str, dict[str, float]],
+          probe_bpw: dict[str, dict[str, float]]) -> sensitivity.Sensitivity:
+    return sensitivity.Sensitivity(tuple(next(iter(measured.values()))), "tensor", {g: [g] for g in measured},
+                                   measured, proxy, probe_bpw, 0.0)
+
+
+def test_scale_is_log_linear_between_probes_and_flat_outside():
+    sens = _sens({"a": {"Q2_K": 8.0, "Q4_K": 2.0}}, {"a": {"Q2_K": 1.0, "Q4_K": 1.0}},
+                 {"a": {"Q2_K": 2.625, "Q4_K": 4.5}})
+    assert sens.scale_at("a", 2.0) == pytest.approx(8.0)
+    assert sens.scale_at("a", 6.0) == pytest.approx(2.0)
+    assert sens.scale_at("a", (2.625 + 4.5) / 2) == pytest.approx(4.0)  # geometric middle
+
+
+def test_unmeasurable_group_gets_a_small_positive_scale():
+    sens = _sens({"a": {"Q3_K": 4.0}, "b": {"Q3_K": 1.0}, "c": {"Q3_K": -1e-6}},
+                 {"a": {"Q3_K": 1.0}, "b": {"Q3_K": 1.0}, "c": {"Q3_K": 1.0}},
+                 {g: {"Q3_K": 3.4375} for g in "abc"})
+    scales = sens.group_scales()
+    assert scales["a"]["Q3_K"] == 4.0 and scales["b"]["Q3_K"] == 1.0
+    assert 0 < scales["c"]["Q3_K"] < 1.0
+
+
+def test_calibrated_table_needs_every_tensor():
+    sens = _sens({"a": {"Q3_K": 1.0}}, {"a": {"Q3_K": 1.0}}, {"a": {"Q3_K": 3.4375}})
+    table = ErrorTable([TensorErrors("b", 256, [CandidateError("Q3_K", 110, 1.0)])])
+    with pytest.raises(Exception, match="no scale for b"):
+        sensitivity.calibrated_table(table, sens)
+
+
+def test_training_text_loses_lines_the_evaluation_text_has():
+    shared = "Climate type is dominated by the winter season, a long, bitterly cold period."
+    evaluation = f"Town B\n{shared}\nshort line\n"
+    training = f"Town A\n{shared}\nOther text about town A that is long enough to be checked.\nshort line\n"
+    with pytest.raises(AssertionError, match="evaluation lines are in the training text"):
+        bench_model.assert_held_out(training, evaluation)
+    cleaned, dropped = bench_model.drop_shared_lines(training, evaluation)
+    assert dropped == 1 and shared not in cleaned and "short line" in cleaned
+    assert bench_model.assert_held_out(cleaned, evaluation) == 1
+
+
+def test_proxy_of_a_type_the_table_dropped_is_interpolated():
+    entry = TensorErrors("t", 256, [CandidateError("Q2_K", 84, 8.0), CandidateError("Q4_K", 144, 2.0)])
+    assert sensitivity.proxy_at(entry, "Q4_K", 4.5) == 2.0
+    middle = (8.0 * 84 / 256 + 8.0 * 144 / 256) / 2
+    assert sensitivity.proxy_at(entry, "Q3_K", middle) == pytest.approx(4.0)
+    assert sensitivity.proxy_at(entry, "Q8_0", 8.5) == 2.0
+
+
+def test_swap_moves_stay_within_the_budget_and_come_cheapest_first(tiny_model, fork_table):
+    from tbpw.refine import swap_moves
+
+    inventory = ModelInventory.load(tiny_model)
+    problem = build_problem(inventory, fork_table, Target.parse(bpw=4.5))
+    plan = allocate(inventory, problem, "greedy")
+    types = plan.types()
+    choice = {u.name: types[u.members[0].name] for u in problem.tensors}
+    moves = swap_moves(problem, choice)
+    assert moves, "a plan that is not at the ends of every tensor's range has swaps"
+    assert [m[0] for m in moves] == sorted(m[0] for m in moves)
+    for _, a, ta, b, tb in moves[:50]:
+        trial = dict(choice, **{a: ta, b: tb})
+        assert a != b and problem.total_bytes(trial) <= problem.budget
+        units = problem.by_name()
+        assert units[a].bytes_as(ta) > units[a].bytes_as(choice[a]) and units[b].bytes_as(tb) < units[b].bytes_as(choice[b])
