@@ -27,6 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tbpw import tokenizer_training  # noqa: E402
+from tbpw.tokenizer_training import encode  # noqa: E402  (make_tiny_moe imports it from here)
+
 VOCAB = 4096
 HIDDEN, LAYERS, HEADS, FFN = 256, 4, 4, 768
 SEQ, BATCH = 256, 16
@@ -35,28 +38,7 @@ THREADS = 2
 
 
 def train_tokenizer(text_file: Path, out_dir: Path) -> Path:
-    import sentencepiece as spm
-
-    prefix = out_dir / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=VOCAB,
-        byte_fallback=True, split_digits=True, character_coverage=0.9995,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        # all sentences, file order, one thread: the same vocabulary on every machine
-        input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, max_sentence_length=1 << 16,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    return prefix.with_suffix(".model")
-
-
-def encode(tokenizer_model: Path, text: str) -> list[int]:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    ids: list[int] = []
-    for article in text.split("\n\n"):
-        if article.strip():
-            ids += [sp.bos_id(), *sp.encode(article)]
-    return ids
+    return tokenizer_training.train_tokenizer(text_file, out_dir, VOCAB)
 
 
 def main() -> None:

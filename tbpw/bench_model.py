@@ -34,6 +34,7 @@ from typing import Callable
 from . import assets, paths, registry
 from .atomic import write_json, write_text
 from .errors import TbpwError
+from .tokenizer_training import encode, train_tokenizer
 
 # Everything that shapes the result: the cache key is a hash of this (bump "version" when code changes it).
 SETTINGS: dict = {
@@ -162,30 +163,9 @@ def assert_held_out(training: str, evaluation: str) -> int:
 
 
 def _train_tokenizer(text: str, out_dir: Path, vocab: int) -> Path:
-    import sentencepiece as spm
-
     source = out_dir / "tokenizer-text.txt"
     source.write_text(text, encoding="utf-8")
-    prefix = out_dir / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        input=str(source), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab,
-        byte_fallback=True, split_digits=True, character_coverage=0.9995,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        # all sentences, file order, one thread: the same vocabulary on every machine
-        input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, max_sentence_length=1 << 16,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    return prefix.with_suffix(".model")
-
-
-def _encode(tokenizer_model: Path, text: str) -> list[int]:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    ids: list[int] = []
-    for doc in text.split("\n\n"):
-        if doc.strip():
-            ids += [sp.bos_id(), *sp.encode(doc)]
-    return ids
+    return train_tokenizer(source, out_dir, vocab)
 
 
 def _make_model(settings: dict):
@@ -242,8 +222,8 @@ def train(out: Path, settings: dict = SETTINGS, log: Callable[[str], None] = pri
                                for name in sorted(sources))
         tok_model = _train_tokenizer(tok_text, Path(tmp), settings["vocab"])
         tok_bytes = tok_model.read_bytes()
-        per_source = {name: _encode(tok_model, sources[name]) for name in sorted(sources)}
-        eval_ids = torch.tensor(_encode(tok_model, evaluation_text))
+        per_source = {name: encode(tok_model, sources[name]) for name in sorted(sources)}
+        eval_ids = torch.tensor(encode(tok_model, evaluation_text))
         log(f"tokenizer + encoding: {time.monotonic() - t0:.0f} s")
     train_ids = torch.tensor([i for name in sorted(per_source) for i in per_source[name]])
     seq, batch_size, steps = settings["seq"], settings["batch"], settings["steps"]
