@@ -86,16 +86,15 @@ class MseMetric:
 
     def __init__(self, options: MseOptions):
         self.options = options
+        # Unit column weights: exactly wmse without an imatrix.
+        self._unweighted = WmseMetric(WmseOptions(trim_fraction=options.trim_fraction))
 
     def prepare_rows(self, rows: np.ndarray, context: MetricContext) -> np.ndarray:
         return rows
 
     def slice_error(self, original: np.ndarray, reconstructed: np.ndarray, stats: ColumnStats,
                     context: MetricContext) -> float:
-        x = original.astype(np.float64)
-        e = reconstructed.astype(np.float64) - x
-        rows = relative_rows(np.einsum("ij,ij->i", e, e), np.einsum("ij,ij->i", x, x))
-        return trimmed_mean(rows, self.options.trim_fraction) * context.slice_rows
+        return self._unweighted.slice_error(original, reconstructed, ColumnStats(), context)
 
 
 class WmseOptions(PluginOptions):
