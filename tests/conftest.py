@@ -98,3 +98,27 @@ def plugin_manager():
         yield plugins.get_manager()
     finally:
         plugins.reset_manager()
+
+
+@pytest.fixture(scope="session")
+def inventory(tiny_model: Path):
+    """The tiny model's tensor inventory."""
+    from tbpw.gguf_model import ModelInventory
+
+    return ModelInventory.load(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def fork_table(fork_tiny_dir: Path):
+    """The fork's state file of the tiny model (its error table), as tbpw reads it."""
+    from tbpw import forkstate
+
+    return forkstate.read(fork_tiny_dir / "tiny.bpw_state")
+
+
+@pytest.fixture(scope="session")
+def full_table(inventory):
+    """A synthetic error table over every candidate type of the tiny model (tests/tables.py)."""
+    from tables import synthetic_table
+
+    return synthetic_table(inventory)

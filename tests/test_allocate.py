@@ -8,29 +8,13 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from tables import Cand, Entry, Table, synthetic_table
-from tbpw import forkstate
+from tables import Cand, Entry, Table
 from tbpw.allocate import (AllocationProblem, Constraints, Plan, Target, allocate, build_problem, make_plan,
                            parse_size, reachable_bpw)
 from tbpw.errors import TbpwError
 from tbpw.gguf_model import ModelInventory
 
 ALLOCATORS = ("lagrangian", "knapsack", "greedy")
-
-
-@pytest.fixture(scope="module")
-def inventory(request) -> ModelInventory:
-    return ModelInventory.load(request.getfixturevalue("tiny_model"))
-
-
-@pytest.fixture(scope="module")
-def fork_table(fork_tiny_dir):
-    return forkstate.read(fork_tiny_dir / "tiny.bpw_state")
-
-
-@pytest.fixture(scope="module")
-def full_table(inventory):
-    return synthetic_table(inventory)
 
 
 def _norm_bytes(inventory: ModelInventory) -> int:

@@ -10,30 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from tables import synthetic_table
-from tbpw import forkstate
 from tbpw.allocate import AllocationProblem, Candidate, DecidableTensor, Member, Target, allocate, build_problem, reachable_bpw
 from tbpw.candidates import FORK_TYPES
 from tbpw.errors import TbpwError
-from tbpw.gguf_model import ModelInventory, effective_type, nominal_bpw, row_bytes
+from tbpw.gguf_model import effective_type, nominal_bpw, row_bytes
 from tbpw_plugins.allocators import Knapsack, Lagrangian, lower_hull
 
 ALLOCATORS = ("lagrangian", "knapsack", "greedy")
-
-
-@pytest.fixture(scope="module")
-def inventory(request) -> ModelInventory:
-    return ModelInventory.load(request.getfixturevalue("tiny_model"))
-
-
-@pytest.fixture(scope="module")
-def fork_table(fork_tiny_dir):
-    return forkstate.read(fork_tiny_dir / "tiny.bpw_state")
-
-
-@pytest.fixture(scope="module")
-def full_table(inventory):
-    return synthetic_table(inventory)
 
 
 def _targets(inventory, table, n: int, high: float | None = None) -> list[float]:

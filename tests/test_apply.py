@@ -10,23 +10,12 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from tables import synthetic_table
 from tbpw import forkstate
 from tbpw.allocate import Target, allocate, build_problem
 from tbpw.apply import apply_plan, plan_path_for, verify_output
 from tbpw.errors import TbpwError
 from tbpw.gguf_model import ModelInventory
 from tbpw.llamacpp.quantize import output_metadata_bytes, tensor_pattern, tensor_type_text
-
-
-@pytest.fixture(scope="module")
-def inventory(request) -> ModelInventory:
-    return ModelInventory.load(request.getfixturevalue("tiny_model"))
-
-
-@pytest.fixture(scope="module")
-def full_table(inventory):
-    return synthetic_table(inventory)
 
 
 def _sha(path) -> str:

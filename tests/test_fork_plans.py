@@ -11,7 +11,6 @@ import json
 
 import pytest
 
-from tbpw import forkstate
 from tbpw.allocate import Target, allocate, build_problem
 from tbpw.apply import apply_plan
 from tbpw.gguf_model import ModelInventory
@@ -21,16 +20,6 @@ from tbpw_plugins.allocators import Lagrangian
 @pytest.fixture(scope="module")
 def fork_plans(fork_tiny_dir) -> dict:
     return json.loads((fork_tiny_dir / "fork-plans.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def inventory(request) -> ModelInventory:
-    return ModelInventory.load(request.getfixturevalue("tiny_model"))
-
-
-@pytest.fixture(scope="module")
-def fork_table(fork_tiny_dir):
-    return forkstate.read(fork_tiny_dir / "tiny.bpw_state")
 
 
 TARGETS = ["2.5", "3.25", "4.0", "4.75", "5.5", "6.5"]
