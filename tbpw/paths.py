@@ -38,6 +38,12 @@ def measure_cache() -> Path:
     return Path(env).expanduser() if env else home() / "measure"
 
 
+def sensitivity_cache() -> Path:
+    """Measured sensitivities (tbpw.sensitivity): $TBPW_SENSITIVITY_CACHE, else <home>/sensitivity."""
+    env = os.environ.get("TBPW_SENSITIVITY_CACHE")
+    return Path(env).expanduser() if env else home() / "sensitivity"
+
+
 def vendor_dir() -> Path:
     """The pins and tbpw's own native helpers (shipped next to the package in a source checkout)."""
     env = os.environ.get("TBPW_VENDOR")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import paths
+from .atomic import write_json
 from .contracts import DatasetContext, DatasetFile, EvalContext
 from .errors import TbpwError
 from .f16check import ClipCount, count_gguf, count_safetensors
@@ -41,6 +42,7 @@ class Quant:
     target: str | None = None
     allocator: str | None = None
     types: dict[str, str] = field(default_factory=dict)
+    note: str = ""
 
 
 Log = Callable[[str], None]
@@ -226,6 +228,98 @@ class Pipeline:
         return Quant(name, "tbpw", out.path("model.gguf"), out.result["bpw"], out.result["size_bytes"],
                      target=target.label, allocator=allocator.name, types=out.result["types"])
 
+    def calibrate(self, model: Path, imatrix: Path, table: Path, text: DatasetFile) -> dict[str, Path]:
+        """The measured table scaled to KL divergence, one table per strength: {"<metric>+kld<s>": path}."""
+        opts = self.recipe.calibrate
+        assert opts is not None
+        metric = self.recipe.measure.metric.name
+
+        def body(folder: Path) -> dict:
+            from .measure import ErrorTable
+            from .sensitivity import calibrate, calibrated_table
+
+            measured = ErrorTable.read_json(table)
+            sens = calibrate(model, imatrix, text.path, measured, probe_types=opts.probes, grouping=opts.grouping,
+                             ctx=opts.ctx, chunks=opts.chunks, threads=self.recipe.measure.threads,
+                             log=lambda line: self.log(f"  calibrate{line}"))
+            write_json(folder / "sensitivity.json", sens.to_json())
+            tables = {}
+            for strength in opts.strengths:
+                name = f"{metric}+kld{'' if strength == 1.0 else f'{strength:g}'}"
+                file = f"errors-{name.replace('+', '-')}.json"
+                calibrated_table(measured, sens, strength).write_json(folder / file)
+                tables[name] = file
+            return {"tables": tables, "floor_kld": sens.floor_kld}
+
+        out = self._stage("calibrate", {"model": model, "imatrix": imatrix, "table": table, "text": text.path}, opts, body)
+        return {name: out.path(file) for name, file in out.result["tables"].items()}
+
+    def choose(self, model: Path, imatrix: Path, tables: dict[str, Path], target: Target, target_bpw: float | None,
+               written: dict[str, Quant], text: DatasetFile) -> Quant:
+        """Every allocator on every table for `target`; the plan with the lowest KLD on calibration text wins.
+
+        `written` holds the target's quants already made on the measured table (allocator -> quant): they are
+        scored as they are, not written again."""
+        opts = self.recipe.choose
+        assert opts is not None
+        constraints = self.recipe.constraints
+        metric = self.recipe.measure.metric.name
+
+        def body(folder: Path) -> dict:
+            from .allocate import Target as Budget
+            from .allocate import allocate, build_problem
+            from .measure import ErrorTable
+            from .select_plan import PlanCandidate, copy_selected, select_plan
+
+            inventory = ModelInventory.load(model)
+            budget = Budget.parse(bpw=target_bpw) if target_bpw is not None else Budget.parse(size=target.size)
+            candidates, problems, files = [], {}, {}
+            for table_name, table_path in tables.items():
+                problem = build_problem(inventory, ErrorTable.read_json(table_path), budget, constraints)
+                for ref in self.recipe.allocators:
+                    name = f"{ref.name}-{table_name.replace('+', '-')}"
+                    candidates.append(PlanCandidate(name, allocate(inventory, problem, ref.name, ref.options,
+                                                                   manager=self.manager)))
+                    problems[name] = problem
+                    if table_name == metric and ref.name in written:
+                        files[name] = written[ref.name].path
+            work = folder / "work"
+            selection = select_plan(candidates, model, imatrix, text.path, work, ctx=opts.ctx, chunks=opts.chunks,
+                                    written=files, log=lambda line: self.log(f"  choose{line}"))
+            chosen, plan, score = selection.best, selection.plan, selection.scores[selection.best]
+            refined = None
+            if opts.refine_rounds:
+                from .refine import refine_plan
+
+                refined = refine_plan(inventory, problems[chosen], plan, model, imatrix, text.path, work,
+                                      rounds=opts.refine_rounds, tries=opts.refine_tries, ctx=opts.ctx,
+                                      chunks=opts.chunks, start_score=score, log=lambda line: self.log(f"  refine{line}"))
+            if refined is not None and refined.accepted:
+                from .apply import apply_plan
+
+                applied = apply_plan(refined.plan, model, imatrix, folder / "model.gguf", log_path=folder / "quantize.log")
+                plan, score = refined.plan, refined.score
+            else:
+                copy_selected(selection, folder / "model.gguf")
+            for leftover in [*work.glob("*.gguf"), *work.glob("*.logits")]:
+                leftover.unlink()  # logits of a large vocabulary run to gigabytes; the logs stay
+            written_inv = ModelInventory.load(folder / "model.gguf")
+            return {"model": "model.gguf", "chosen": chosen, "bpw": written_inv.bpw(),
+                    "size_bytes": (folder / "model.gguf").stat().st_size, "types": written_inv.types(),
+                    "calibration_kld": {n: s.kld_mean for n, s in selection.scores.items()},
+                    "duplicates": selection.duplicates, "calibration_kld_chosen": score.kld_mean,
+                    "refined": refined.accepted if refined is not None else []}
+
+        inputs = {"model": model, "imatrix": imatrix, "text": text.path,
+                  **{f"table {n}": p for n, p in tables.items()}, **{f"quant {a}": q.path for a, q in written.items()}}
+        name = f"quant-{target.label}-choose"
+        out = self._stage(name, inputs, {"target": target, "bpw": target_bpw, "allocators": self.recipe.allocators,
+                                         "constraints": constraints, "choose": opts}, body)
+        return Quant(name, "tbpw", out.path("model.gguf"), out.result["bpw"], out.result["size_bytes"],
+                     target=target.label, allocator="choose", types=out.result["types"],
+                     note=f"chose {out.result['chosen']}" + (f", {len(out.result['refined'])} measured swaps"
+                                                           if out.result["refined"] else ""))
+
     def evaluate(self, quant: Quant, base_logits: Path, data: dict[str, DatasetFile]) -> dict[str, float]:
         ev = self.recipe.evaluation
         evaluators = [(ref, self.manager.evaluators().create(ref.name, ref.options)) for ref in self.recipe.evaluators]
@@ -284,17 +378,22 @@ class Pipeline:
         stock_types = list(dict.fromkeys([*r.compare_stock, *(t.stock.upper() for t in r.targets if t.stock)]))
         quants: list[Quant] = [self.stock(model, imatrix, t) for t in stock_types]
         stock_bpw = {q.name.removeprefix("stock-"): q.bpw for q in quants}
+        tables = {r.measure.metric.name: table}
+        if r.calibrate is not None:
+            tables.update(self.calibrate(model, imatrix, table, data["calibration"]))
         for target in r.targets:
             target_bpw = stock_bpw[target.stock.upper()] if target.stock else target.bpw
-            for allocator in r.allocators:
-                quants.append(self.plan(model, imatrix, table, target, target_bpw, allocator))
+            made = {a.name: self.plan(model, imatrix, table, target, target_bpw, a) for a in r.allocators}
+            quants += made.values()
+            if r.choose is not None:
+                quants.append(self.choose(model, imatrix, tables, target, target_bpw, made, data["calibration"]))
         entries = []
         for q in quants:
             metrics = self.evaluate(q, base.path(base.result["logits"]), data)
             speeds = self.bench(q) if r.bench.enabled else {}
             entries.append({"name": q.name, "kind": q.kind, "target": q.target, "allocator": q.allocator, "bpw": q.bpw,
                             "size_bytes": q.size_bytes, "metrics": metrics, "bench": speeds, "types": q.types,
-                            "path": str(q.path)})
+                            "path": str(q.path), **({"note": q.note} if q.note else {})})
         select_best(entries, r.select.by)
         base_inv = ModelInventory.load(model)
         base_entry = {"name": "baseline", "kind": "base", "bpw": base_inv.bpw(), "size_bytes": model.stat().st_size,

@@ -120,6 +120,44 @@ class SelectOptions(Strict):
         default_factory=lambda: ["kld_mean", "rho_ppl"])
 
 
+class CalibrateOptions(Strict):
+    """Scale the error table to measured KL divergence (tbpw.sensitivity): each group of tensors is quantized
+    alone to each probe type and its KLD increase on calibration text is measured."""
+
+    probes: list[str] = Field(default_factory=lambda: ["Q3_K"], min_length=1)
+    grouping: Literal["tensor", "role"] = "role"  # role: one measurement per role (cheap); tensor: one per tensor
+    strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5], min_length=1)  # one calibrated table each
+    ctx: int = Field(512, ge=32)
+    chunks: int = Field(8, ge=1)
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths(cls, value: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in value):
+            raise ValueError("each strength is in (0, 1]: 1 trusts the measured scales fully, 0.5 hedges")
+        return value
+
+    @field_validator("probes")
+    @classmethod
+    def _probes(cls, value: list[str]) -> list[str]:
+        from .gguf_model import type_name
+
+        try:
+            return [type_name(v) for v in value]
+        except (KeyError, ValueError, TbpwError) as exc:
+            raise ValueError(f"unknown probe type ({exc}): use ggml type names such as Q3_K or IQ4_XS") from None
+
+
+class ChooseOptions(Strict):
+    """Per target, write every plan (each allocator on each error table: measured, and calibrated when
+    `calibrate` is set) and keep the one closest to the float model on CALIBRATION text."""
+
+    ctx: int = Field(512, ge=32)
+    chunks: int = Field(16, ge=1)
+    refine_rounds: int = Field(0, ge=0)  # then improve the winner by type swaps that calibration KLD confirms
+    refine_tries: int = Field(4, ge=1)
+
+
 class Datasets(Strict):
     calibration: PluginRef
     evaluation: PluginRef
@@ -140,12 +178,30 @@ class Recipe(Strict):
     targets: list[Target] = Field(min_length=1)
     allocators: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="knapsack")], min_length=1)
     constraints: Constraints = Field(default_factory=Constraints)
+    calibrate: CalibrateOptions | None = None
+    choose: ChooseOptions | None = None
     compare_stock: list[str] = Field(default_factory=list)
     evaluators: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="kld")], min_length=1)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
     bench: BenchOptions = Field(default_factory=BenchOptions)
     select: SelectOptions = Field(default_factory=SelectOptions)
     output_dir: Path | None = None  # default: runs/<name> beside the recipe
+
+    @field_validator("allocators")
+    @classmethod
+    def _allocators_once(cls, value: list[PluginRef]) -> list[PluginRef]:
+        names = [ref.name for ref in value]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"{', '.join(twice)} listed more than once: each allocator names its quants, "
+                             "so list it once")
+        return value
+
+    @model_validator(mode="after")
+    def _calibrate_needs_choose(self) -> "Recipe":
+        if self.calibrate is not None and self.choose is None:
+            raise ValueError("calibrate makes extra error tables that only choose uses: add `choose: {}` "
+                             "(or remove calibrate)")
+        return self
 
     @field_validator("compare_stock")
     @classmethod
@@ -281,6 +337,8 @@ def _line_of(data: Any, loc: tuple) -> int | None:
 
 def _describe(error: dict, model_fields: dict) -> str:
     loc = ".".join(str(p) for p in error["loc"])
+    if not loc:  # a rule across fields: its message says which
+        return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(error["loc"][-1]), list(model_fields), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -108,6 +108,9 @@ def markdown(run: dict) -> str:
     parts += ["## Quality against the baseline", "",
               f"Evaluation text: {run.get('evaluation_text', '?')}. ★ marks the best quant of each target "
               f"(by {', '.join(run.get('select_by', []))}).", "", quality_table(entries), ""]
+    noted = [e for e in entries if e.get("note")]
+    if noted:
+        parts += [f"- {e['name']}: {e['note']}" for e in noted] + [""]
     tasks = tasks_table(entries, run.get("substitutes", {}))
     if tasks:
         parts += ["## Benchmarks (accuracy, %)", ""]

@@ -177,7 +177,7 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
              "table": _table_hash(table), "probes": list(probes), "grouping": grouping, "ctx": ctx, "chunks": chunks,
              "build": build.key}
     key = cache_key(parts)
-    folder = (Path(cache_dir) if cache_dir else paths.home() / "sensitivity") / key
+    folder = (Path(cache_dir) if cache_dir else paths.sensitivity_cache()) / key
     final = folder / "sensitivity.json"
     if final.is_file():
         sens = Sensitivity.from_json(json.loads(final.read_text()))

@@ -83,6 +83,12 @@ BAD = [
     ("unknown selection metric", "select: {by: [kld]}\n", ["select.by.0", "kld_mean"]),
     ("unknown constraint", "constraints: {pin: {x: Q4_K}}\n", ["constraints.pin", "did you mean 'pins'"]),
     ("bad YAML", "targets: [\n", ["not valid YAML"]),
+    ("calibrate without choose", "calibrate: {}\n", ["calibrate", "add `choose: {}`"]),
+    ("calibration strength out of range", "calibrate: {strengths: [2]}\nchoose: {}\n", ["calibrate.strengths", "(0, 1]"]),
+    ("unknown probe type", "calibrate: {probes: [Q3_X]}\nchoose: {}\n", ["calibrate.probes", "unknown probe type"]),
+    ("choose with no chunks", "choose: {chunks: 0}\n", ["choose.chunks", "greater than or equal"]),
+    ("allocator listed twice", "allocators: [{name: knapsack}, {name: knapsack, options: {}}]\n",
+     ["allocators", "knapsack listed more than once"]),
 ]
 
 

@@ -1,0 +1,104 @@
+"""`tbpw run` with `calibrate:` and `choose:`: calibrated tables, the choice among plans by calibration KLD,
+and the proof that neither ever runs a tool on the evaluation text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tbpw.cli import main
+from tbpw.gguf_model import ModelInventory
+from tbpw.measure import ErrorTable
+
+RECIPE = Path(__file__).parent / "recipes" / "tiny.yaml"
+pytestmark = [pytest.mark.tools, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def choose_run(tmp_path_factory, tiny_model, wiki_text):
+    """The tiny recipe with one bpw target, two allocators, calibration per role and the choice; every
+    llama.cpp command line it ran, recorded while the tools run for real."""
+    out = tmp_path_factory.mktemp("choose") / "tiny"
+    sets = [f"model.gguf={tiny_model}", f"datasets.calibration.options.path={wiki_text}",
+            f"datasets.evaluation.options.path={wiki_text}", f"output_dir={out}",
+            "targets=[{bpw: 3.5}]", "compare_stock=[]", "allocators=[{name: knapsack}, {name: lagrangian}]",
+            "bench.enabled=false", "calibrate={grouping: role, ctx: 256, chunks: 2, strengths: [1.0, 0.5]}",
+            "choose={ctx: 256, chunks: 2, refine_rounds: 1, refine_tries: 2}"]
+    commands: list[list[str]] = []
+    real_run = subprocess.run
+
+    def spy(argv, *args, **kwargs):
+        if isinstance(argv, (list, tuple)) and Path(str(argv[0])).name.startswith("llama-"):
+            commands.append([str(a) for a in argv])
+        return real_run(argv, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TBPW_SENSITIVITY_CACHE", str(out.parent / "sensitivity"))
+        mp.setattr(subprocess, "run", spy)
+        result = CliRunner().invoke(main, ["run", str(RECIPE), *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    return out, commands
+
+
+def _text_of(argv: list[str]) -> str | None:
+    return argv[argv.index("-f") + 1] if "-f" in argv else None
+
+
+def test_choose_writes_one_more_quant_per_target_and_reports_it(choose_run):
+    out, _ = choose_run
+    report = json.loads((out / "report" / "report.json").read_text())
+    by = {e["name"]: e for e in report["entries"]}
+    assert list(by) == ["baseline", "quant-3.5bpw-knapsack", "quant-3.5bpw-lagrangian", "quant-3.5bpw-choose"]
+    chosen = by["quant-3.5bpw-choose"]
+    assert chosen["allocator"] == "choose" and chosen["note"].startswith("chose ")
+    assert 3.495 <= chosen["bpw"] <= 3.5
+    assert chosen["types"] == ModelInventory.load(out / "quant-3.5bpw-choose" / "model.gguf").types()
+    assert f"- quant-3.5bpw-choose: {chosen['note']}" in (out / "report" / "report.md").read_text()
+
+
+def test_calibrate_stage_writes_a_scaled_table_per_strength(choose_run):
+    out, _ = choose_run
+    result = json.loads((out / "calibrate" / "manifest.json").read_text())["result"]
+    assert set(result["tables"]) == {"wmse+kld", "wmse+kld0.5"}
+    measured = ErrorTable.read_json(out / "measure" / "errors.json").by_name()
+    sens = json.loads((out / "calibrate" / "sensitivity.json").read_text())
+    assert sens["grouping"] == "role" and sens["probe_types"] == ["Q3_K"]
+    full = ErrorTable.read_json(out / "calibrate" / result["tables"]["wmse+kld"])
+    half = ErrorTable.read_json(out / "calibrate" / result["tables"]["wmse+kld0.5"])
+    for t_full, t_half in zip(full.tensors, half.tensors):
+        for c_full, c_half, c_meas in zip(t_full.candidates, t_half.candidates, measured[t_full.name].candidates):
+            assert c_full.type == c_half.type == c_meas.type
+            if c_meas.error > 0:  # the half-strength scale is the square root of the full one
+                assert c_half.error / c_meas.error == pytest.approx((c_full.error / c_meas.error) ** 0.5, rel=1e-9)
+
+
+def test_choice_is_the_lowest_calibration_kld_among_six_plans(choose_run):
+    out, _ = choose_run
+    result = json.loads((out / "quant-3.5bpw-choose" / "manifest.json").read_text())["result"]
+    considered = set(result["calibration_kld"]) | set(result["duplicates"])
+    assert considered == {f"{a}-{t}" for a in ("knapsack", "lagrangian") for t in ("wmse", "wmse-kld", "wmse-kld0.5")}
+    scores = result["calibration_kld"]
+    assert result["chosen"] == min(scores, key=scores.get)
+    # a refinement swap is only kept when it lowers the calibration KLD further
+    assert result["calibration_kld_chosen"] <= scores[result["chosen"]]
+    assert bool(result["refined"]) == (result["calibration_kld_chosen"] < scores[result["chosen"]])
+    assert not list((out / "quant-3.5bpw-choose" / "work").glob("*.gguf"))
+    assert not list((out / "quant-3.5bpw-choose" / "work").glob("*.logits"))
+
+
+def test_no_selection_step_reads_the_evaluation_text(choose_run):
+    out, commands = choose_run
+    calibration = next((out / "data-calibration").glob("*.txt"))
+    evaluation = next((out / "data-evaluation").glob("*.txt"))
+    texts = [Path(t).resolve() for argv in commands if (t := _text_of(argv))]
+    # the float baseline is the one command that reads the evaluation text; calibration, the choice among
+    # plans and the refinement all score on the calibration text
+    assert texts.count(evaluation.resolve()) == 1
+    baseline = next(argv for argv in commands if _text_of(argv) and Path(_text_of(argv)).resolve() == evaluation.resolve())
+    assert ".baseline.partial" in baseline[baseline.index("--kl-divergence-base") + 1]
+    assert set(texts) == {calibration.resolve(), evaluation.resolve()}
+    assert texts.count(calibration.resolve()) >= 3  # imatrix, calibrate's float logits, choose's float logits
