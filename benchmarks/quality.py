@@ -16,7 +16,6 @@ nothing but that final scoring ever reads. Times are given as multiples of one p
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -67,17 +66,18 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
-def resolve_model(spec: str) -> tuple[Path, str, list[str]]:
+def resolve_model(spec: str, device: str = "cpu") -> tuple[Path, str, list[str]]:
     """(F16 GGUF, display name, notes printed next to the numbers)."""
     if spec == "bench":
-        from tbpw.bench_model import bench_model
+        from tbpw.bench_model import bench_model, settings_for
 
-        bm = bench_model(log=log)
+        bm = bench_model(settings=settings_for(device), log=log)
         m = bm.manifest
-        return bm.gguf, "bench", [
+        where = "2 CPU threads" if device == "cpu" else "a GPU"
+        return bm.gguf, "bench" if device == "cpu" else f"bench-{device}", [
             f"benchmark model: tbpw's trained llama ({m['parameters'] / 1e6:.2f} M parameters, genuine float weights, "
-            f"held-out PPL {m['heldout_ppl']}, trained {m['train_seconds'] / 60:.1f} min on 2 CPU threads; "
-            f"settings key {m['key']})"]
+            f"held-out PPL {m['heldout_ppl']}, {m['tokens_seen'] / 1e6:.2f} M tokens seen in "
+            f"{m['train_seconds'] / 60:.1f} min on {where}; settings key {m['key']})"]
     if spec == "smollm2":
         return assets.demo_model().f16, "smollm2", [
             f"CAVEAT: {assets.DEQUANTIZED_NOTE}; only levels whose stock file lies below the source's precision are run "
@@ -93,7 +93,7 @@ def score(model: Path, base, work: Path, name: str, threads: int) -> KldScore:
 
 
 def run_benchmark(args: argparse.Namespace) -> Run:
-    model, label, notes = resolve_model(args.model)
+    model, label, notes = resolve_model(args.model, args.bench_device)
     run = Run(label, notes=list(notes))
     if args.model == "smollm2":
         run.notes.append(f"levels kept: stock file below {args.dequantized_max_bpw} bpw")
@@ -295,6 +295,8 @@ def write_section(path: Path, model: str, text: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench", help="bench (tbpw's trained model), smollm2, or a GGUF path")
+    p.add_argument("--bench-device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the benchmark model is trained (cpu: the reference in docs/quality.md)")
     p.add_argument("--levels", default=",".join(DEFAULT_LEVELS))
     p.add_argument("--allocators", default="knapsack,lagrangian")
     p.add_argument("--metrics", default="wmse")

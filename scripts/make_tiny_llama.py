@@ -17,17 +17,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tbpw import tokenizer_training  # noqa: E402
+from tbpw.lm_training import heldout_perplexity, train_steps  # noqa: E402
 from tbpw.tokenizer_training import encode  # noqa: E402  (make_tiny_moe imports it from here)
 
 VOCAB = 4096
@@ -75,30 +74,10 @@ def main() -> None:
     windows = train_ids[: len(train_ids) // SEQ * SEQ].view(-1, SEQ)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(SEED))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
-    model.train()
-    start = time.monotonic()
-    for step in range(args.steps):
-        pick = order[(step * BATCH + torch.arange(BATCH)) % len(windows)]
-        batch = windows[pick]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.3f}  {time.monotonic() - start:5.1f} s", flush=True)
-    seconds = time.monotonic() - start
-
-    model.eval()
-    eval_windows = eval_ids[: len(eval_ids) // SEQ * SEQ].view(-1, SEQ)[:64]
-    with torch.no_grad():
-        nll = sum(model(input_ids=w[None], labels=w[None]).loss.item() for w in eval_windows) / len(eval_windows)
-    ppl = math.exp(nll)
-    print(f"held-out perplexity ({len(eval_windows)} x {SEQ} tokens of the evaluation split): {ppl:.1f}")
+    seconds, _ = train_steps(model, windows, order, opt, steps=args.steps, batch=BATCH,
+                             warmup=max(1, args.steps // 10), log=lambda line: print(line, flush=True))
+    ppl, n_windows = heldout_perplexity(model, eval_ids, SEQ, 64)
+    print(f"held-out perplexity ({n_windows} x {SEQ} tokens of the evaluation split): {ppl:.1f}")
 
     out: Path = args.out
     if out.exists():

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Train (once) and cache tbpw's benchmark model: a ~11 M-parameter llama with genuine float weights.
 
-    .venv/bin/python scripts/train_bench_model.py [--measure]
+    .venv/bin/python scripts/train_bench_model.py [--measure] [--device cpu|cuda]
 
 Prints the cached model's GGUF path and facts (training time, parameters, held-out perplexity); trains it
 first when the cache (~/.cache/tbpw/bench-model/<hash of the settings>/) does not hold it. The settings,
 data sources and held-out guarantee are described in tbpw/bench_model.py. --measure only reports this
-machine's training throughput for the configured shape, to size `steps` for ~20 minutes on 2 cores.
+machine's training throughput for the configured shape, to size `steps` (~14 minutes on 2 quiet cores).
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measure", action="store_true", help="report training tokens/s and the implied run time")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: the reference model of docs/quality.md; cuda: about a minute on a GPU, other weights")
     args = parser.parse_args()
 
     from tbpw import bench_model
 
-    settings = bench_model.SETTINGS
+    settings = bench_model.settings_for(args.device)
     if args.measure:
         rate = bench_model.tokens_per_second(settings)
         tokens = settings["steps"] * settings["batch"] * settings["seq"]
@@ -35,7 +37,7 @@ def main() -> None:
               f"would take {tokens / rate / 60:.1f} min")
         return
     start = time.monotonic()
-    model = bench_model.bench_model(log=lambda line: print(line, flush=True))
+    model = bench_model.bench_model(settings=settings, log=lambda line: print(line, flush=True))
     facts = {k: v for k, v in model.manifest.items() if k not in ("settings", "attribution")}
     print(json.dumps(facts, indent=1))
     print(f"{model.gguf}  ({time.monotonic() - start:.0f} s this run)")

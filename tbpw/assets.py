@@ -17,15 +17,13 @@ import hashlib
 import json
 import random
 import re
-import shutil
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import paths, registry, taskformats
-from .atomic import write_json, write_text
+from .atomic import publish_folder, write_json, write_text
 from .contracts import DatasetFile
 from .errors import TbpwError
 from .taskformats import Choices, HellaSwagTask, MultipleChoiceTask, WinoGrandeTask
@@ -88,24 +86,24 @@ def _cached_folder(name: str, version: int | str, build: Callable[[Path], dict])
     """The asset folder `name`, built by `build(staging)` unless a manifest of this version is there."""
     folder = paths.assets() / name
     manifest = folder / "manifest.json"
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        if data.get("version") == version:
-            return folder, data
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
-    try:
-        data = {"version": version, **build(staging)}
-        write_json(staging / "manifest.json", data)
-        if manifest.is_file() and json.loads(manifest.read_text()).get("version") == version:
-            return folder, json.loads(manifest.read_text())  # another process finished it meanwhile
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return folder, data
+
+    def current() -> dict | None:
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            if data.get("version") == version:
+                return data
+        return None
+
+    if (data := current()) is not None:
+        return folder, data
+
+    def make(staging: Path) -> dict:
+        made = {"version": version, **build(staging)}
+        write_json(staging / "manifest.json", made)
+        return made
+
+    made = publish_folder(folder, make, keep_existing=lambda: current() is not None)
+    return folder, current() or made
 
 
 # ---------------------------------------------------------------- Wikipedia

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -47,3 +50,22 @@ def write_bytes(target: Path | str, data: bytes) -> None:
 
 def write_json(target: Path | str, obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def publish_folder(folder: Path | str, build: Callable[[Path], T], *, keep_existing: Callable[[], bool] = lambda: False) -> T:
+    """Make `folder` with `build(staging)` in a staging folder beside it, then rename it into place (replacing
+    an older one), so that a killed build never leaves a folder that looks complete. When
+    `keep_existing()` says another process published a good one meanwhile, that one stays."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        result = build(staging)
+        if not keep_existing():
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+        return result
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

@@ -54,6 +54,14 @@ def base_logits(model: Path | str, text: Path | str, out: Path | str, *, ctx: in
     return BaseLogits(out, text, ctx, chunks, result.ppl.value, run.seconds)
 
 
+def calibration_base(model: Path | str, calibration_text: Path | str, work_dir: Path | str, *, ctx: int, chunks: int,
+                     threads: int | None = None) -> BaseLogits:
+    """The float model's logits on calibration chunks, kept in `work_dir` for every plan scored there."""
+    work = Path(work_dir)
+    return base_logits(model, calibration_text, work / "calibration-base.logits", ctx=ctx, chunks=chunks,
+                       threads=threads, log_path=work / "calibration-base.log")
+
+
 @dataclass(frozen=True)
 class KldScore:
     kld_mean: float

@@ -267,48 +267,20 @@ class Pipeline:
 
         def body(folder: Path) -> dict:
             from .allocate import Target as Budget
-            from .allocate import allocate, build_problem
             from .measure import ErrorTable
-            from .select_plan import PlanCandidate, copy_selected, select_plan
+            from .select_plan import candidate_name, choose
 
-            inventory = ModelInventory.load(model)
             budget = Budget.parse(bpw=target_bpw) if target_bpw is not None else Budget.parse(size=target.size)
-            candidates, problems, files = [], {}, {}
-            for table_name, table_path in tables.items():
-                problem = build_problem(inventory, ErrorTable.read_json(table_path), budget, constraints)
-                for ref in self.recipe.allocators:
-                    name = f"{ref.name}-{table_name.replace('+', '-')}"
-                    candidates.append(PlanCandidate(name, allocate(inventory, problem, ref.name, ref.options,
-                                                                   manager=self.manager)))
-                    problems[name] = problem
-                    if table_name == metric and ref.name in written:
-                        files[name] = written[ref.name].path
-            work = folder / "work"
-            selection = select_plan(candidates, model, imatrix, text.path, work, ctx=opts.ctx, chunks=opts.chunks,
-                                    written=files, log=lambda line: self.log(f"  choose{line}"))
-            chosen, plan, score = selection.best, selection.plan, selection.scores[selection.best]
-            refined = None
-            if opts.refine_rounds:
-                from .refine import refine_plan
-
-                refined = refine_plan(inventory, problems[chosen], plan, model, imatrix, text.path, work,
-                                      rounds=opts.refine_rounds, tries=opts.refine_tries, ctx=opts.ctx,
-                                      chunks=opts.chunks, start_score=score, log=lambda line: self.log(f"  refine{line}"))
-            if refined is not None and refined.accepted:
-                from .apply import apply_plan
-
-                applied = apply_plan(refined.plan, model, imatrix, folder / "model.gguf", log_path=folder / "quantize.log")
-                plan, score = refined.plan, refined.score
-            else:
-                copy_selected(selection, folder / "model.gguf")
-            for leftover in [*work.glob("*.gguf"), *work.glob("*.logits")]:
-                leftover.unlink()  # logits of a large vocabulary run to gigabytes; the logs stay
-            written_inv = ModelInventory.load(folder / "model.gguf")
-            return {"model": "model.gguf", "chosen": chosen, "bpw": written_inv.bpw(),
-                    "size_bytes": (folder / "model.gguf").stat().st_size, "types": written_inv.types(),
-                    "calibration_kld": {n: s.kld_mean for n, s in selection.scores.items()},
-                    "duplicates": selection.duplicates, "calibration_kld_chosen": score.kld_mean,
-                    "refined": refined.accepted if refined is not None else []}
+            choice = choose(model, imatrix, {n: ErrorTable.read_json(p) for n, p in tables.items()},
+                            [(a.name, a.options) for a in self.recipe.allocators], budget, text.path,
+                            folder / "model.gguf", folder / "work", constraints=constraints,
+                            written={candidate_name(a, metric): q.path for a, q in written.items()},
+                            ctx=opts.ctx, chunks=opts.chunks, refine_rounds=opts.refine_rounds,
+                            refine_tries=opts.refine_tries, manager=self.manager,
+                            log=lambda line: self.log(f"  choose{line}"))
+            inventory = ModelInventory.load(folder / "model.gguf")
+            return {"model": "model.gguf", "bpw": inventory.bpw(), "size_bytes": (folder / "model.gguf").stat().st_size,
+                    "types": inventory.types(), **choice.to_json()}
 
         inputs = {"model": model, "imatrix": imatrix, "text": text.path,
                   **{f"table {n}": p for n, p in tables.items()}, **{f"quant {a}": q.path for a, q in written.items()}}

@@ -16,7 +16,7 @@ from typing import Callable
 from .allocate import AllocationProblem, Candidate, DecidableTensor, Plan, make_plan
 from .apply import apply_plan
 from .gguf_model import ModelInventory
-from .kld_eval import KldScore, base_logits, kld
+from .kld_eval import KldScore, calibration_base, kld
 
 
 @dataclass
@@ -70,8 +70,7 @@ def refine_plan(inventory: ModelInventory, problem: AllocationProblem, plan: Pla
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: None)
-    base = base_logits(model, calibration_text, work / "calibration-base.logits", ctx=ctx, chunks=chunks,
-                       threads=threads, log_path=work / "calibration-base.log")
+    base = calibration_base(model, calibration_text, work, ctx=ctx, chunks=chunks, threads=threads)
     seconds = base.seconds
     evaluated = 0
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .allocate import Plan
+from .allocate import Constraints, ErrorTableLike, Plan, Target, allocate, build_problem
 from .apply import apply_plan
 from .errors import TbpwError
-from .kld_eval import BaseLogits, KldScore, base_logits, kld
+from .gguf_model import ModelInventory
+from .kld_eval import BaseLogits, KldScore, calibration_base, kld
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,7 @@ def select_plan(candidates: Sequence[PlanCandidate], model: Path | str, imatrix:
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: None)
-    base = base_logits(model, calibration_text, work / "calibration-base.logits", ctx=ctx, chunks=chunks,
-                       threads=threads, log_path=work / "calibration-base.log")
+    base = calibration_base(model, calibration_text, work, ctx=ctx, chunks=chunks, threads=threads)
     seconds = base.seconds
     seen: dict[str, str] = {}
     duplicates: dict[str, str] = {}
@@ -104,3 +104,62 @@ def copy_selected(selection: Selection, out: Path | str) -> Path:
     if plan_json.is_file():
         shutil.copyfile(plan_json, out.with_name(out.name[:-5] + ".plan.json"))
     return out
+
+
+def candidate_name(allocator: str, table: str) -> str:
+    return f"{allocator}-{table.replace('+', '-')}"
+
+
+@dataclass
+class Choice:
+    best: str  # the candidate chosen: "<allocator>-<table>"
+    plan: Plan  # its plan, after the refinement when a swap was kept
+    score: KldScore  # the calibration score of `plan`
+    selection: Selection
+    refined: list[str] = field(default_factory=list)  # the swaps kept by the refinement
+    out: Path | None = None
+
+    def to_json(self) -> dict:
+        return {"chosen": self.best, "calibration_kld": {n: s.kld_mean for n, s in self.selection.scores.items()},
+                "duplicates": self.selection.duplicates, "calibration_kld_chosen": self.score.kld_mean,
+                "refined": self.refined}
+
+
+def choose(model: Path | str, imatrix: Path | str | None, tables: Mapping[str, ErrorTableLike],
+           allocators: Sequence[tuple[str, Mapping]], target: Target, calibration_text: Path | str, out: Path | str,
+           work_dir: Path | str, *, constraints: Constraints | None = None, written: Mapping[str, Path] | None = None,
+           ctx: int = 512, chunks: int = 16, refine_rounds: int = 0, refine_tries: int = 4,
+           threads: int | None = None, manager=None, log: Callable[[str], None] | None = None) -> Choice:
+    """Plan `target` with every allocator on every table, keep the plan closest to the float model on
+    calibration text (optionally improved by measured swaps: tbpw.refine) and write it to `out`.
+
+    Candidates are named `candidate_name(allocator, table)`; `written` maps names to GGUFs already written from
+    exactly those plans. Only the calibration text is ever read; `work_dir` keeps the tools' logs."""
+    inventory = ModelInventory.load(model)
+    candidates, problems = [], {}
+    for table_name, table in tables.items():
+        problem = build_problem(inventory, table, target, constraints)
+        for allocator, options in allocators:
+            name = candidate_name(allocator, table_name)
+            candidates.append(PlanCandidate(name, allocate(inventory, problem, allocator, options, manager=manager)))
+            problems[name] = problem
+    work = Path(work_dir)
+    selection = select_plan(candidates, model, imatrix, calibration_text, work, ctx=ctx, chunks=chunks,
+                            threads=threads, written=written, log=log)
+    plan, score, refined = selection.plan, selection.scores[selection.best], []
+    if refine_rounds:
+        from .refine import refine_plan
+
+        refinement = refine_plan(inventory, problems[selection.best], plan, model, imatrix, calibration_text, work,
+                                 rounds=refine_rounds, tries=refine_tries, ctx=ctx, chunks=chunks, threads=threads,
+                                 start_score=score, log=log)
+        if refinement.accepted:
+            plan, score, refined = refinement.plan, refinement.score, refinement.accepted
+    out = Path(out)
+    if refined:
+        apply_plan(plan, model, imatrix, out, threads=threads, log_path=work / "chosen.quantize.log")
+    else:
+        copy_selected(selection, out)
+    for leftover in [*work.glob("*.gguf"), *work.glob("*.logits")]:
+        leftover.unlink()  # logits of a large vocabulary run to gigabytes; the logs stay
+    return Choice(selection.best, plan, score, selection, refined, out)

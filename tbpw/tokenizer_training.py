@@ -20,7 +20,20 @@ def train_tokenizer(text_file: Path, out_dir: Path, vocab: int) -> Path:
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
         input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, max_sentence_length=1 << 16,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    return prefix.with_suffix(".model")
+    model = prefix.with_suffix(".model")
+    _forget_paths(model)
+    return model
+
+
+def _forget_paths(model: Path) -> None:
+    """Drop the training file and output paths the trainer records, so the same text gives the same bytes."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.trainer_spec.ClearField("input")
+    proto.trainer_spec.ClearField("model_prefix")
+    model.write_bytes(proto.SerializeToString())
 
 
 def encode(tokenizer_model: Path, text: str) -> list[int]:

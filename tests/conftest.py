@@ -122,3 +122,14 @@ def full_table(inventory):
     from tables import synthetic_table
 
     return synthetic_table(inventory)
+
+
+@pytest.fixture
+def split_text(wiki_text: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(calibration, evaluation): the first and second half of wiki-sample.txt, cut at a paragraph."""
+    text = wiki_text.read_text(encoding="utf-8")
+    cut = text.index("\n\n", len(text) // 2)
+    cal, ev = tmp_path / "calibration.txt", tmp_path / "evaluation.txt"
+    cal.write_text(text[:cut] + "\n", encoding="utf-8")
+    ev.write_text(text[cut:].lstrip("\n"), encoding="utf-8")
+    return cal, ev

@@ -13,21 +13,11 @@ import pytest
 
 from tbpw import bench_model, forkstate, kld_eval, sensitivity
 from tbpw.allocate import Target, allocate, build_problem
+from tbpw.errors import TbpwError
 from tbpw.gguf_model import ModelInventory
 from tbpw.llamacpp import quantize as quantize_mod
 from tbpw.measure import CandidateError, ErrorTable, TensorErrors
 from tbpw.select_plan import PlanCandidate, select_plan
-
-
-@pytest.fixture
-def split_text(wiki_text: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """(calibration, evaluation): the first and second half of wiki-sample.txt, cut at a paragraph."""
-    text = wiki_text.read_text(encoding="utf-8")
-    cut = text.index("\n\n", len(text) // 2)
-    cal, ev = tmp_path / "calibration.txt", tmp_path / "evaluation.txt"
-    cal.write_text(text[:cut] + "\n", encoding="utf-8")
-    ev.write_text(text[cut:].lstrip("\n"), encoding="utf-8")
-    return cal, ev
 
 
 @pytest.fixture
@@ -144,6 +134,20 @@ def test_training_text_loses_lines_the_evaluation_text_has():
     cleaned, dropped = bench_model.drop_shared_lines(training, evaluation)
     assert dropped == 1 and shared not in cleaned and "short line" in cleaned
     assert bench_model.assert_held_out(cleaned, evaluation) == 1
+
+
+def test_a_gpu_trained_benchmark_model_is_cached_apart_from_the_cpu_reference(tmp_path):
+    assert bench_model.settings_for("cpu") is bench_model.SETTINGS
+    cuda = bench_model.settings_for("cuda")
+    assert cuda["device"] == "cuda" and bench_model.settings_key(cuda) != bench_model.settings_key()
+    with pytest.raises(TbpwError, match="unknown training device 'tpu'"):
+        bench_model.settings_for("tpu")
+    import torch
+
+    if not torch.cuda.is_available():  # this CPU torch refuses at once, before reading any text
+        with pytest.raises(TbpwError, match="needs a CUDA build of torch"):
+            bench_model.train(tmp_path / "hf", cuda)
+        assert not (tmp_path / "hf").exists()
 
 
 def test_proxy_of_a_type_the_table_dropped_is_interpolated():

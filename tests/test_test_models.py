@@ -34,6 +34,17 @@ def test_fixture_is_small_and_complete(folder: Path) -> None:
     assert sum(files.values()) < 10 * 1024 * 1024
 
 
+@pytest.mark.parametrize("folder,notes", [(LLAMA, "TRAINING.md"), (MOE, "MODEL.md")], ids=["llama", "moe"])
+def test_notes_give_the_committed_files_digests(folder: Path, notes: str) -> None:
+    """Each script records the sha256 of what it wrote: the committed files are still exactly those."""
+    import hashlib
+
+    listed = dict(re.findall(r"- `([^`]+)`: `([0-9a-f]{64})`", (folder / notes).read_text()))
+    assert set(listed) == {p.name for p in folder.iterdir() if p.name != notes}
+    for name, digest in listed.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+
+
 def test_convert_names_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tbpw.errors import TbpwError
     from tbpw.llamacpp import convert

@@ -38,7 +38,10 @@ def register(cli: click.Group) -> None:
         if as_json:
             click.echo(loaded.model_dump_json(indent=1))
         else:
-            click.echo(f"{recipe}: ok ({len(loaded.targets)} targets x {len(loaded.allocators)} allocators, "
+            tables = 1 + (len(loaded.calibrate.strengths) if loaded.calibrate else 0)
+            choice = (f", choose among {tables * len(loaded.allocators)} plans per target"
+                      if loaded.choose else "")
+            click.echo(f"{recipe}: ok ({len(loaded.targets)} targets x {len(loaded.allocators)} allocators{choice}, "
                        f"{len(loaded.compare_stock)} stock types, output in {loaded.output_dir})")
 
     @cli.command()
