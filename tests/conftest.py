@@ -117,6 +117,14 @@ def fork_table(fork_tiny_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def fork_error_table(fork_table):
+    """The fork's state file as a tbpw ErrorTable (what `tbpw measure --out` writes)."""
+    from tbpw.measure import ErrorTable
+
+    return ErrorTable.from_fork_state(fork_table)
+
+
+@pytest.fixture(scope="session")
 def full_table(inventory):
     """A synthetic error table over every candidate type of the tiny model (tests/tables.py)."""
     from tables import synthetic_table

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.tools
 
 
 @pytest.fixture
-def table_file(fork_table, tmp_path: Path) -> Path:
+def table_file(fork_error_table, tmp_path: Path) -> Path:
     path = tmp_path / "wmse.json"
-    ErrorTable.from_fork_state(fork_table).write_json(path)
+    fork_error_table.write_json(path)
     return path
 
 

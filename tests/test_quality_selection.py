@@ -7,22 +7,16 @@ calibration part and an evaluation part.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
-from tbpw import bench_model, forkstate, kld_eval, sensitivity
+from tbpw import bench_model, kld_eval, sensitivity
 from tbpw.allocate import Target, allocate, build_problem
 from tbpw.errors import TbpwError
 from tbpw.gguf_model import ModelInventory
 from tbpw.llamacpp import quantize as quantize_mod
 from tbpw.measure import CandidateError, ErrorTable, TensorErrors
 from tbpw.select_plan import PlanCandidate, select_plan
-
-
-@pytest.fixture
-def fork_table(fork_tiny_dir: Path) -> ErrorTable:
-    return ErrorTable.from_fork_state(forkstate.read(fork_tiny_dir / "tiny.bpw_state"))
 
 
 def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
@@ -40,11 +34,11 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
 
 
 @pytest.mark.tools
-def test_selection_scores_on_calibration_text_only(tiny_model, stock_imatrix, fork_table, split_text, tmp_path,
+def test_selection_scores_on_calibration_text_only(tiny_model, stock_imatrix, fork_error_table, split_text, tmp_path,
                                                    monkeypatch):
     cal, ev = split_text
     inventory = ModelInventory.load(tiny_model)
-    problem = build_problem(inventory, fork_table, Target.parse(bpw=4.5))
+    problem = build_problem(inventory, fork_error_table, Target.parse(bpw=4.5))
     candidates = [PlanCandidate(name, allocate(inventory, problem, name)) for name in ("knapsack", "greedy", "lagrangian")]
     calls = _record(monkeypatch)
 
@@ -64,11 +58,11 @@ def test_selection_scores_on_calibration_text_only(tiny_model, stock_imatrix, fo
 
 
 @pytest.mark.tools
-def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_imatrix, fork_table, split_text, tmp_path,
+def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_imatrix, fork_error_table, split_text, tmp_path,
                                                            monkeypatch):
     cal, _ = split_text
     cache = tmp_path / "sens"
-    sens = sensitivity.calibrate(tiny_model, stock_imatrix, cal, fork_table, probe_types=("Q3_K",), grouping="role",
+    sens = sensitivity.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
                                  ctx=128, chunks=2, threads=2, cache_dir=cache)
     assert sens.meta["cached"] is False
     scales = sens.group_scales()
@@ -78,9 +72,9 @@ def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_ima
     # quantizing the embeddings alone to Q3_K must change the output more than quantizing nothing
     assert sens.measured["token_embd"]["Q3_K"] > 0
 
-    calibrated = sensitivity.calibrated_table(fork_table, sens)
+    calibrated = sensitivity.calibrated_table(fork_error_table, sens)
     by_name = calibrated.by_name()
-    for entry in fork_table.tensors:
+    for entry in fork_error_table.tensors:
         info = ModelInventory.load(tiny_model)[entry.name]
         for before, after in zip(entry.candidates, by_name[entry.name].candidates):
             assert after.error == pytest.approx(before.error * scales[info.role]["Q3_K"])
@@ -90,7 +84,7 @@ def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_ima
 
     monkeypatch.setattr(kld_eval, "run_tool", no_tools)
     monkeypatch.setattr(quantize_mod, "run_tool", no_tools)
-    again = sensitivity.calibrate(tiny_model, stock_imatrix, cal, fork_table, probe_types=("Q3_K",), grouping="role",
+    again = sensitivity.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
                                   ctx=128, chunks=2, threads=2, cache_dir=cache)
     assert again.meta["cached"] is True and again.group_scales() == scales
 
@@ -158,11 +152,11 @@ def test_proxy_of_a_type_the_table_dropped_is_interpolated():
     assert sensitivity.proxy_at(entry, "Q8_0", 8.5) == 2.0
 
 
-def test_swap_moves_stay_within_the_budget_and_come_cheapest_first(tiny_model, fork_table):
+def test_swap_moves_stay_within_the_budget_and_come_cheapest_first(tiny_model, fork_error_table):
     from tbpw.refine import swap_moves
 
     inventory = ModelInventory.load(tiny_model)
-    problem = build_problem(inventory, fork_table, Target.parse(bpw=4.5))
+    problem = build_problem(inventory, fork_error_table, Target.parse(bpw=4.5))
     plan = allocate(inventory, problem, "greedy")
     types = plan.types()
     choice = {u.name: types[u.members[0].name] for u in problem.tensors}
