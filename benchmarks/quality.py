@@ -10,7 +10,7 @@ tbpw's Wikipedia split, read the file's exact bpw, make tbpw quants at that bpw 
 table (each metric's proxy table and, unless --no-calibrated, its KLD-calibrated table), and pick one of them
 by KL divergence on calibration text (`tbpw-select`, unless --no-select). Every quant is then scored with
 llama-perplexity --kl-divergence against the float model's logits on the held-out EVALUATION side, which
-nothing but that final scoring ever reads. Times are given as multiples of one plain stock quantization.
+nothing but that final scoring ever reads. Times are given as multiples of one plain stock Q4_K_M quantization.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Run:
     stock_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     selected: dict[str, str] = field(default_factory=dict)  # level -> chosen variant
+    reused: list[str] = field(default_factory=list)  # one-off steps taken from an earlier run (--reuse)
 
 
 def log(line: str) -> None:
@@ -102,6 +104,8 @@ def run_benchmark(args: argparse.Namespace) -> Run:
     dequantized = args.model == "smollm2"
     ctx = args.ctx or (256 if args.model == "bench" else 512)
     work = Path(args.work) / label
+    if work.exists() and not args.reuse:
+        shutil.rmtree(work)  # every one-off step is timed cold
     work.mkdir(parents=True, exist_ok=True)
     wiki = assets.wiki_split()
     calibration, evaluation = wiki.calibration, wiki.evaluation
@@ -115,13 +119,23 @@ def run_benchmark(args: argparse.Namespace) -> Run:
 
     t = time.monotonic()
     imatrix = work / "imatrix.gguf"
-    if not imatrix.is_file():
+    if imatrix.is_file():
+        run.reused.append("imatrix")
+    else:
         make_imatrix(model, calibration, imatrix, collector="stock", chunks=args.imatrix_chunks, ctx=ctx,
                      threads=threads, log_path=work / "imatrix.log")
     run.steps["imatrix"] = time.monotonic() - t
 
+    # The time unit: one plain stock Q4_K_M quantization, best of two (the first also pays for a cold disk cache).
+    reference = work / "reference-Q4_K_M.gguf"
+    run.stock_seconds = min(quantize(model, reference, imatrix=imatrix, base_type="Q4_K_M", threads=threads,
+                                     log_path=work / "reference.quantize.log").seconds for _ in range(2))
+    reference.unlink()
+
     # The ONLY use of the evaluation text: the float model's logits that every quant is scored against.
     t = time.monotonic()
+    if (work / "eval-base.logits").is_file():
+        run.reused.append("float logits (evaluation)")
     eval_base = base_logits(model, evaluation, work / "eval-base.logits", ctx=ctx, chunks=args.chunks,
                             threads=threads, log_path=work / "eval-base.log")
     run.steps["float logits (evaluation)"] = time.monotonic() - t
@@ -132,14 +146,19 @@ def run_benchmark(args: argparse.Namespace) -> Run:
     for metric in args.metrics:
         t = time.monotonic()
         tables[metric] = measure(model, imatrix, metric=metric, threads=threads, progress=False,
-                                 sampling={"scale": args.sampling_scale} if args.sampling_scale != 1.0 else None)
-        run.steps[f"measure {metric}"] = time.monotonic() - t if not tables[metric].meta.get("cached") else \
-            float(tables[metric].meta.get("seconds", 0.0))
+                                 sampling={"scale": args.sampling_scale} if args.sampling_scale != 1.0 else None,
+                                 cache_dir=work / "measure-cache")
+        run.steps[f"measure {metric}"] = time.monotonic() - t
+        if tables[metric].meta.get("cached"):
+            run.reused.append(f"measure {metric}")
         if args.calibrated:
             t = time.monotonic()
             sens = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes, grouping=args.grouping,
-                             ctx=ctx, chunks=args.cal_chunks, threads=threads, log=log if args.verbose else None)
+                             ctx=ctx, chunks=args.cal_chunks, threads=threads, cache_dir=work / "sensitivity-cache",
+                             log=log if args.verbose else None)
             run.steps[f"calibrate {metric}"] = time.monotonic() - t
+            if sens.meta.get("cached"):
+                run.reused.append(f"calibrate {metric}")
             for strength in args.strengths:
                 suffix = "" if strength == 1.0 else f"{strength:g}"
                 tables[f"{metric}+kld{suffix}"] = calibrated_table(tables[metric], sens, strength)
@@ -151,8 +170,6 @@ def run_benchmark(args: argparse.Namespace) -> Run:
         t = time.monotonic()
         qrun = quantize(model, stock_out, imatrix=imatrix, base_type=level, threads=threads, log_path=lw / "stock.quantize.log")
         seconds = qrun.seconds
-        if not run.stock_seconds:
-            run.stock_seconds = seconds
         bpw = ModelInventory.load(stock_out).bpw()
         if dequantized and bpw >= args.dequantized_max_bpw:
             log(f"{level}: {bpw:.4f} bpw is not below {args.dequantized_max_bpw} on a dequantized model: skipped")
@@ -254,7 +271,7 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
                  f"{args.refine_tries} type swaps, each kept only when calibration KLD confirms it"
                  if args.select and args.refine_rounds > 0 else ""),
               f"- error tables measured with row sampling scale {args.sampling_scale}",
-              f"- time: multiples of one plain stock quantization ({ref:.2f} s, wall clock on a shared 2-core machine); "
+              f"- time: multiples of one plain stock Q4_K_M quantization ({ref:.2f} s, best of 2, wall clock on a 2-core machine); "
               "a variant's time is allocation + writing; tbpw-select's is all candidates + scoring them on calibration "
               "text; one-off steps (imatrix, measurement, calibration) are listed below the table", ""]
     header = "| level | variant | bpw | KLD mean | KLD p99 | same top p | ρ PPL | PPL | KLD / stock | time |"
@@ -276,7 +293,7 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
         ratios = [r.score.kld_mean / stock[r.level].score.kld_mean for r in run.rows if r.variant == v and r.level in stock]
         worst = max(ratios) if ratios else float("nan")
         lines.append(f"- {v}: {geomean(ratios):.3f} (worst level {worst:.3f}, {len(ratios)} levels)")
-    one_off = ", ".join(f"{k} {v / ref:.1f}x" for k, v in run.steps.items())
+    one_off = ", ".join(f"{k} {'reused' if k in run.reused else f'{v / ref:.1f}x'}" for k, v in run.steps.items())
     lines += ["", f"One-off steps: {one_off}.", ""]
     return "\n".join(lines)
 
@@ -315,6 +332,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sampling-scale", type=float, default=1.0, help="row sampling of the error measurement")
     p.add_argument("--work", default="/tmp/tbpw-quality")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the imatrix, logits and tables of an earlier run in --work (their times then read 'reused')")
     p.add_argument("--out", default=str(REPO / "docs" / "quality.md"))
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--dequantized-max-bpw", type=float, default=DEQUANTIZED_MAX_BPW,
@@ -336,7 +355,8 @@ def main() -> None:
         write_json(args.json, {"model": run.model, "stock_seconds": run.stock_seconds, "steps": run.steps,
                                "notes": run.notes, "selected": run.selected,
                                "rows": [{"level": r.level, "variant": r.variant, "bpw": r.bpw, "seconds": r.seconds,
-                                         "note": r.note, **r.score.to_json()} for r in run.rows]})
+                                         "note": r.note, **{k if k != "seconds" else "kld_seconds": v for k, v in r.score.to_json().items()}}
+                                        for r in run.rows]})
     print(f"wrote {args.out}")
 
 
