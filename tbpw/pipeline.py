@@ -289,8 +289,13 @@ class Pipeline:
                                          "constraints": constraints, "choose": opts}, body)
         return Quant(name, "tbpw", out.path("model.gguf"), out.result["bpw"], out.result["size_bytes"],
                      target=target.label, allocator="choose", types=out.result["types"],
-                     note=f"chose {out.result['chosen']}" + (f", {len(out.result['refined'])} measured swaps"
-                                                           if out.result["refined"] else ""))
+                     note=self._choice_note(out.result))
+
+    @staticmethod
+    def _choice_note(result: dict) -> str:
+        distinct, total = len(result["calibration_kld"]), len(result["calibration_kld"]) + len(result["duplicates"])
+        swaps = f", then {len(result['refined'])} measured swaps" if result["refined"] else ""
+        return f"chose {result['chosen']} (lowest calibration KLD of {distinct} distinct plans among {total}){swaps}"
 
     def evaluate(self, quant: Quant, base_logits: Path, data: dict[str, DatasetFile]) -> dict[str, float]:
         ev = self.recipe.evaluation
