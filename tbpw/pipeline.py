@@ -295,7 +295,9 @@ class Pipeline:
     def _choice_note(result: dict) -> str:
         distinct, total = len(result["calibration_kld"]), len(result["calibration_kld"]) + len(result["duplicates"])
         swaps = f", then {len(result['refined'])} measured swaps" if result["refined"] else ""
-        return f"chose {result['chosen']} (lowest calibration KLD of {distinct} distinct plans among {total}){swaps}"
+        why = (f"all {total} plans were the same" if distinct == 1 else
+               f"lowest calibration KLD of {distinct} distinct plans among {total}")
+        return f"chose {result['chosen']} ({why}){swaps}"
 
     def evaluate(self, quant: Quant, base_logits: Path, data: dict[str, DatasetFile]) -> dict[str, float]:
         ev = self.recipe.evaluation
