@@ -11,10 +11,10 @@ source types lossless (see ../shared/reference/assets.md, the caveat). This modu
   side is never in the training text (asserted line by line), so perplexity and KL divergence measured
   on it are held out.
 
-Training is seeded, deterministic (torch deterministic algorithms, 2 threads; a retrain gives the same
-bytes) and sized to ~14 minutes on 2 quiet CPU cores (1.26 s a step), which leaves room under the
-30-minute limit for a machine that is also doing other work. The result lives under the cache's bench-model/<key>/, the key a hash of SETTINGS: the
-Hugging Face folder (hf/), its F16 GGUF (bench-f16.gguf) and manifest.json, written last.
+Training is seeded and deterministic (torch deterministic algorithms, 2 threads; a retrain gives the same
+bytes). 640 steps took 15.4 minutes on 2 CPU cores here, which leaves room under the 30-minute limit for
+a machine that is also doing other work. The result lives under the cache's bench-model/<key>/, the key
+a hash of SETTINGS: the Hugging Face folder (hf/), its F16 GGUF (bench-f16.gguf) and manifest.json.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def train(out: Path, settings: dict = SETTINGS, log: Callable[[str], None] = pri
 
 def bench_model(*, train_if_missing: bool = True, settings: dict = SETTINGS,
                 log: Callable[[str], None] = print) -> BenchModel:
-    """The cached benchmark model, trained (~14 min on 2 quiet cores) and converted on first use."""
+    """The cached benchmark model, trained (~15 min on 2 CPU cores) and converted on first use."""
     folder = cache_folder(settings)
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():

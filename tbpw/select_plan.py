@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 from .allocate import Constraints, ErrorTableLike, Plan, Target, allocate, build_problem
 from .apply import apply_plan
+from .atomic import atomic_path
 from .errors import TbpwError
 from .gguf_model import ModelInventory
 from .kld_eval import BaseLogits, KldScore, calibration_base, kld
@@ -98,11 +99,12 @@ def select_plan(candidates: Sequence[PlanCandidate], model: Path | str, imatrix:
 def copy_selected(selection: Selection, out: Path | str) -> Path:
     """Put the selected GGUF at `out` (and its plan JSON beside it)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(selection.path, out)
     plan_json = selection.path.with_name(selection.path.name[:-5] + ".plan.json")
     if plan_json.is_file():
-        shutil.copyfile(plan_json, out.with_name(out.name[:-5] + ".plan.json"))
+        with atomic_path(out.with_name(out.name[:-5] + ".plan.json")) as tmp:
+            shutil.copyfile(plan_json, tmp)
+    with atomic_path(out) as tmp:  # a killed copy never leaves a model that looks complete
+        shutil.copyfile(selection.path, tmp)
     return out
 
 
