@@ -36,7 +36,7 @@ from tbpw.llamacpp.imatrix_run import make_imatrix  # noqa: E402
 from tbpw.llamacpp.quantize import quantize  # noqa: E402
 from tbpw.measure import ErrorTable, measure  # noqa: E402
 from tbpw.refine import refine_plan  # noqa: E402
-from tbpw.select_plan import PlanCandidate, select_plan  # noqa: E402
+from tbpw.select_plan import PlanCandidate, candidate_name, select_plan  # noqa: E402
 from tbpw.sensitivity import calibrate, calibrated_table  # noqa: E402
 
 DEFAULT_LEVELS = ("IQ3_XXS", "Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
@@ -163,6 +163,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 suffix = "" if strength == 1.0 else f"{strength:g}"
                 tables[f"{metric}+kld{suffix}"] = calibrated_table(tables[metric], sens, strength)
 
+    inventory = ModelInventory.load(model)
     for level in args.levels:
         lw = work / level
         lw.mkdir(exist_ok=True)
@@ -185,29 +186,28 @@ def run_benchmark(args: argparse.Namespace) -> Run:
         made: dict[str, tuple[float, KldScore, float]] = {}
         problems = {}
         written: dict[str, Path] = {}
+        labels: dict[str, str] = {}  # candidate name -> the table's "allocator/table"
         for table_name, table in tables.items():
             for allocator in args.allocators:
-                name = f"{allocator}/{table_name}"
+                name, key = f"{allocator}/{table_name}", candidate_name(allocator, table_name)
                 t = time.monotonic()
-                inventory = ModelInventory.load(model)
                 problem = build_problem(inventory, table, target)
                 plan = allocate(inventory, problem, allocator)
-                out = lw / f"{allocator}-{table_name.replace('+', '-')}.gguf"
+                out = lw / f"{key}.gguf"
                 applied = apply_plan(plan, model, imatrix, out, threads=threads, log_path=lw / f"{out.stem}.quantize.log")
                 seconds = time.monotonic() - t
                 s = score(out, eval_base, lw, out.stem, threads)
                 run.rows.append(Row(level, name, applied.achieved_bpw, s, seconds))
                 made[name] = (applied.achieved_bpw, s, seconds)
-                candidates.append(PlanCandidate(name.replace("/", "-").replace("+", "-"), plan))
-                problems[candidates[-1].name] = (inventory, problem)
-                written[candidates[-1].name] = out
+                candidates.append(PlanCandidate(key, plan))
+                problems[key], written[key], labels[key] = problem, out, name
                 log(f"{level}: {name} {applied.achieved_bpw:.4f} bpw KLD {s.kld_mean:.6f}")
         if args.select and len(candidates) > 1:
             t = time.monotonic()
             sel = select_plan(candidates, model, imatrix, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
                               threads=threads, written=written, log=log if args.verbose else None)
             seconds = time.monotonic() - t
-            chosen = next(n for n in made if n.replace("/", "-").replace("+", "-") == sel.best)
+            chosen = labels[sel.best]
             bpw_c, s_c, sec_c = made[chosen]
             run.selected[level] = chosen
             # its cost: making every candidate plus scoring them all on calibration text
@@ -216,8 +216,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             log(f"{level}: tbpw-select chose {chosen} (calibration KLD {sel.scores[sel.best].kld_mean:.6f})")
             if args.refine_rounds > 0:
                 t = time.monotonic()
-                inventory, problem = problems[sel.best]
-                ref = refine_plan(inventory, problem, sel.plan, model, imatrix, calibration, work / "select",
+                ref = refine_plan(inventory, problems[sel.best], sel.plan, model, imatrix, calibration, work / "select",
                                   rounds=args.refine_rounds, tries=args.refine_tries, ctx=ctx, chunks=args.cal_chunks,
                                   threads=threads, start_score=sel.scores[sel.best], log=log if args.verbose else None)
                 out = lw / "refined.gguf"

@@ -17,7 +17,6 @@ Divisions are done in float32 exactly as llama-quantize does them, so the weight
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import TbpwError
+from .registry import sha256_file
 
 if TYPE_CHECKING:
     from .gguf_model import ModelInventory
@@ -151,7 +151,7 @@ class Imatrix:
 
     def content_hash(self) -> str:
         """sha256 of the file: what a cache of measurements keys on (any change to the data invalidates it)."""
-        return _file_sha256(self.path)
+        return sha256_file(self.path)
 
     # ----- matching a model -----
 
@@ -188,14 +188,6 @@ class Imatrix:
 def _rounded(counts: np.ndarray) -> np.ndarray:
     # llama.cpp's loader stores counts as integers (lround) and divides by them as float.
     return np.rint(counts).astype(np.float32)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_gguf(path: Path) -> Imatrix:

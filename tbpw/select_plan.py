@@ -119,7 +119,6 @@ class Choice:
     score: KldScore  # the calibration score of `plan`
     selection: Selection
     refined: list[str] = field(default_factory=list)  # the swaps kept by the refinement
-    out: Path | None = None
 
     def to_json(self) -> dict:
         return {"chosen": self.best, "calibration_kld": {n: s.kld_mean for n, s in self.selection.scores.items()},
@@ -164,4 +163,4 @@ def choose(model: Path | str, imatrix: Path | str | None, tables: Mapping[str, E
         copy_selected(selection, out)
     for leftover in [*work.glob("*.gguf"), *work.glob("*.logits")]:
         leftover.unlink()  # logits of a large vocabulary run to gigabytes; the logs stay
-    return Choice(selection.best, plan, score, selection, refined, out)
+    return Choice(selection.best, plan, score, selection, refined)

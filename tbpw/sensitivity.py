@@ -34,6 +34,7 @@ from .errors import TbpwError
 from .gguf_model import ModelInventory, type_name
 from .kld_eval import base_logits, kld
 from .measure import CandidateError, ErrorTable, TensorErrors, cache_key, model_fingerprint
+from .registry import sha256_file
 
 SENSITIVITY_VERSION = 1
 Grouping = Literal["tensor", "role"]
@@ -150,14 +151,6 @@ def _table_hash(table: ErrorTable) -> str:
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:20]
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: Path | str, table: ErrorTable, *,
               probe_types: Sequence[str] = ("Q3_K",), grouping: Grouping = "tensor", ctx: int = 512, chunks: int = 8,
               threads: int | None = None, cache_dir: Path | str | None = None,
@@ -173,7 +166,7 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
     entries = table.by_name()
     build = active_build()
     parts = {"version": SENSITIVITY_VERSION, "model": model_fingerprint(inventory),
-             "imatrix": _file_hash(Path(imatrix)) if imatrix else None, "text": _file_hash(calibration_text),
+             "imatrix": sha256_file(Path(imatrix)) if imatrix else None, "text": sha256_file(calibration_text),
              "table": _table_hash(table), "probes": list(probes), "grouping": grouping, "ctx": ctx, "chunks": chunks,
              "build": build.key}
     key = cache_key(parts)
