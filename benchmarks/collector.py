@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tbpw.llamacpp.imatrix_run import make_imatrix  # noqa: E402
+from tbpw.llamacpp.imatrix import make_imatrix  # noqa: E402
 
 SHARED = Path(os.environ.get("TBPW_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "fork-tiny"

@@ -36,9 +36,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run folder")
     args = parser.parse_args()
 
-    from tbpw import recipe as recipes
-    from tbpw.assets import demo_model
+    from tbpw.data.assets import demo_model
     from tbpw.llamacpp.tools import run_tool
+    from tbpw.run import recipe as recipes
 
     work = Path(tempfile.mkdtemp(prefix="tbpw-demo-bench-"))
     env = {**os.environ, "TBPW_MEASURE_CACHE": str(work / "measure-cache")}
@@ -46,9 +46,9 @@ def main() -> None:
     model = demo_model().f16
     imatrix = work / "baseline-imatrix.gguf"
     text = work / "calibration.txt"
-    from tbpw.plugins import get_manager
-    from tbpw.contracts import DatasetContext
-    from tbpw import paths
+    from tbpw.data.files import DatasetContext
+    from tbpw.files import paths
+    from tbpw.plugin.manager import get_manager
 
     cal = loaded.datasets.calibration
     shutil.copyfile(get_manager().datasets().create(cal.name, cal.options).materialize(DatasetContext(paths.assets())).path, text)

@@ -121,7 +121,7 @@ def main() -> None:
     if a.synthetic:
         model, imatrix = make_synthetic(a.synthetic, a.model, work)
 
-    from tbpw.gguf_model import ModelInventory
+    from tbpw.model.inventory import ModelInventory
 
     inv = ModelInventory.load(model)
     print(f"model {model.name}: {inv.n_elements / 1e6:.1f} M weights, {len(inv.tensors)} tensors; "

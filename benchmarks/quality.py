@@ -27,17 +27,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tbpw import assets  # noqa: E402
-from tbpw.allocate import Target, allocate, build_problem  # noqa: E402
-from tbpw.apply import apply_plan  # noqa: E402
-from tbpw.gguf_model import ModelInventory  # noqa: E402
-from tbpw.kld_eval import KldScore, base_logits, kld  # noqa: E402
-from tbpw.llamacpp.imatrix_run import make_imatrix  # noqa: E402
+from tbpw.allocate.budget import Target  # noqa: E402
+from tbpw.allocate.service import Planner  # noqa: E402
+from tbpw.data import assets  # noqa: E402
+from tbpw.llamacpp.imatrix import make_imatrix  # noqa: E402
+from tbpw.llamacpp.perplexity import KldScore, base_logits, kld  # noqa: E402
 from tbpw.llamacpp.quantize import quantize  # noqa: E402
-from tbpw.measure import ErrorTable, measure  # noqa: E402
-from tbpw.refine import refine_plan  # noqa: E402
-from tbpw.select_plan import PlanCandidate, candidate_name, select_plan  # noqa: E402
-from tbpw.sensitivity import calibrate, calibrated_table  # noqa: E402
+from tbpw.measure.engine import measure  # noqa: E402
+from tbpw.measure.table import ErrorTable  # noqa: E402
+from tbpw.model.inventory import ModelInventory  # noqa: E402
+from tbpw.select.calibrate import calibrate, calibrated_table  # noqa: E402
+from tbpw.select.choose import PlanCandidate, candidate_name, select_plan  # noqa: E402
+from tbpw.select.refine import refine_plan  # noqa: E402
 
 DEFAULT_LEVELS = ("IQ3_XXS", "Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
 DEQUANTIZED_MAX_BPW = 4.5
@@ -71,7 +72,7 @@ def log(line: str) -> None:
 def resolve_model(spec: str, device: str = "cpu") -> tuple[Path, str, list[str]]:
     """(F16 GGUF, display name, notes printed next to the numbers)."""
     if spec == "bench":
-        from tbpw.bench_model import bench_model, settings_for
+        from scripts.training.bench_model import bench_model, settings_for
 
         bm = bench_model(settings=settings_for(device), log=log)
         m = bm.manifest
@@ -163,7 +164,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 suffix = "" if strength == 1.0 else f"{strength:g}"
                 tables[f"{metric}+kld{suffix}"] = calibrated_table(tables[metric], sens, strength)
 
-    inventory = ModelInventory.load(model)
+    planner = Planner(model, imatrix, threads=threads)
     for level in args.levels:
         lw = work / level
         lw.mkdir(exist_ok=True)
@@ -191,10 +192,10 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             for allocator in args.allocators:
                 name, key = f"{allocator}/{table_name}", candidate_name(allocator, table_name)
                 t = time.monotonic()
-                problem = build_problem(inventory, table, target)
-                plan = allocate(inventory, problem, allocator)
+                problem = planner.problem(table, target)
+                plan = planner.plan(table, target, allocator, problem=problem)
                 out = lw / f"{key}.gguf"
-                applied = apply_plan(plan, model, imatrix, out, threads=threads, log_path=lw / f"{out.stem}.quantize.log")
+                applied = planner.write(plan, out, log_path=lw / f"{out.stem}.quantize.log")
                 seconds = time.monotonic() - t
                 s = score(out, eval_base, lw, out.stem, threads)
                 run.rows.append(Row(level, name, applied.achieved_bpw, s, seconds))
@@ -204,8 +205,8 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 log(f"{level}: {name} {applied.achieved_bpw:.4f} bpw KLD {s.kld_mean:.6f}")
         if args.select and len(candidates) > 1:
             t = time.monotonic()
-            sel = select_plan(candidates, model, imatrix, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
-                              threads=threads, written=written, log=log if args.verbose else None)
+            sel = select_plan(candidates, planner, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
+                              written=written, log=log if args.verbose else None)
             seconds = time.monotonic() - t
             chosen = labels[sel.best]
             bpw_c, s_c, sec_c = made[chosen]
@@ -216,11 +217,11 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             log(f"{level}: tbpw-select chose {chosen} (calibration KLD {sel.scores[sel.best].kld_mean:.6f})")
             if args.refine_rounds > 0:
                 t = time.monotonic()
-                ref = refine_plan(inventory, problems[sel.best], sel.plan, model, imatrix, calibration, work / "select",
+                ref = refine_plan(planner, problems[sel.best], sel.plan, calibration, work / "select",
                                   rounds=args.refine_rounds, tries=args.refine_tries, ctx=ctx, chunks=args.cal_chunks,
-                                  threads=threads, start_score=sel.scores[sel.best], log=log if args.verbose else None)
+                                  start_score=sel.scores[sel.best], log=log if args.verbose else None)
                 out = lw / "refined.gguf"
-                applied = apply_plan(ref.plan, model, imatrix, out, threads=threads, log_path=lw / "refined.quantize.log")
+                applied = planner.write(ref.plan, out, log_path=lw / "refined.quantize.log")
                 seconds = total + time.monotonic() - t
                 s = score(out, eval_base, lw, "refined", threads)
                 out.unlink()
@@ -298,7 +299,7 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
 
 
 def write_section(path: Path, model: str, text: str) -> None:
-    from tbpw.atomic import write_text
+    from tbpw.files.atomic import write_text
 
     begin, end = f"<!-- quality:{model} -->", f"<!-- /quality:{model} -->"
     doc = path.read_text(encoding="utf-8") if path.is_file() else "# Quality at equal size\n\n"
@@ -349,7 +350,7 @@ def main() -> None:
     print(text)
     write_section(Path(args.out), run.model, text)
     if args.json:
-        from tbpw.atomic import write_json
+        from tbpw.files.atomic import write_json
 
         write_json(args.json, {"model": run.model, "stock_seconds": run.stock_seconds, "steps": run.steps,
                                "notes": run.notes, "selected": run.selected,

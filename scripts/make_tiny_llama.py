@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tbpw import tokenizer_training  # noqa: E402
-from tbpw.lm_training import heldout_perplexity, train_steps  # noqa: E402
-from tbpw.tokenizer_training import encode  # noqa: E402  (make_tiny_moe imports it from here)
+from scripts.training import tokenizer  # noqa: E402
+from scripts.training.lm import heldout_perplexity, train_steps  # noqa: E402
+from scripts.training.tokenizer import encode  # noqa: E402
 
 VOCAB = 4096
 HIDDEN, LAYERS, HEADS, FFN = 256, 4, 4, 768
@@ -37,7 +37,7 @@ THREADS = 2
 
 
 def train_tokenizer(text_file: Path, out_dir: Path) -> Path:
-    return tokenizer_training.train_tokenizer(text_file, out_dir, VOCAB)
+    return tokenizer.train_tokenizer(text_file, out_dir, VOCAB)
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tbpw import assets
+    from tbpw.data import assets
 
     torch.manual_seed(SEED)
     torch.set_num_threads(THREADS)

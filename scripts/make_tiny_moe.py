@@ -62,7 +62,7 @@ def main() -> None:
     import torch
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
-    from tbpw import assets
+    from tbpw.data import assets
 
     torch.manual_seed(SEED)
     torch.set_num_threads(THREADS)

@@ -5,7 +5,7 @@
 
 Prints the cached model's GGUF path and facts (training time, parameters, held-out perplexity); trains it
 first when the cache (~/.cache/tbpw/bench-model/<hash of the settings>/) does not hold it. The settings,
-data sources and held-out guarantee are described in tbpw/bench_model.py. --measure only reports this
+data sources and held-out guarantee are described in scripts/training/bench_model.py. --measure only reports this
 machine's training throughput for the configured shape, to size `steps` (640 took 15.4 minutes on 2 cores).
 """
 
@@ -27,7 +27,7 @@ def main() -> None:
                         help="cpu: the reference model of docs/quality.md; cuda: about a minute on a GPU, other weights")
     args = parser.parse_args()
 
-    from tbpw import bench_model
+    from scripts.training import bench_model
 
     settings = bench_model.settings_for(args.device)
     if args.measure:

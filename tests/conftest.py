@@ -1,4 +1,4 @@
-"""Fixtures every test module shares: the shared fixtures folder, the tiny model, the active build, plugins.
+"""Fixtures every test module shares: the shared fixtures folder, the tiny model, the active build, manager.
 
 Tests marked ``tools`` run the real llama.cpp binaries. They FAIL (never skip) when no build is active:
 CI always runs ``tbpw build`` first, so a missing build is a broken setup, not a reason to pass.
@@ -91,19 +91,19 @@ def run_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def plugin_manager():
     """A fresh plugin manager (entry points loaded) that later tests never see."""
-    from tbpw import plugins
+    from tbpw.plugin import manager
 
-    plugins.reset_manager()
+    manager.reset_manager()
     try:
-        yield plugins.get_manager()
+        yield manager.get_manager()
     finally:
-        plugins.reset_manager()
+        manager.reset_manager()
 
 
 @pytest.fixture(scope="session")
 def inventory(tiny_model: Path):
     """The tiny model's tensor inventory."""
-    from tbpw.gguf_model import ModelInventory
+    from tbpw.model.inventory import ModelInventory
 
     return ModelInventory.load(tiny_model)
 
@@ -111,7 +111,7 @@ def inventory(tiny_model: Path):
 @pytest.fixture(scope="session")
 def fork_table(fork_tiny_dir: Path):
     """The fork's state file of the tiny model (its error table), as tbpw reads it."""
-    from tbpw import forkstate
+    from tbpw.measure import forkstate
 
     return forkstate.read(fork_tiny_dir / "tiny.bpw_state")
 
@@ -119,7 +119,7 @@ def fork_table(fork_tiny_dir: Path):
 @pytest.fixture(scope="session")
 def fork_error_table(fork_table):
     """The fork's state file as a tbpw ErrorTable (what `tbpw measure --out` writes)."""
-    from tbpw.measure import ErrorTable
+    from tbpw.measure.table import ErrorTable
 
     return ErrorTable.from_fork_state(fork_table)
 

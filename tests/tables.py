@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from tbpw.candidates import for_tensor
-from tbpw.gguf_model import ModelInventory, nominal_bpw
+from tbpw.measure.candidates import for_tensor
+from tbpw.model.ggml_types import nominal_bpw
+from tbpw.model.inventory import ModelInventory
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,15 @@ import math
 
 import pytest
 from click.testing import CliRunner
-
 from tables import Cand, Entry, Table
-from tbpw.allocate import (AllocationProblem, Constraints, Plan, Target, allocate, build_problem, make_plan,
-                           parse_size, reachable_bpw)
+
+from tbpw.allocate.budget import Target, parse_size
+from tbpw.allocate.constraints import Constraints
+from tbpw.allocate.plan import Plan, make_plan
+from tbpw.allocate.problem import AllocationProblem, build_problem, reachable_bpw
+from tbpw.allocate.service import allocate
 from tbpw.errors import TbpwError
-from tbpw.gguf_model import ModelInventory
+from tbpw.model.inventory import ModelInventory
 
 ALLOCATORS = ("lagrangian", "knapsack", "greedy")
 

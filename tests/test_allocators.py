@@ -10,11 +10,21 @@ import time
 import numpy as np
 import pytest
 
-from tbpw.allocate import AllocationProblem, Candidate, DecidableTensor, Member, Target, allocate, build_problem, reachable_bpw
-from tbpw.candidates import FORK_TYPES
+from tbpw.allocate.budget import Target
+from tbpw.allocate.problem import (
+    AllocationContext,
+    AllocationProblem,
+    Candidate,
+    DecidableTensor,
+    Member,
+    build_problem,
+    reachable_bpw,
+)
+from tbpw.allocate.service import allocate
 from tbpw.errors import TbpwError
-from tbpw.gguf_model import effective_type, nominal_bpw, row_bytes
-from tbpw_plugins.allocators import Knapsack, Lagrangian, lower_hull
+from tbpw.model.ggml_types import FORK_TYPES, effective_type, nominal_bpw, row_bytes
+from tbpw_plugins.allocators.knapsack import Knapsack
+from tbpw_plugins.allocators.lagrangian import Lagrangian, lower_hull
 
 ALLOCATORS = ("lagrangian", "knapsack", "greedy")
 
@@ -77,7 +87,7 @@ def test_knapsack_matches_exhaustive_search():
     rng = random.Random(7)
     for trial in range(12):
         units = []
-        for i in range(5):
+        for _i in range(5):
             sizes = sorted(rng.sample(range(100, 4000, 7), 4))
             errors = sorted((rng.uniform(0, 100) for _ in sizes), reverse=rng.random() < 0.7)  # not always monotone
             units.append([(t, b, e) for t, b, e in zip(("Q2_K", "Q4_K", "Q6_K", "Q8_0"), sizes, errors)])
@@ -144,7 +154,7 @@ def test_knapsack_is_exact_and_fast_on_a_moe_sized_problem(bpw):
     assert solver.exact  # proven optimal after Lagrangian reduction, despite ~6.6 M exact buckets
     assert seconds < 20
     assert problem.total_bytes(choice) <= problem.budget
-    from tbpw_plugins.allocators import Greedy
+    from tbpw_plugins.allocators.greedy import Greedy
 
     assert problem.total_error(choice) <= problem.total_error(Greedy(Greedy.Options()).allocate(problem))
     assert problem.total_error(choice) <= problem.total_error(Lagrangian(Lagrangian.Options(fork_rules=False)).allocate(problem))
@@ -253,7 +263,7 @@ def test_expert_down_cap_at_low_bpw():
 @pytest.mark.tools
 def test_fork_native_needs_the_fork(inventory, fork_table, tiny_model, fork_imatrix):
     problem = build_problem(inventory, fork_table, Target(bpw=4.0),
-                            context={"model": str(tiny_model), "imatrix": str(fork_imatrix)})
+                            context=AllocationContext(model=tiny_model, imatrix=fork_imatrix))
     with pytest.raises(TbpwError, match=r"has no --target-bpw .*fork-native.*tbpw build --source fork"):
         allocate(inventory, problem, "fork-native")
 
@@ -268,7 +278,7 @@ def test_fork_native_needs_paths(inventory, fork_table):
 
 @pytest.fixture(scope="module")
 def measured_table(tiny_model, stock_imatrix, tmp_path_factory):
-    from tbpw.measure import measure
+    from tbpw.measure.engine import measure
 
     return measure(tiny_model, stock_imatrix, sampling={"scale": 0.25}, progress=False,
                    cache_dir=tmp_path_factory.mktemp("measure-cache"))

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tbpw import assets, paths, registry, taskformats
+from tbpw.data import assets, taskformats
 from tbpw.errors import TbpwError
-from tbpw.gguf_model import ModelInventory
+from tbpw.files import paths, pinned
+from tbpw.model.inventory import ModelInventory
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,13 @@ def test_attribution_travels_with_the_text(wiki: assets.WikiSplit) -> None:
 
 def test_assets_are_fetched_once_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pin = assets.pinned_file("wiki")
-    real_archive = registry.fetch(pin.archive)
+    real_archive = pinned.fetch_pinned(pin.archive)
     monkeypatch.setenv("TBPW_HOME", str(tmp_path / "home"))
     paths.downloads().mkdir(parents=True)
     shutil.copy(real_archive, paths.downloads() / real_archive.name)
     calls = []
-    real_fetch = registry.fetch
-    monkeypatch.setattr(registry, "fetch", lambda p, *a: calls.append(p.name) or real_fetch(p, *a))
+    real_fetch = pinned.fetch_pinned
+    monkeypatch.setattr(pinned, "fetch_pinned", lambda p, *a: calls.append(p.name) or real_fetch(p, *a))
     first = assets.wiki_split()
     manifest = first.folder / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
@@ -113,10 +114,10 @@ def test_mmlu_parser_takes_both_option_layouts() -> None:
 def test_substitutes_are_labelled_and_built_from_held_out_text(wiki: assets.WikiSplit) -> None:
     subs = assets.substitutes()
     assert sorted(subs) == ["substitute-arc", "substitute-hellaswag", "substitute-truthfulqa", "substitute-winogrande"]
-    for name, produced in subs.items():
+    for _name, produced in subs.items():
         assert "substitute" in produced.path.name
         assert "SUBSTITUTE" in produced.description and "not " in produced.description
-        assert taskformats.check_file(produced.path, produced.kind) >= 100
+        assert taskformats.check_task_file(produced.path, produced.kind) >= 100
     readme = (subs["substitute-arc"].path.parent / "README.txt").read_text()
     assert readme.startswith(assets.SUBSTITUTE_NOTICE) and "not the real benchmark" in readme
     evaluation_titles = {a.title for a in wiki.articles("evaluation")}

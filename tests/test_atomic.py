@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tbpw.atomic import publish_folder, write_json
+from tbpw.files.atomic import publish_folder, write_json
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path: Path):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tbpw import paths
 from tbpw.errors import TbpwError
+from tbpw.files import paths
 from tbpw.llamacpp import sources
 from tbpw.llamacpp.tools import run_tool
 
@@ -50,6 +50,7 @@ def _real_archive() -> Path:
     return archive
 
 
+@pytest.mark.tools  # reads the source archive `tbpw build` downloaded
 def test_wrong_sha256_is_one_clear_line(tmp_path, isolated_home):
     archive = _real_archive()
     vendor = tmp_path / "vendor"

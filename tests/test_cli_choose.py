@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from tbpw.cli import main
-from tbpw.gguf_model import ModelInventory
-from tbpw.measure import ErrorTable
+from tbpw.measure.table import ErrorTable
+from tbpw.model.inventory import ModelInventory
 
 pytestmark = pytest.mark.tools
 

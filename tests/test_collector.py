@@ -1,4 +1,4 @@
-"""tbpw's own activation collector (vendor/tbpw-collector) against stock llama-imatrix, llama-quantize and
+"""tbpw's own activation collector (vendor/native/collector) against stock llama-imatrix, llama-quantize and
 the fork; `tbpw imatrix` and the imatrix statistics.
 
 The mixture-of-experts model is made here from the tiny llama (its FFNs turned into 4 perturbed experts,
@@ -17,11 +17,16 @@ import pytest
 from click.testing import CliRunner
 
 from tbpw.errors import TbpwError
-from tbpw.imatrix import Imatrix
-from tbpw.imatrix_stats import cosine, distribution_stats, previous_layer_name, tensor_statistics
+from tbpw.imatrix.reader import Imatrix
+from tbpw.imatrix.stats import (
+    cosine,
+    distribution_stats,
+    previous_layer_name,
+    tensor_statistics,
+)
 from tbpw.llamacpp import collector as coll
 from tbpw.llamacpp.build import BuildInfo
-from tbpw.llamacpp.imatrix_run import make_imatrix
+from tbpw.llamacpp.imatrix import make_imatrix
 from tbpw.llamacpp.tools import run_tool
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -244,8 +249,8 @@ def test_changed_collector_source_is_recompiled_once(active_build: BuildInfo, tm
         shutil.copytree(active_build.root / "include", build_root / "include")
     shutil.copyfile(active_build.root / "build.json", build_root / "build.json")
     vendor = tmp_path / "vendor"
-    shutil.copytree(coll.source_dir().parent, vendor, ignore=shutil.ignore_patterns("*.gguf"))
-    source = vendor / "tbpw-collector" / "collector.cpp"
+    shutil.copytree(coll.source_dir().parent.parent, vendor, ignore=shutil.ignore_patterns("*.gguf"))
+    source = vendor / "native" / "collector" / "collector.cpp"
     source.write_text(source.read_text() + "\n// a change that only the hash sees\n")
     monkeypatch.setenv("TBPW_VENDOR", str(vendor))
 
@@ -264,22 +269,20 @@ def test_changed_collector_source_is_recompiled_once(active_build: BuildInfo, tm
 def test_collector_that_does_not_compile_leaves_the_build_usable(active_build: BuildInfo, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture):
-    from tbpw.llamacpp.build import _build_collector
-
     build_root = tmp_path / "build"
     shutil.copytree(active_build.bin_dir, build_root / "bin", symlinks=True)
     shutil.copyfile(active_build.root / "build.json", build_root / "build.json")
     (build_root / "bin" / coll.NAME).unlink(missing_ok=True)
     vendor = tmp_path / "vendor"
-    shutil.copytree(coll.source_dir().parent, vendor)
-    (vendor / "tbpw-collector" / "collector.cpp").write_text("int main() { return undeclared_name; }\n")
+    shutil.copytree(coll.source_dir().parent.parent, vendor)
+    (vendor / "native" / "collector" / "collector.cpp").write_text("int main() { return undeclared_name; }\n")
     monkeypatch.setenv("TBPW_VENDOR", str(vendor))
     info = BuildInfo.load(build_root)
 
     with pytest.raises(TbpwError, match="compiling tbpw-collector failed") as err:
         coll.ensure_built(info)
     assert "undeclared_name" in (err.value.details or "") and "\n" not in str(err.value)
-    _build_collector(info)  # what `tbpw build` does: a warning, not a failure
+    coll.compile_or_warn(info)  # what `tbpw build` does: a warning, not a failure
     assert "warning: compiling tbpw-collector failed" in capsys.readouterr().err
     assert not (build_root / "bin" / coll.NAME).exists()
 
@@ -327,6 +330,7 @@ def test_distribution_statistics_of_known_vectors():
     assert previous_layer_name("blk.0.ffn_up.weight") is None and previous_layer_name("output.weight") is None
 
 
+@pytest.mark.tools
 def test_statistics_skip_experts_without_tokens(moe_pair):
     ours = Imatrix.load(moe_pair[1].path)  # a private copy: the entry is changed below
     name = "blk.1.ffn_up_exps.weight"

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tbpw import forkstate
-from tbpw.allocate import Target, allocate, build_problem
+from tbpw.allocate.budget import Target
+from tbpw.allocate.problem import build_problem
+from tbpw.allocate.service import allocate
 from tbpw.errors import TbpwError
-from tbpw.gguf_model import ModelInventory
+from tbpw.measure import forkstate
+from tbpw.model.inventory import ModelInventory
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tbpw-cheapest-allocator"
 
@@ -86,7 +88,7 @@ def test_installed_package_registers_through_its_entry_point(tmp_path, monkeypat
                     "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     assert (target / "tbpw_cheapest_allocator.py").is_file()
     monkeypatch.syspath_prepend(str(target))
-    from tbpw.plugins import PluginManager
+    from tbpw.plugin.manager import PluginManager
 
     try:
         manager = PluginManager()

@@ -14,17 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tbpw import assets, paths, registry, taskformats
-from tbpw.contracts import DatasetContext
+from tbpw.data import assets, taskformats
+from tbpw.data.files import DatasetContext
 from tbpw.errors import TbpwError
-from tbpw_plugins import datasets as ds
+from tbpw.files import paths, pinned
+from tbpw.plugin.manager import get_manager
+from tbpw_plugins.datasets import sources as ds
 
 ARTICLES = [f"Article {i}\nIt says {i} things, in {i % 7 + 2} sentences about topic {i}." for i in range(40)]
 
 
 @pytest.fixture
 def context(tmp_path: Path) -> DatasetContext:
-    return DatasetContext(tmp_path / "cache")
+    return DatasetContext(tmp_path / "cache", resolve=get_manager().datasets().create)
 
 
 @pytest.fixture
@@ -167,7 +169,7 @@ def test_url_errors(plugin_manager, context, server) -> None:
     assert not list((context.cache_dir / "url").rglob("f.txt"))  # a bad download is not kept
     with pytest.raises(TbpwError, match=r"could not download .*/missing.txt \(HTTP 404 File not found\)"):
         make(plugin_manager, "url", url=f"{base}/missing.txt", sha256="0" * 64).materialize(context)
-    offline = DatasetContext(context.cache_dir, offline=True)
+    offline = DatasetContext(context.cache_dir, offline=True, resolve=context.resolve)
     with pytest.raises(TbpwError, match="not in the cache and tbpw runs offline: download it to"):
         make(plugin_manager, "url", url=f"{base}/f.txt", sha256="1" * 64).materialize(offline)
     with pytest.raises(TbpwError, match="option 'sha256'"):
@@ -180,7 +182,7 @@ def test_url_errors(plugin_manager, context, server) -> None:
 @pytest.fixture
 def exllamav2_pin() -> dict:
     pin = assets.pinned_file("wiki").archive
-    registry.fetch(pin)  # into the real cache once
+    pinned.fetch_pinned(pin)  # into the real cache once
     return {"package": pin.name, "version": pin.version, "sha256": pin.sha256}
 
 
@@ -199,7 +201,7 @@ def test_package_errors(plugin_manager, context, exllamav2_pin, tmp_path, monkey
     # a wrong pin: pip (here from a local index holding the real wheel) refuses the download
     index = tmp_path / "index"
     index.mkdir()
-    shutil.copy(registry.fetch(assets.pinned_file("wiki").archive), index)
+    shutil.copy(pinned.fetch_pinned(assets.pinned_file("wiki").archive), index)
     monkeypatch.setenv("TBPW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
@@ -221,7 +223,7 @@ def test_hub_without_huggingface_hub_names_the_extra(plugin_manager, context, mo
 def test_hub_offline_names_the_cache_to_fill(plugin_manager, context, tmp_path, monkeypatch) -> None:
     hub = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    offline = DatasetContext(context.cache_dir, offline=True)
+    offline = DatasetContext(context.cache_dir, offline=True, resolve=context.resolve)
     start = time.monotonic()
     with pytest.raises(TbpwError) as err:
         make(plugin_manager, "winogrande").materialize(offline)
@@ -259,7 +261,7 @@ def test_hub_reads_a_filled_cache(plugin_manager, context, tmp_path, monkeypatch
             " He acted . \n", " = Du Fu = \n", "", " Du Fu was a poet . \n"]
     pq.write_table(pa.table({"text": rows}), shard)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
-    offline = DatasetContext(context.cache_dir, offline=True)
+    offline = DatasetContext(context.cache_dir, offline=True, resolve=context.resolve)
     whole = make(plugin_manager, "wikitext-2").materialize(offline)
     # rows are lines; an empty row is a blank line; the blank line before the first heading is no article
     assert whole.path.read_text() == "".join(r if r.endswith("\n") else r + "\n" for r in rows)[1:]
@@ -291,7 +293,7 @@ def test_demo_presets(plugin_manager, context) -> None:
     some = make(plugin_manager, "demo-wiki", split="evaluation", take_articles=2).materialize(context)
     assert some.path.read_text(encoding="utf-8").rstrip() == assets.articles_text(wiki.articles("evaluation")[:2]).rstrip()
     mmlu = make(plugin_manager, "demo-mmlu").materialize(context)
-    assert mmlu.kind == "multiple-choice" and taskformats.check_file(mmlu.path, "multiple-choice") > 200
+    assert mmlu.kind == "multiple-choice" and taskformats.check_task_file(mmlu.path, "multiple-choice") > 200
     for name in ("substitute-hellaswag", "substitute-winogrande", "substitute-arc", "substitute-truthfulqa"):
         cls = plugin_manager.datasets().get(name)
         assert "SUBSTITUTE" in cls.description

@@ -7,12 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from tbpw.contracts import DatasetFile, EvalContext
+from tbpw.data.files import DatasetFile
+from tbpw.data.taskformats import (
+    Choices,
+    HellaSwagTask,
+    MultipleChoiceTask,
+    WinoGrandeTask,
+    write_hellaswag,
+    write_multiple_choice,
+    write_winogrande,
+)
 from tbpw.errors import TbpwError
+from tbpw.evaluate.context import EvalContext
 from tbpw.llamacpp import parsers
 from tbpw.llamacpp.tools import run_tool
-from tbpw.taskformats import (Choices, HellaSwagTask, MultipleChoiceTask, WinoGrandeTask, write_hellaswag,
-                              write_multiple_choice, write_winogrande)
 
 pytestmark = pytest.mark.tools
 
@@ -50,7 +58,7 @@ def base_logits(tmp_path_factory, tiny_model, wiki_text) -> Path:
 
 def _ctx(model: Path, log_dir: Path, datasets=None, logits=None) -> EvalContext:
     return EvalContext(model=model, log_dir=log_dir, base_logits=logits, datasets=datasets or {}, ctx=128, chunks=3,
-                       task_ctx=128, tasks={"hellaswag": 4, "winogrande": 2, "multiple-choice": 4})
+                       task_ctx=128)
 
 
 def _evaluator(plugin_manager, name: str, **options):
@@ -66,9 +74,9 @@ def test_kld_of_the_base_model_against_itself_is_zero(plugin_manager, tiny_model
 
 def test_task_evaluators_report_the_tool_scores(plugin_manager, tiny_model, task_files, tmp_path):
     ctx = _ctx(tiny_model, tmp_path, task_files)
-    hs = _evaluator(plugin_manager, "hellaswag").evaluate(ctx)
-    wg = _evaluator(plugin_manager, "winogrande").evaluate(ctx)
-    mc = _evaluator(plugin_manager, "multiple-choice", dataset="mmlu").evaluate(ctx)
+    hs = _evaluator(plugin_manager, "hellaswag", tasks=4).evaluate(ctx)
+    wg = _evaluator(plugin_manager, "winogrande", tasks=2).evaluate(ctx)
+    mc = _evaluator(plugin_manager, "multiple-choice", dataset="mmlu", tasks=4).evaluate(ctx)
     assert hs["hellaswag_tasks"] == 4 and 0 <= hs["hellaswag"] <= 100
     assert hs["hellaswag"] == parsers.parse_hellaswag((tmp_path / "hellaswag.log").read_text()).acc_norm_pct
     assert wg["winogrande_tasks"] == 2 and wg["winogrande"] in (0.0, 50.0, 100.0)

@@ -7,8 +7,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from tbpw.f16check import count_safetensors
+from tbpw.model.f16check import count_safetensors
 
 
 def _bf16(values: np.ndarray) -> np.ndarray:
@@ -42,6 +43,7 @@ def test_clean_model_does_not_clip(tmp_path: Path):
     assert not count_safetensors(tmp_path).clips
 
 
+@pytest.mark.tools  # `tbpw run` looks for the build before it converts
 def test_run_refuses_f16_when_weights_would_clip(tmp_path: Path, wiki_text: Path):
     from click.testing import CliRunner
 

@@ -11,10 +11,12 @@ import json
 
 import pytest
 
-from tbpw.allocate import Target, allocate, build_problem
-from tbpw.apply import apply_plan
-from tbpw.gguf_model import ModelInventory
-from tbpw_plugins.allocators import Lagrangian
+from tbpw.allocate.apply import apply_plan
+from tbpw.allocate.budget import Target
+from tbpw.allocate.problem import build_problem
+from tbpw.allocate.service import allocate
+from tbpw.model.inventory import ModelInventory
+from tbpw_plugins.allocators.lagrangian import Lagrangian
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import pytest
 
-from tbpw import forkstate
-from tbpw.candidates import FORK_TYPES, fork_pareto
-from tbpw.gguf_model import ModelInventory
-from tbpw.measure import ErrorTable, measure, plan_tensor
+from tbpw.measure import forkstate
+from tbpw.measure.candidates import fork_pareto
+from tbpw.measure.engine import measure, plan_tensor
+from tbpw.measure.table import ErrorTable
+from tbpw.model.ggml_types import FORK_TYPES
+from tbpw.model.inventory import ModelInventory
 
 pytestmark = [pytest.mark.tools, pytest.mark.slow]
 

@@ -9,9 +9,9 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 
-from tbpw import gguf_layout
 from tbpw.errors import TbpwError
-from tbpw.gguf_model import ModelInventory
+from tbpw.model import gguf_layout
+from tbpw.model.inventory import ModelInventory
 
 
 def _same_as_reader(path) -> None:

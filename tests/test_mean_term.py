@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tbpw.imatrix import Imatrix
-from tbpw.measure import measure
+from tbpw.imatrix.reader import Imatrix
+from tbpw.measure.engine import measure
 
 TENSOR = "blk.1.ffn_up.weight"
 

@@ -12,13 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from gguf_writers import write_expert_tensor_file, write_imatrix
-from tbpw.contracts import ColumnStats, MetricContext
-from tbpw.gguf_model import ModelInventory
-from tbpw.imatrix import Imatrix
-from tbpw.measure import ErrorTable, MeasurementInterrupted, measure, plan_tensor
-from tbpw.sampling import HASH_MAGIC, MT19937, djb2, normal_float32, rows_per_slice, sample_rows, uniform_int
+
+from tbpw.imatrix.reader import Imatrix
+from tbpw.measure.engine import MeasurementInterrupted, measure, plan_tensor
+from tbpw.measure.sampling import (
+    HASH_MAGIC,
+    MT19937,
+    djb2,
+    normal_float32,
+    rows_per_slice,
+    sample_rows,
+    uniform_int,
+)
+from tbpw.measure.slices import ColumnStats, MetricContext
+from tbpw.measure.table import ErrorTable
+from tbpw.model.inventory import ModelInventory
 
 DATA = Path(__file__).parent / "data" / "captured" / "libstdcxx-random.txt"
 FEW = ["blk.0.attn_v.weight", "blk.1.ffn_down.weight", "blk.2.attn_q.weight"]
@@ -56,7 +65,7 @@ def test_rows_per_slice_follows_the_fork_budget():
 
 
 def _opts(**kw):
-    from tbpw.sampling import SamplingOptions
+    from tbpw.measure.sampling import SamplingOptions
 
     return SamplingOptions(**kw)
 
@@ -72,6 +81,7 @@ def test_sample_rows_are_strided_and_reproducible():
 # ----- a 3-D expert tensor -----
 
 
+@pytest.mark.tools
 def test_expert_tensor_is_sampled_and_measured_per_expert(tmp_path, plugin_manager):
     name = "blk.0.ffn_down_exps.weight"
     n_experts, n_rows, n_cols = 8, 4096, 256
@@ -217,7 +227,7 @@ def test_sigterm_saves_progress_and_the_next_run_resumes(tmp_path, tiny_model, s
 
 
 def test_json_and_csv_export(tmp_path):
-    from tbpw.measure import CandidateError, TensorErrors
+    from tbpw.measure.table import CandidateError, TensorErrors
 
     table = ErrorTable([TensorErrors("blk.0.attn_q.weight", 65536, [CandidateError("Q4_K", 36864, 1.5),
                                                                    CandidateError("Q8_0", 69632, float("inf"))])],
@@ -236,7 +246,7 @@ def test_json_and_csv_export(tmp_path):
 
 
 def test_fork_state_as_a_table(fork_tiny_dir):
-    from tbpw import forkstate
+    from tbpw.measure import forkstate
 
     table = ErrorTable.from_fork_state(forkstate.read(fork_tiny_dir / "tiny.bpw_state"))
     assert len(table.tensors) == 29
@@ -272,16 +282,11 @@ def test_cli_measure_writes_the_table(tmp_path, tiny_model, stock_imatrix):
 
 @pytest.mark.tools
 def test_a_third_party_metric_plugs_in(tmp_path, tiny_model, plugin_manager):
-    from tbpw.contracts import NoOptions
-    from tbpw.hookspecs import hookimpl
+    from tbpw import ErrorMetric, hookimpl
 
-    class MaxAbs:  # the smallest metric a plugin can bring: no prepare_rows, no setup
+    class MaxAbs(ErrorMetric):  # the smallest metric a plugin can bring: a name and slice_error
         name = "max-abs"
         description = "largest absolute weight change"
-        Options = NoOptions
-
-        def __init__(self, options):
-            pass
 
         def slice_error(self, original, reconstructed, stats, context):
             return float(np.abs(reconstructed - original).max())

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from tbpw.contracts import ColumnStats, MeasureSetup, MetricContext, TensorSample
 from tbpw.errors import TbpwError
-from tbpw_plugins import fork_factors
-from tbpw_plugins.metrics import clip_rows, trimmed_mean, winsorize
+from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
+from tbpw_plugins.metrics import fork_factors
+from tbpw_plugins.metrics.rows import clip_rows, trimmed_mean, winsorize
 
 
 def ctx(tensor="blk.0.ffn_up.weight", bpw=4.5, rows=10, type_name="Q4_K"):
@@ -175,8 +175,8 @@ def test_condition_number_of_a_known_spectrum():
 
 
 def test_fork_tensor_factor_needs_stats(plugin_manager, fork_imatrix, stock_imatrix, tiny_model):
-    from tbpw.gguf_model import ModelInventory
-    from tbpw.imatrix import Imatrix
+    from tbpw.imatrix.reader import Imatrix
+    from tbpw.model.inventory import ModelInventory
 
     inv = ModelInventory.load(tiny_model)
     rows = inv.rows("blk.0.attn_v.weight")

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tbpw.gguf_model import ModelInventory
 from tbpw.llamacpp import parsers
-from tbpw.llamacpp.features import parse_devices, parse_help_options, parse_quantize_types
+from tbpw.llamacpp.features import (
+    parse_devices,
+    parse_help_options,
+    parse_quantize_types,
+)
 from tbpw.llamacpp.parsers import ParseError
 from tbpw.llamacpp.tools import ToolRun
+from tbpw.model.inventory import ModelInventory
 
 CAPTURED = Path(__file__).parent / "data" / "captured"
 

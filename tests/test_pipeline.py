@@ -102,9 +102,9 @@ def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_m
 
 
 def test_model_stage_converts_a_hugging_face_folder_once(tmp_path, wiki_text):
-    from tbpw import recipe as recipes
-    from tbpw.gguf_model import ModelInventory
-    from tbpw.pipeline import Pipeline
+    from tbpw.model.inventory import ModelInventory
+    from tbpw.run import recipe as recipes
+    from tbpw.run.pipeline import Pipeline
 
     hf = Path(__file__).parent / "fixtures" / "tiny-llama-hf"
     # three of its weights are below F16's smallest subnormal: F16 is refused unless clipping is allowed

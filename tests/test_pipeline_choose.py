@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from tbpw.cli import main
-from tbpw.gguf_model import ModelInventory
-from tbpw.measure import ErrorTable
+from tbpw.measure.table import ErrorTable
+from tbpw.model.inventory import ModelInventory
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny.yaml"
 pytestmark = [pytest.mark.tools, pytest.mark.slow]

@@ -1,5 +1,5 @@
 """The plugin system: an inline plugin used through the CLI, helpful registry errors, blocking, and a
-guard that every hook in tbpw/hookspecs.py is documented and exercised by some test."""
+guard that every hook in tbpw/plugin/hookspecs.py is documented and exercised by some test."""
 
 from __future__ import annotations
 
@@ -15,11 +15,22 @@ import pytest
 from click.testing import CliRunner
 from pydantic import Field
 
-from tbpw import hookspecs
-from tbpw.contracts import ColumnStats, DatasetContext, DatasetFile, MetricContext, NoOptions, PluginOptions
-from tbpw.errors import TbpwError
-from tbpw.hookspecs import hookimpl
-from tbpw.plugins import BLOCK_ENV, ENTRY_POINT_GROUP, PluginManager
+from tbpw import (
+    Allocator,
+    ColumnStats,
+    Dataset,
+    DatasetContext,
+    DatasetFile,
+    ErrorMetric,
+    Evaluator,
+    MetricContext,
+    NoOptions,
+    PluginOptions,
+    TbpwError,
+    hookimpl,
+)
+from tbpw.plugin import hookspecs
+from tbpw.plugin.manager import BLOCK_ENV, ENTRY_POINT_GROUP, PluginManager
 
 TESTS = Path(__file__).resolve().parent
 
@@ -29,28 +40,19 @@ class CheapestOptions(PluginOptions):
     label: str = "cheap"
 
 
-class Cheapest:
+class Cheapest(Allocator):
     name = "inline-cheapest"
     description = "the smallest candidate of every tensor"
     Options = CheapestOptions
-
-    def __init__(self, options: CheapestOptions):
-        self.options = options
 
     def allocate(self, problem):
         return {t.name: min(t.candidates, key=lambda c: (c.bytes, c.error)).type for t in problem.tensors}
 
 
-class MaxAbs:
+class MaxAbs(ErrorMetric):
     name = "inline-maxabs"
     description = "largest absolute difference"
     Options = NoOptions
-
-    def __init__(self, options):
-        self.options = options
-
-    def prepare_rows(self, rows, context):
-        return rows
 
     def slice_error(self, original, reconstructed, stats, context):
         return float(np.abs(reconstructed - original).max())
@@ -60,13 +62,10 @@ class InlineTextOptions(PluginOptions):
     text: str
 
 
-class InlineText:
+class InlineText(Dataset):
     name = "inline-text"
     description = "text given in the options"
     Options = InlineTextOptions
-
-    def __init__(self, options: InlineTextOptions):
-        self.options = options
 
     def materialize(self, context: DatasetContext) -> DatasetFile:
         path = context.cache_dir / "inline.txt"
@@ -74,20 +73,17 @@ class InlineText:
         return DatasetFile(path, "text", description="inline text")
 
 
-class WordCount:
+class WordCount(Evaluator):
     name = "inline-words"
     description = "counts the words of the model's name"
     Options = NoOptions
-
-    def __init__(self, options):
-        self.options = options
 
     def evaluate(self, context) -> dict[str, float]:
         return {"words": float(len(str(context).split()))}
 
 
 class InlinePlugin:
-    """Implements every hook of tbpw/hookspecs.py."""
+    """Implements every hook of tbpw/plugin/hookspecs.py."""
 
     @hookimpl
     def tbpw_register_allocators(self, register):
@@ -111,20 +107,18 @@ class InlinePlugin:
         @click.argument("who")
         def hello(who):
             """Greets from the inline plugin."""
+            if who == "nobody":
+                raise TbpwError("nobody to greet: name someone")
             click.echo(f"hello {who} from the inline plugin")
 
 
 @pytest.fixture
 def inline(plugin_manager):
-    """The inline plugin registered with a fresh manager, its command added to `tbpw`; all undone after."""
-    from tbpw import cli
-
+    """The inline plugin registered with a fresh manager (so `tbpw` has its command too); undone after."""
     name = plugin_manager.register(InlinePlugin(), name="inline")
-    cli._add_plugin_commands()
     try:
         yield plugin_manager
     finally:
-        cli.main.commands.pop("inline-hello", None)
         plugin_manager.unregister(name)
 
 
@@ -225,13 +219,19 @@ def test_option_errors_list_the_plugins_fields(inline, fork_tiny_dir):
 
 
 def test_a_class_without_name_or_options_is_refused(plugin_manager):
-    class Nameless:
+    class Nameless(Allocator):
         Options = NoOptions
 
-    class NoModel:
+    class NoModel(Allocator):
         name = "no-model"
+        Options = dict  # type: ignore[assignment]
 
-    for bad, message in ((Nameless, "without a `name`"), (NoModel, "no pydantic `Options`")):
+    class NoBase:
+        name = "no-base"
+        Options = NoOptions
+
+    for bad, message in ((Nameless, "without a `name`"), (NoModel, "no pydantic `Options`"),
+                         (NoBase, "does not subclass tbpw.Allocator")):
         class Bad:
             @hookimpl
             def tbpw_register_allocators(self, register, _cls=bad):
@@ -240,6 +240,24 @@ def test_a_class_without_name_or_options_is_refused(plugin_manager):
         with pytest.raises(TbpwError, match=message):
             plugin_manager.register(Bad(), name="bad")
         plugin_manager.pm.unregister(name="bad")
+
+
+def test_a_plugin_commands_user_error_is_one_line(inline):
+    result = run_cli("inline-hello", "nobody")
+    assert result.exit_code == 2
+    assert result.output == "error: nobody to greet: name someone\n"
+
+
+def test_a_misspelled_hook_is_an_error_not_silence(plugin_manager):
+    class Misspelled:
+        @hookimpl
+        def tbpw_register_allocator(self, register):  # the hook is tbpw_register_allocators
+            register(Cheapest)
+
+    with pytest.raises(TbpwError, match=r"implements 'tbpw_register_allocator', which is not a tbpw hook "
+                                        r"\(did you mean 'tbpw_register_allocators'\?\)"):
+        plugin_manager.register(Misspelled(), name="misspelled")
+    plugin_manager.pm.unregister(name="misspelled")
 
 
 def test_duplicate_names_are_refused(plugin_manager):
@@ -260,13 +278,13 @@ def test_block_env_skips_an_entry_point(monkeypatch):
     loaded = {row["name"] for row in manager.describe()}
     assert loaded == names - {"evaluators", "metrics"}
     assert manager.evaluators().names() == [] and manager.metrics().names() == []
-    from tbpw import plugins
+    from tbpw.plugin import manager
 
-    plugins.reset_manager()  # the CLI builds the global manager with these plugins blocked...
+    manager.reset_manager()  # the CLI builds the global manager with these plugins blocked...
     try:
         result = run_cli("plugins", "--json", env={BLOCK_ENV: "evaluators, metrics"})
     finally:
-        plugins.reset_manager()  # ...which later tests must not inherit
+        manager.reset_manager()  # ...which later tests must not inherit
     data = json.loads(result.output)
     assert data["blocked"] == ["evaluators", "metrics"]
     assert {row["name"] for row in data["plugins"]} == names - {"evaluators", "metrics"}

@@ -10,19 +10,23 @@ import math
 
 import pytest
 
-from tbpw import bench_model, kld_eval, sensitivity
-from tbpw.allocate import Target, allocate, build_problem
+from scripts.training import bench_model
+from tbpw.allocate.budget import Target
+from tbpw.allocate.problem import build_problem
+from tbpw.allocate.service import Planner, allocate
 from tbpw.errors import TbpwError
-from tbpw.gguf_model import ModelInventory
+from tbpw.llamacpp import perplexity
 from tbpw.llamacpp import quantize as quantize_mod
-from tbpw.measure import CandidateError, ErrorTable, TensorErrors
-from tbpw.select_plan import PlanCandidate, select_plan
+from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
+from tbpw.model.inventory import ModelInventory
+from tbpw.select import calibrate
+from tbpw.select.choose import PlanCandidate, select_plan
 
 
 def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
     """Every llama.cpp command the selection runs, (tool, arguments), while still running it for real."""
     calls: list[tuple[str, list[str]]] = []
-    for module in (kld_eval, quantize_mod):
+    for module in (perplexity, quantize_mod):
         real = module.run_tool
 
         def spy(tool, args, *a, _real=real, **kw):
@@ -37,12 +41,14 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
 def test_selection_scores_on_calibration_text_only(tiny_model, stock_imatrix, fork_error_table, split_text, tmp_path,
                                                    monkeypatch):
     cal, ev = split_text
-    inventory = ModelInventory.load(tiny_model)
-    problem = build_problem(inventory, fork_error_table, Target.parse(bpw=4.5))
-    candidates = [PlanCandidate(name, allocate(inventory, problem, name)) for name in ("knapsack", "greedy", "lagrangian")]
+    planner = Planner(tiny_model, stock_imatrix, threads=2)
+    target = Target.parse(bpw=4.5)
+    problem = planner.problem(fork_error_table, target)
+    candidates = [PlanCandidate(name, planner.plan(fork_error_table, target, name, problem=problem))
+                  for name in ("knapsack", "greedy", "lagrangian")]
     calls = _record(monkeypatch)
 
-    sel = select_plan(candidates, tiny_model, stock_imatrix, cal, tmp_path / "select", ctx=128, chunks=3, threads=2)
+    sel = select_plan(candidates, planner, cal, tmp_path / "select", ctx=128, chunks=3)
 
     perplexity_runs = [args for tool, args in calls if tool == "llama-perplexity"]
     texts = [args[args.index("-f") + 1] for args in perplexity_runs if "-f" in args]
@@ -62,7 +68,7 @@ def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_ima
                                                            monkeypatch):
     cal, _ = split_text
     cache = tmp_path / "sens"
-    sens = sensitivity.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
+    sens = calibrate.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
                                  ctx=128, chunks=2, threads=2, cache_dir=cache)
     assert sens.meta["cached"] is False
     scales = sens.group_scales()
@@ -72,7 +78,7 @@ def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_ima
     # quantizing the embeddings alone to Q3_K must change the output more than quantizing nothing
     assert sens.measured["token_embd"]["Q3_K"] > 0
 
-    calibrated = sensitivity.calibrated_table(fork_error_table, sens)
+    calibrated = calibrate.calibrated_table(fork_error_table, sens)
     by_name = calibrated.by_name()
     for entry in fork_error_table.tensors:
         info = ModelInventory.load(tiny_model)[entry.name]
@@ -82,16 +88,16 @@ def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_ima
     def no_tools(*args, **kwargs):
         raise AssertionError("a cached calibration ran a tool")
 
-    monkeypatch.setattr(kld_eval, "run_tool", no_tools)
+    monkeypatch.setattr(perplexity, "run_tool", no_tools)
     monkeypatch.setattr(quantize_mod, "run_tool", no_tools)
-    again = sensitivity.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
+    again = calibrate.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
                                   ctx=128, chunks=2, threads=2, cache_dir=cache)
     assert again.meta["cached"] is True and again.group_scales() == scales
 
 
 def _sens(measured: dict[str, dict[str, float]], proxy: dict[str, dict[str, float]],
-          probe_bpw: dict[str, dict[str, float]]) -> sensitivity.Sensitivity:
-    return sensitivity.Sensitivity(tuple(next(iter(measured.values()))), "tensor", {g: [g] for g in measured},
+          probe_bpw: dict[str, dict[str, float]]) -> calibrate.Sensitivity:
+    return calibrate.Sensitivity(tuple(next(iter(measured.values()))), "tensor", {g: [g] for g in measured},
                                    measured, proxy, probe_bpw, 0.0)
 
 
@@ -116,7 +122,7 @@ def test_calibrated_table_needs_every_tensor():
     sens = _sens({"a": {"Q3_K": 1.0}}, {"a": {"Q3_K": 1.0}}, {"a": {"Q3_K": 3.4375}})
     table = ErrorTable([TensorErrors("b", 256, [CandidateError("Q3_K", 110, 1.0)])])
     with pytest.raises(Exception, match="no scale for b"):
-        sensitivity.calibrated_table(table, sens)
+        calibrate.calibrated_table(table, sens)
 
 
 def test_training_text_loses_lines_the_evaluation_text_has():
@@ -146,14 +152,14 @@ def test_a_gpu_trained_benchmark_model_is_cached_apart_from_the_cpu_reference(tm
 
 def test_proxy_of_a_type_the_table_dropped_is_interpolated():
     entry = TensorErrors("t", 256, [CandidateError("Q2_K", 84, 8.0), CandidateError("Q4_K", 144, 2.0)])
-    assert sensitivity.proxy_at(entry, "Q4_K", 4.5) == 2.0
+    assert calibrate.proxy_at(entry, "Q4_K", 4.5) == 2.0
     middle = (8.0 * 84 / 256 + 8.0 * 144 / 256) / 2
-    assert sensitivity.proxy_at(entry, "Q3_K", middle) == pytest.approx(4.0)
-    assert sensitivity.proxy_at(entry, "Q8_0", 8.5) == 2.0
+    assert calibrate.proxy_at(entry, "Q3_K", middle) == pytest.approx(4.0)
+    assert calibrate.proxy_at(entry, "Q8_0", 8.5) == 2.0
 
 
 def test_swap_moves_stay_within_the_budget_and_come_cheapest_first(tiny_model, fork_error_table):
-    from tbpw.refine import swap_moves
+    from tbpw.select.refine import swap_moves
 
     inventory = ModelInventory.load(tiny_model)
     problem = build_problem(inventory, fork_error_table, Target.parse(bpw=4.5))

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tbpw import recipe as recipes
 from tbpw.cli import main
 from tbpw.errors import TbpwError
+from tbpw.run import recipe as recipes
 
 REPO = Path(__file__).resolve().parent.parent
 

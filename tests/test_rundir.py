@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tbpw.rundir import RunDir
+from tbpw.run.rundir import RunDir
 
 
 def _writer(calls: list, text: str):

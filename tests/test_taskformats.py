@@ -8,10 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tbpw import taskformats as tf
+from tbpw.data import taskformats as tf
+from tbpw.data.taskformats import (
+    Choices,
+    HellaSwagTask,
+    MultipleChoiceTask,
+    WinoGrandeTask,
+)
 from tbpw.errors import TbpwError
 from tbpw.llamacpp.tools import run_tool
-from tbpw.taskformats import Choices, HellaSwagTask, MultipleChoiceTask, WinoGrandeTask
 
 CITIES = ["Paris", "Berlin", "Madrid", "Rome", "Vienna", "Lisbon", "Athens", "Dublin", "Oslo", "Prague", "Warsaw", "Bern"]
 COUNTRIES = ["France", "Germany", "Spain", "Italy", "Austria", "Portugal", "Greece", "Ireland", "Norway", "Czechia", "Poland", "Switzerland"]
@@ -19,7 +24,7 @@ COUNTRIES = ["France", "Germany", "Spain", "Italy", "Austria", "Portugal", "Gree
 
 def hellaswag_tasks() -> list[HellaSwagTask]:
     tasks = []
-    for i, (city, country) in enumerate(zip(CITIES, COUNTRIES)):
+    for i, (_city, country) in enumerate(zip(CITIES, COUNTRIES)):
         endings = [f"{c} is a city in {country}." for c in (CITIES[(i + k) % len(CITIES)] for k in range(4))]
         gold = i % 4
         endings[0], endings[gold] = endings[gold], endings[0]
@@ -82,7 +87,7 @@ def test_round_trips(tmp_path: Path) -> None:
                                      (mc_tasks(), tf.write_multiple_choice, tf.read_multiple_choice, "m.bin")):
         path = write(tasks, tmp_path / name)
         assert read(path) == tasks
-    assert tf.check_file(tmp_path / "m.bin", "multiple-choice") == len(COUNTRIES)
+    assert tf.check_task_file(tmp_path / "m.bin", "multiple-choice") == len(COUNTRIES)
 
 
 def test_multiple_choice_holds_up_to_100_answers() -> None:

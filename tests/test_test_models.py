@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from tbpw import assets
-from tbpw.gguf_model import ModelInventory
+from tbpw.data import assets
 from tbpw.llamacpp.convert import convert_hf, missing_modules
 from tbpw.llamacpp.tools import run_tool
+from tbpw.model.inventory import ModelInventory
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LLAMA = FIXTURES / "tiny-llama-hf"

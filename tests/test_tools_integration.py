@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from tbpw.gguf_model import ModelInventory
 from tbpw.llamacpp import parsers
 from tbpw.llamacpp.tools import run_tool
+from tbpw.model.inventory import ModelInventory
 
 pytestmark = pytest.mark.tools
 

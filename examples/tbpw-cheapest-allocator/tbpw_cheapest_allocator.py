@@ -1,23 +1,19 @@
 """An example tbpw allocator: the cheapest candidate of every tensor, then the budget left over goes,
 tensor by tensor, to the roles named in `spend_on` (each gets the best type that still fits)."""
 
-from pydantic import BaseModel, ConfigDict
-
-from tbpw.hookspecs import hookimpl
+from tbpw import AllocationProblem, Allocator, PluginOptions, hookimpl
 
 
-class Cheapest:
+class CheapestOptions(PluginOptions):  # unknown keys are errors: a typo in a recipe names the real fields
+    spend_on: list[str] = []  # roles, e.g. ["attn_v", "ffn_down"]
+
+
+class Cheapest(Allocator):
     name = "cheapest"
     description = "the cheapest type everywhere, leftover budget to the roles in spend_on"
+    Options = CheapestOptions
 
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")  # a typo in a recipe names the real fields
-        spend_on: list[str] = []  # roles, e.g. ["attn_v", "ffn_down"]
-
-    def __init__(self, options: "Cheapest.Options"):
-        self.options = options
-
-    def allocate(self, problem):
+    def allocate(self, problem: AllocationProblem) -> dict[str, str]:
         chosen = {t.name: min(t.candidates, key=lambda c: c.bytes) for t in problem.tensors}
         left = problem.budget - sum(c.bytes for c in chosen.values())
         for t in problem.tensors:

@@ -11,14 +11,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .. import paths
-from ..atomic import write_json
-from ..errors import TbpwError
-from . import sources
+from tbpw.errors import TbpwError
+from tbpw.files import paths
+from tbpw.files.atomic import write_json
+from tbpw.llamacpp import sources
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 LIBRARY_TARGETS = ("ggml-base",)
@@ -69,7 +69,7 @@ class BuildInfo:
                 "cmake_flags": list(self.cmake_flags), "seconds": round(self.seconds, 1)}
 
     @classmethod
-    def load(cls, root: Path) -> "BuildInfo":
+    def load(cls, root: Path) -> BuildInfo:
         data = json.loads((root / "build.json").read_text())
         return cls(key=data["key"], root=root, source_name=data["source_name"], source_identity=data["source_identity"],
                    build_number=data["build_number"], build_commit=data["build_commit"], backend=data["backend"],
@@ -171,9 +171,10 @@ ProgressFn = Callable[[int, int], None]
 
 
 def build(source: str | None = None, backend: str = "auto", jobs: int | None = None,
-          progress: ProgressFn | None = None, force: bool = False,
-          extra_targets: tuple[tuple[str, Path], ...] = ()) -> BuildInfo:
-    """Build (or find in the cache) the llama.cpp tools, and make that build the active one."""
+          progress: ProgressFn | None = None, force: bool = False) -> BuildInfo:
+    """Build (or find in the cache) the llama.cpp tools, and make that build the active one.
+
+    tbpw's own collector is compiled against it by `tbpw.llamacpp.collector.install`."""
     src = sources.resolve(source)
     backend = detect_backend(backend)
     flags = cmake_flags(src, backend)
@@ -181,7 +182,6 @@ def build(source: str | None = None, backend: str = "auto", jobs: int | None = N
     root = paths.builds() / key
     if not force and (root / "build.json").is_file():
         info = BuildInfo.load(root)
-        _build_collector(info)  # only compiles when tbpw's collector sources changed
         _activate(info)
         return info
     cmake = find_cmake()
@@ -212,23 +212,8 @@ def build(source: str | None = None, backend: str = "auto", jobs: int | None = N
     for tool in TOOLS:
         info.tool(tool)
     write_json(root / "build.json", info.to_json())  # written last: its presence marks a complete build
-    _build_collector(info, tree)
     _activate(info)
     return info
-
-
-def _build_collector(info: BuildInfo, tree: Path | None = None) -> None:
-    """Compile tbpw's own collector (vendor/tbpw-collector) into the build's bin/ when it is out of date.
-
-    A llama.cpp whose public API the collector does not compile against still gives usable tools: warn,
-    and let `--collector tbpw` report the compile error when it is asked for.
-    """
-    from .collector import ensure_built
-
-    try:
-        ensure_built(info, tree)
-    except TbpwError as exc:
-        print(f"warning: {exc}; the stock imatrix collector still works", file=sys.stderr)
 
 
 def _activate(info: BuildInfo) -> None:

@@ -1,4 +1,4 @@
-"""tbpw's own activation collector (vendor/tbpw-collector): compile it against a build, and run it.
+"""tbpw's own activation collector (vendor/native/collector): compile it against a build, and run it.
 
 The collector is one C++ file written against llama.cpp's public headers. It is compiled straight into
 the build's bin/ (next to libllama and libggml, found through an $ORIGIN rpath), so it is run like any
@@ -14,14 +14,16 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from .. import paths
-from ..atomic import write_json
-from ..errors import TbpwError
-from .build import BuildInfo, active_build, find_compilers
-from .tools import ToolRun, run_tool
+from tbpw.errors import TbpwError
+from tbpw.files import paths
+from tbpw.files.atomic import write_json
+from tbpw.llamacpp.build import BuildInfo, ProgressFn, active_build, build, find_compilers
+from tbpw.llamacpp.tools import ToolRun, run_tool
 
 NAME = "tbpw-collector"
 SOURCES = ("collector.cpp",)
@@ -36,7 +38,7 @@ BUILD_KEY = "collector"  # the entry in build.json
 
 
 def source_dir() -> Path:
-    return paths.vendor_dir() / "tbpw-collector"
+    return paths.vendor_dir() / "native" / "collector"
 
 
 def source_hash() -> str:
@@ -88,7 +90,7 @@ def ensure_built(info: BuildInfo | None = None, tree: Path | None = None) -> Pat
     return exe
 
 
-def run_collector(args: list[str | os.PathLike], *, log_path: Path | str | None = None,
+def run_collector(args: Sequence[str | os.PathLike], *, log_path: Path | str | None = None,
                   build: BuildInfo | None = None, timeout: float | None = None) -> ToolRun:
     """Run the collector of the active build (compiling it first when its sources changed)."""
     build = build or active_build()
@@ -109,7 +111,7 @@ def _headers(info: BuildInfo, tree: Path | None) -> Path:
     if tree is None and all((kept / name).is_file() for names in HEADERS.values() for name in names):
         return kept
     if tree is None:
-        from . import sources
+        from tbpw.llamacpp import sources
 
         tree = sources.prepare(sources.resolve(info.source_name))
     staging = info.root / ".include.partial"
@@ -125,3 +127,20 @@ def _headers(info: BuildInfo, tree: Path | None) -> Path:
     shutil.rmtree(kept, ignore_errors=True)
     staging.rename(kept)
     return kept
+
+
+def compile_or_warn(info: BuildInfo) -> None:
+    """Compile the collector when its sources changed. A llama.cpp whose public API it does not compile
+    against still gives usable tools: warn, and let `--collector tbpw` report the error when asked for."""
+    try:
+        ensure_built(info)
+    except TbpwError as exc:
+        print(f"warning: {exc}; the stock imatrix collector still works", file=sys.stderr)
+
+
+def install(source: str | None = None, backend: str = "auto", jobs: int | None = None,
+            progress: ProgressFn | None = None, force: bool = False) -> BuildInfo:
+    """What `tbpw build` does: the llama.cpp tools (cached), then tbpw's collector against them."""
+    info = build(source, backend, jobs, progress=progress, force=force)
+    compile_or_warn(info)
+    return info

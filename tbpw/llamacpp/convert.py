@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..atomic import atomic_path
-from ..errors import TbpwError
-from . import sources
+from tbpw.errors import TbpwError
+from tbpw.files.atomic import atomic_path
+from tbpw.llamacpp import sources
 
 OutType = Literal["f16", "bf16", "f32"]
 NEEDED_MODULES = ("torch", "transformers", "safetensors", "sentencepiece", "numpy")

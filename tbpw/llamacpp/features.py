@@ -14,11 +14,11 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..atomic import write_json
-from ..errors import TbpwError
-from .build import TOOLS, BuildInfo, active_build
-from .parsers import ParseError, parse_version
-from .tools import run_tool
+from tbpw.errors import TbpwError
+from tbpw.files.atomic import write_json
+from tbpw.llamacpp.build import TOOLS, BuildInfo, active_build
+from tbpw.llamacpp.parsers import ParseError, parse_version
+from tbpw.llamacpp.tools import run_tool
 
 CACHE_FILE = "features.json"
 # Bump when detection changes, so stale cache files are recomputed.
@@ -79,7 +79,7 @@ class ToolFeatures:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "ToolFeatures":
+    def from_json(cls, data: dict) -> ToolFeatures:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -175,7 +175,7 @@ def _log_dir(build: BuildInfo) -> Path:
             return preferred
     except OSError:
         pass
-    from .. import paths
+    from tbpw.files import paths
 
     fallback = paths.home() / "logs" / f"features-{build.key}"
     fallback.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..errors import TbpwError
+from tbpw.errors import TbpwError
 
 # Types ggml_quantize_chunk can write. Others (Q8_1, Q8_K, deprecated slots) hit an assertion.
 QUANTIZABLE = (
@@ -98,7 +99,7 @@ class Ggml:
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.ggml_validate_row_data.restype = ctypes.c_bool
         lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-        self._to_float: dict[str, _TO_FLOAT] = {}
+        self._to_float: dict[str, Callable[..., None]] = {}  # _TO_FLOAT instances
         self._init_lock = threading.Lock()
         self._initialised: set[str] = set()
 
@@ -244,7 +245,7 @@ _loaded_lock = threading.Lock()
 def load(path: Path | str | None = None) -> Ggml:
     """libggml-base of the active build (or the one at `path`), loaded once per process."""
     if path is None:
-        from .build import active_build
+        from tbpw.llamacpp.build import active_build
 
         path = active_build().library("ggml-base")
     path = Path(path).resolve()

@@ -2,7 +2,7 @@
 
 llama.cpp's tools log through a worker thread that is never joined at exit, so the final lines (PPL,
 the KL-divergence blocks, task scores) are lost now and then -- measured here: 36 of 60 concurrent
-llama-perplexity runs lost `Final estimate`; with the preload, 0 of 60. `native/flush_logs.c` joins
+llama-perplexity runs lost `Final estimate`; with the preload, 0 of 60. `vendor/native/flush_logs.c` joins
 that thread from an atexit handler. It is compiled once per machine into the cache with the C compiler
 that built llama.cpp; without a compiler the tools run unprotected.
 
@@ -17,12 +17,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
+from collections.abc import Mapping
 from pathlib import Path
 
-from .. import paths
+from tbpw.files import paths
 
-SOURCE = Path(__file__).resolve().parent / "native" / "flush_logs.c"
 DISABLE_ENV = "TBPW_NO_LOG_FLUSH"
 _PRELOAD_VAR = {"Linux": "LD_PRELOAD", "Darwin": "DYLD_INSERT_LIBRARIES"}
 
@@ -32,9 +31,10 @@ def shim() -> tuple[Path | None, str]:
     system = platform.system()
     if system not in _PRELOAD_VAR:
         return None, f"not supported on {system}"
-    if not SOURCE.is_file():
-        return None, f"{SOURCE} is missing"
-    code = _source_bytes()
+    source = paths.vendor_dir() / "native" / "flush_logs.c"
+    if not source.is_file():
+        return None, f"{source} is missing"
+    code = source.read_bytes()
     suffix = ".dylib" if system == "Darwin" else ".so"
     key = hashlib.sha256(code + platform.machine().encode()).hexdigest()[:12]
     target = paths.home() / "native" / f"flush_logs-{key}{suffix}"
@@ -47,7 +47,7 @@ def shim() -> tuple[Path | None, str]:
     fd, tmp = tempfile.mkstemp(prefix=".flush_logs-", suffix=suffix, dir=target.parent)
     os.close(fd)
     flags = ["-dynamiclib"] if system == "Darwin" else ["-shared", "-fPIC"]
-    proc = subprocess.run([cc, *flags, "-O2", "-o", tmp, str(SOURCE), *([] if system == "Darwin" else ["-ldl"])],
+    proc = subprocess.run([cc, *flags, "-O2", "-o", tmp, str(source), *([] if system == "Darwin" else ["-ldl"])],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
@@ -57,21 +57,16 @@ def shim() -> tuple[Path | None, str]:
     return target, "ok"
 
 
-@lru_cache(maxsize=1)
-def _source_bytes() -> bytes:
-    return SOURCE.read_bytes()
-
-
-def preload_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def preload_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment entries that preload the flush library (empty when it is unavailable or disabled)."""
-    base = os.environ if base is None else base
-    if base.get(DISABLE_ENV, "") not in ("", "0"):
+    env: Mapping[str, str] = os.environ if base is None else base
+    if env.get(DISABLE_ENV, "") not in ("", "0"):
         return {}
     path, _ = shim()
     if path is None:
         return {}
     var = _PRELOAD_VAR[platform.system()]
-    existing = base.get(var, "")
+    existing = env.get(var, "")
     return {var: f"{path}:{existing}" if existing else str(path)}
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import TbpwError
+from tbpw.errors import TbpwError
 
 if TYPE_CHECKING:
-    from .tools import ToolRun
+    from tbpw.llamacpp.tools import ToolRun
 
 # A C printf number, including what %f prints for non-finite values ("nan", "-nan", "inf").
 NUM = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
@@ -532,7 +533,7 @@ def parse_version(text: str) -> VersionInfo:
 R = TypeVar("R")
 
 
-def parse_run(parser: Callable[[str], R], run: "ToolRun") -> R:
+def parse_run(parser: Callable[[str], R], run: ToolRun) -> R:
     """Apply `parser` to a tool run's output; a parse failure names the run's log."""
     try:
         return parser(run.output)

@@ -16,15 +16,16 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
-from ..errors import TbpwError
-from .build import BuildInfo, active_build
-from .tools import ToolRun, run_tool
+from tbpw.errors import TbpwError
+from tbpw.llamacpp.build import BuildInfo, active_build
+from tbpw.llamacpp.tools import ToolRun, run_tool
 
 if TYPE_CHECKING:
-    from ..allocate import Target
+    from tbpw.allocate.budget import Target
 
 # A quantized base type that never needs imatrix data by itself; every tensor that could use it is
 # named in the tensor-type file anyway, so it only sets the file's general.file_type.
@@ -107,7 +108,7 @@ def output_metadata_bytes(model: Path | str, imatrix: Path | str | None) -> int:
     for key in ("split.no", "split.count", "split.tensors.count"):
         delta -= existing.get(key, 0)
     if imatrix is not None:
-        from ..imatrix import Imatrix
+        from tbpw.imatrix.reader import Imatrix
 
         imx = Imatrix.load(imatrix)
         delta += set_value("quantize.imatrix.file", _str_bytes(str(imatrix)))
@@ -125,13 +126,13 @@ def output_metadata_bytes(model: Path | str, imatrix: Path | str | None) -> int:
 # The fork's native target mode
 
 
-def fork_target_types(model: Path | str, imatrix: Path | str, target: "Target", *, pins: Mapping[str, str] | None = None,
+def fork_target_types(model: Path | str, imatrix: Path | str, target: Target, *, pins: Mapping[str, str] | None = None,
                       threads: int | None = None, state_file: Path | str | None = None,
                       log_dir: Path | str | None = None, build: BuildInfo | None = None) -> dict[str, str]:
     """Let the fork's llama-quantize choose every type for `target`, and read its choices back from
     the file it writes (which is then deleted)."""
-    from ..gguf_model import ModelInventory
-    from .features import ensure_tool_features
+    from tbpw.llamacpp.features import ensure_tool_features
+    from tbpw.model.inventory import ModelInventory
 
     build = build or active_build()
     flag = "--target-bpw" if target.bpw is not None else "--target-size"

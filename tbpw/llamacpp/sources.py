@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import tarfile
@@ -11,8 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import paths, registry
-from ..errors import TbpwError
+from tbpw.errors import TbpwError
+from tbpw.files import paths, pinned
 
 LOCK_FILE = "llama-cpp.toml"
 
@@ -70,8 +71,32 @@ def resolve(name_or_path: str | None) -> Source:
     if path.is_dir():
         if not (path / "CMakeLists.txt").is_file() or not (path / "include" / "llama.h").is_file():
             raise TbpwError(f"{path} is not a llama.cpp checkout (no CMakeLists.txt and include/llama.h): give its top folder")
-        return Source(name=str(path.resolve()), kind="path", path=str(path.resolve()), description="local checkout")
+        # a tree cut from a pinned source (e.g. carried to a machine without network) names its build
+        origin = _origin(path)
+        return Source(name=str(path.resolve()), kind="path", path=str(path.resolve()),
+                      build_number=int(origin.get("build_number", 0)), build_commit=str(origin.get("build_commit", "unknown")),
+                      description=str(origin.get("description", "local checkout")))
     raise TbpwError(f"unknown llama.cpp source {name_or_path!r}: use one of {', '.join(sorted(known))} or the path of a llama.cpp checkout")
+
+
+ORIGIN_FILE = "tbpw-source.json"
+
+
+def _origin(path: Path) -> dict:
+    """What a source tree says it was cut from (ORIGIN_FILE: build_number, build_commit, description)."""
+    try:
+        data = json.loads((path / ORIGIN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise TbpwError(f"{path / ORIGIN_FILE} is not readable JSON ({exc}): fix or delete it") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def origin_of(src: Source) -> dict:
+    """The ORIGIN_FILE content describing a tree of `src`."""
+    return {"build_number": src.build_number, "build_commit": src.build_commit,
+            "description": f"{src.name}: {src.description or src.identity}"}
 
 
 def tree_fingerprint(root: Path) -> str:
@@ -89,9 +114,9 @@ def tree_fingerprint(root: Path) -> str:
 def fetch_archive(src: Source) -> Path:
     """Download the pinned archive once into the cache and check its sha256."""
     name, _, version = src.package.partition("==")
-    pin = registry.PinnedArchive(name=name, version=version, sha256=src.sha256, archive="sdist",
+    pin = pinned.PinnedArchive(name=name, version=version, sha256=src.sha256, archive="sdist",
                                  filename=src.filename, pinned_in=f"vendor/{LOCK_FILE}")
-    return registry.fetch(pin)
+    return pinned.fetch_pinned(pin)
 
 
 def _unpack_sdist(src: Source, archive: Path, dest: Path) -> None:
@@ -128,6 +153,7 @@ def prepare(src: Source) -> Path:
             _clone(src, staging)
         else:
             raise TbpwError(f"source {src.name} has unknown kind {src.kind!r} in vendor/{LOCK_FILE}")
+        (staging / ORIGIN_FILE).write_text(json.dumps(origin_of(src)) + "\n")
         (staging / ".tbpw-complete").write_text(src.identity + "\n")
         staging.rename(tree)
     finally:

@@ -7,12 +7,13 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import TbpwError
-from . import logflush
-from .build import BuildInfo, active_build
+from tbpw.errors import TbpwError
+from tbpw.llamacpp import logflush
+from tbpw.llamacpp.build import BuildInfo, active_build
 
 LOG_TAIL_LINES = 12
 
@@ -33,7 +34,7 @@ class ToolRun:
         return self.stdout + "\n" + self.stderr
 
 
-def run_tool(tool: str, args: list[str | os.PathLike], *, log_path: Path | str | None = None,
+def run_tool(tool: str, args: Sequence[str | os.PathLike], *, log_path: Path | str | None = None,
              build: BuildInfo | None = None, check: bool = True, timeout: float | None = None,
              env: dict[str, str] | None = None) -> ToolRun:
     """Run `tool` (e.g. "llama-perplexity") with `args`; both streams go to `log_path`.

@@ -28,9 +28,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
-from tbpw.gguf_model import ModelInventory  # noqa: E402
 from tbpw.llamacpp.build import active_build  # noqa: E402
 from tbpw.llamacpp.tools import ToolRun, run_tool  # noqa: E402
+from tbpw.model.inventory import ModelInventory  # noqa: E402
 
 THREADS = "2"
 CTX = 128

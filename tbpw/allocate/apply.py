@@ -1,0 +1,94 @@
+"""Apply a plan with stock llama-quantize and prove the file is the plan.
+
+Every decided tensor (allocated or pinned) is named in a `--tensor-type-file` by an anchored, escaped
+pattern, llama-quantize runs with the imatrix and a quantized base type, and the file it wrote is read
+back: each tensor must have its planned type and the achieved bpw must be the planned one. Any
+difference is an error and no output file appears; the model is renamed into place only once checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tbpw.allocate.plan import Plan
+from tbpw.errors import TbpwError
+from tbpw.files.atomic import atomic_path, write_json, write_text
+from tbpw.llamacpp.build import BuildInfo
+from tbpw.llamacpp.quantize import BASE_TYPE, quantize, tensor_type_text
+from tbpw.model.inventory import ModelInventory
+
+
+@dataclass(frozen=True)
+class Applied:
+    path: Path  # the verified model
+    plan_path: Path  # the plan, as JSON, next to it
+    tensor_type_file: Path
+    log_path: Path
+    achieved_bpw: float
+    file_bytes: int
+    seconds: float  # llama-quantize's run time
+
+
+def plan_path_for(out: Path | str) -> Path:
+    """`OUT.gguf` -> `OUT.plan.json`."""
+    out = Path(out)
+    return out.with_name((out.name[:-5] if out.name.endswith(".gguf") else out.name) + ".plan.json")
+
+
+def check_model(plan: Plan, inventory: ModelInventory) -> None:
+    """The plan must describe exactly this model's tensors."""
+    # llama-quantize may write the tensors in another order than the input's
+    names = sorted(t.name for t in plan.tensors)
+    if names != sorted(t.name for t in inventory.tensors) or plan.n_elements != inventory.n_elements:
+        raise TbpwError(f"the plan was made for another model than {inventory.path.name} (its tensors differ): "
+                        "make the plan from this model")
+
+
+def verify_output(plan: Plan, path: Path | str) -> ModelInventory:
+    """Raise unless the GGUF at `path` has every tensor in its planned type and the planned bpw."""
+    written = ModelInventory.load(path)
+    check_model(plan, written)
+    wrong = [(t.name, t.type, written[t.name].stored_type) for t in plan.tensors if written[t.name].stored_type != t.type]
+    if wrong:
+        name, planned, got = wrong[0]
+        raise TbpwError(f"llama-quantize wrote {name} as {got}, the plan says {planned} ({len(wrong)} tensor(s) differ): "
+                        "the build does not honour the tensor-type file; check the log")
+    sizes = [(t.name, t.bytes, written[t.name].stored_bytes) for t in plan.tensors if written[t.name].stored_bytes != t.bytes]
+    if sizes:
+        name, planned_bytes, got_bytes = sizes[0]
+        raise TbpwError(f"{name} has {got_bytes} bytes in the output, the plan says {planned_bytes}: "
+                        "tbpw's byte accounting does not match this build; report it")
+    achieved = written.bpw()
+    if achieved != plan.achieved_bpw:
+        raise TbpwError(f"the output has {achieved:.6f} bpw, the plan {plan.achieved_bpw:.6f}: report it")
+    return written
+
+
+def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: Path | str, *,
+               threads: int | None = None, log_path: Path | str | None = None, base_type: str = BASE_TYPE,
+               build: BuildInfo | None = None) -> Applied:
+    """Write `out` from `model` as `plan` says, verify it, and save the plan as JSON next to it."""
+    model, out = Path(model), Path(out)
+    inventory = ModelInventory.load(model)
+    check_model(plan, inventory)
+    decided = plan.decided()
+    if any(inventory[n].stored_type not in ("F32", "F16", "BF16") for n in decided):
+        raise TbpwError(f"{model.name} already has quantized tensors: start from the F16/BF16/F32 model "
+                        "(requantizing loses quality and changes what the errors were measured on)")
+    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
+    log_path = Path(log_path) if log_path else out.with_name(stem + ".quantize.log")
+    type_file = out.with_name(stem + ".tensor-types.txt")
+    write_text(type_file, tensor_type_text(decided))
+    plan_path = plan_path_for(out)
+    with atomic_path(out) as tmp:
+        run = quantize(model, tmp, imatrix=imatrix, tensor_type_file=type_file, base_type=base_type,
+                       threads=threads, log_path=log_path, build=build)
+        written = verify_output(plan, tmp)
+        if plan.target.size is not None and tmp.stat().st_size > plan.target.size:
+            raise TbpwError(f"the output has {tmp.stat().st_size} bytes, over the target of {plan.target.size}: "
+                            "its metadata grew more than tbpw expected; report it")
+        write_json(plan_path, {**plan.to_json(), "file_bytes": tmp.stat().st_size})
+        file_bytes = tmp.stat().st_size
+    return Applied(path=out, plan_path=plan_path, tensor_type_file=type_file, log_path=Path(run.log_path),
+                   achieved_bpw=written.bpw(), file_bytes=file_bytes, seconds=run.seconds)

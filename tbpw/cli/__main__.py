@@ -1,0 +1,5 @@
+"""`python -m tbpw.cli`: the command line."""
+
+from tbpw.cli import main
+
+main()

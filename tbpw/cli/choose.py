@@ -1,0 +1,143 @@
+"""`tbpw calibrate` and `tbpw choose`: the quality levers of docs/quality.md, step by step.
+
+    tbpw calibrate MODEL.gguf --imatrix I.gguf --error-table T.json -f CALIBRATION.txt [--probe Q3_K ...]
+                   [--grouping role|tensor] [--strength 1.0] [--ctx 512] [--chunks 8] -o CALIBRATED.json
+    tbpw choose MODEL.gguf --imatrix I.gguf (--target-bpw X | --target-size N) --error-table T.json ...
+                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--refine-rounds N]
+                [--pin REGEX=TYPE ...] [--constraints FILE] [--json] -o OUT.gguf
+
+`calibrate` writes an error table rescaled to measured KL divergence (tbpw.select.calibrate), usable wherever a
+table is (`tbpw quantize --error-table`, `tbpw choose`). `choose` plans the target with every allocator on
+every table, scores each plan against the float model on the calibration text and writes the best one
+(tbpw.select.choose.choose); the tools' logs stay in OUT's `<name>.choose/` folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tbpw.cli.quantize import _pins, _read_constraints
+from tbpw.cli.support import console
+from tbpw.errors import TbpwError
+from tbpw.plugin.hookspecs import hookimpl
+from tbpw.run.overrides import key_values
+
+
+def _existing(path: str, what: str) -> Path:
+    if not Path(path).is_file():
+        raise TbpwError(f"{what} {path} does not exist: check the path")
+    return Path(path)
+
+
+def _tables(specs: tuple[str, ...]) -> dict:
+    """NAME=PATH or PATH (named after the file) -> {name: ErrorTable}."""
+    from tbpw.measure.table import ErrorTable
+
+    tables = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        if name in tables:
+            raise TbpwError(f"two error tables are named {name!r}: name them, --error-table NAME=PATH")
+        tables[name] = ErrorTable.read_json(_existing(path, "error table"))
+    return tables
+
+
+@hookimpl
+def tbpw_register_commands(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("model")
+    @click.option("--imatrix", required=True, help="the importance matrix the table was measured with")
+    @click.option("--error-table", "table_file", required=True, help="the table to calibrate (`tbpw measure --out`)")
+    @click.option("-f", "--file", "text", required=True, help="CALIBRATION text (never the text you evaluate on)")
+    @click.option("--probe", "probes", multiple=True, default=("Q3_K",), show_default=True,
+                  help="probe type: each group is quantized alone to it (repeatable)")
+    @click.option("--grouping", type=click.Choice(["role", "tensor"]), default="role", show_default=True,
+                  help="one measurement per role across layers, or per tensor")
+    @click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                  help="scale ** strength: 1 trusts the measured scales, 0.5 hedges against their noise")
+    @click.option("--ctx", type=click.IntRange(min=32), default=512, show_default=True)
+    @click.option("--chunks", type=click.IntRange(min=1), default=8, show_default=True)
+    @click.option("--threads", "-t", type=click.IntRange(min=1), default=None)
+    @click.option("-o", "--output", "out", required=True, help="the calibrated table (JSON)")
+    def calibrate(model, imatrix, table_file, text, probes, grouping, strength, ctx, chunks, threads, out):
+        """Rescale an error table to the KL divergence each group of tensors measurably costs."""
+        from tbpw.measure.table import ErrorTable
+        from tbpw.select.calibrate import calibrate as measure_sensitivity
+        from tbpw.select.calibrate import calibrated_table
+
+        table = ErrorTable.read_json(_existing(table_file, "error table"))
+        sens = measure_sensitivity(_existing(model, "model"), _existing(imatrix, "imatrix"), _existing(text, "text"),
+                                   table, probe_types=probes, grouping=grouping, ctx=ctx, chunks=chunks,
+                                   threads=threads, log=lambda line: console.print(line, highlight=False))
+        calibrated_table(table, sens, strength).write_json(out)
+        scales = sens.group_scales()
+        for group in sens.groups:
+            measured = ", ".join(f"{t} +{sens.measured[group][t]:.6f} KLD (scale {scales[group][t]:.4g})"
+                                 for t in sens.probe_types)
+            click.echo(f"{group}: {measured}")
+        source = "cache" if sens.meta.get("cached") else "measured"
+        click.echo(f"{len(sens.groups)} groups ({source}; float requantization KLD {sens.floor_kld:.6f}); "
+                   f"calibrated table written to {out}")
+
+    @cli.command()
+    @click.argument("model")
+    @click.option("--imatrix", required=True, help="the importance matrix (GGUF or legacy .dat)")
+    @click.option("--target-bpw", type=float, default=None, help="bits per weight, metadata excluded")
+    @click.option("--target-size", default=None, help="file size with metadata, e.g. 2.5gib")
+    @click.option("--error-table", "tables", multiple=True, required=True, metavar="[NAME=]PATH",
+                  help="an error table to plan on (repeatable: measured, calibrated, ...)")
+    @click.option("--allocator", "allocators", multiple=True,
+                  help="an allocator plugin to plan with (repeatable; default: the registry's default allocator)")
+    @click.option("-f", "--file", "text", required=True, help="CALIBRATION text the plans are scored on")
+    @click.option("--ctx", type=click.IntRange(min=32), default=512, show_default=True)
+    @click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True)
+    @click.option("--refine-rounds", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="then rounds of measured type swaps, each kept only when the calibration KLD drops")
+    @click.option("--refine-tries", type=click.IntRange(min=1), default=4, show_default=True)
+    @click.option("--pin", "pins", multiple=True, metavar="REGEX=TYPE", help="fix matching tensors to a type (repeatable)")
+    @click.option("--constraints", "constraints_file", default=None, help="YAML/JSON with pins, allowed_types, ...")
+    @click.option("--option", "-O", "options", multiple=True, metavar="ALLOCATOR.KEY=VALUE",
+                  help="an allocator's option (repeatable)")
+    @click.option("--threads", "-t", type=click.IntRange(min=1), default=None)
+    @click.option("--json", "as_json", is_flag=True, help="print the scores and the choice as one JSON object")
+    @click.option("-o", "--output", "out", required=True, help="the GGUF to write")
+    def choose(model, imatrix, target_bpw, target_size, tables, allocators, text, ctx, chunks, refine_rounds,
+               refine_tries, pins, constraints_file, options, threads, as_json, out):
+        """Plan a target with every allocator on every table; write the plan with the lowest calibration KLD."""
+        from tbpw.allocate.budget import Target
+        from tbpw.allocate.constraints import Constraints
+        from tbpw.allocate.service import Planner
+        from tbpw.plugin.manager import get_manager
+        from tbpw.select.choose import choose as choose_plan
+
+        target = Target.parse(bpw=target_bpw, size=target_size)
+        registry = get_manager().allocators()
+        allocators = allocators or (registry.default_name(),)
+        per_allocator: dict[str, dict] = {a: {} for a in allocators}
+        for key, value in key_values(options, flag="--option", example="bucket_bytes=4096").items():
+            allocator, dot, option = key.partition(".")
+            if not dot or allocator not in per_allocator:
+                raise TbpwError(f"--option {key}: write ALLOCATOR.KEY=VALUE for one of {', '.join(allocators)}")
+            per_allocator[allocator][option] = value
+        refs = [(a, registry.validate_options(a, per_allocator[a]).model_dump()) for a in dict.fromkeys(allocators)]
+        constraints = _read_constraints(constraints_file)
+        constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
+        out = Path(out)
+        work = out.with_name((out.name[:-5] if out.name.endswith(".gguf") else out.name) + ".choose")
+        planner = Planner(_existing(model, "model"), _existing(imatrix, "imatrix"), Constraints.parse(constraints),
+                          log_dir=work, threads=threads)
+        choice = choose_plan(planner, _tables(tables), refs, target, _existing(text, "text"), out, work, ctx=ctx,
+                             chunks=chunks, refine_rounds=refine_rounds, refine_tries=refine_tries,
+                             log=None if as_json else lambda line: console.print(line, highlight=False))
+        result = {**choice.to_json(), "output": str(out), "achieved_bpw": choice.plan.achieved_bpw}
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        swaps = f", then {len(choice.refined)} measured swaps" if choice.refined else ""
+        click.echo(f"chose {choice.best}{swaps}: calibration KLD {choice.score.kld_mean:.6f}, "
+                   f"{choice.plan.achieved_bpw:.4f} bpw; wrote {out} (logs in {work})")

@@ -1,0 +1,172 @@
+"""`tbpw quantize`: measure, allocate to an exact bpw or size target, and write the file with stock llama-quantize.
+
+    tbpw quantize MODEL.gguf --imatrix I.gguf (--target-bpw X | --target-size N) [--allocator NAME]
+                  [--metric NAME] [--pin REGEX=TYPE ...] [--constraints FILE] [--dry-run] [--json] -o OUT.gguf
+
+The errors are measured (and cached) by tbpw.measure unless --error-table or --fork-state gives them.
+The plan is saved as OUT.plan.json next to the output; with --dry-run nothing but the plan is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from tbpw.plugin.hookspecs import hookimpl
+from tbpw.run.overrides import key_values
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
+
+
+def _pins(pairs: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        # the type never contains "=", the regex may
+        pattern, sep, t = pair.rpartition("=")
+        if not sep or not pattern or not t:
+            raise click.BadParameter(f"{pair!r} is not REGEX=TYPE", param_hint="--pin")
+        out[pattern] = t
+    return out
+
+
+def _read_constraints(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    from tbpw.errors import TbpwError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TbpwError(f"cannot read constraints file {path} ({exc}): give a YAML or JSON file") from exc
+    if not isinstance(data, dict):
+        raise TbpwError(f"constraints file {path} must hold a mapping (pins, allowed_types, min_bpw, max_bpw, share_type)")
+    return data
+
+
+def error_table(model: str, imatrix: str, *, fork_state: str | None = None, table_file: str | None = None,
+                metric: str | None = None, metric_options: dict[str, Any] | None = None, types: str | None = None,
+                threads: int | None = None, cache_dir: str | None = None, progress: bool = True):
+    """The (tensor, candidate) -> (bytes, error) table: a saved one when given, else measured (cached)."""
+    if fork_state and table_file:
+        from tbpw.errors import TbpwError
+
+        raise TbpwError("give at most one of --fork-state and --error-table")
+    if fork_state:
+        from tbpw.measure.forkstate import read
+
+        return read(fork_state)
+    from tbpw.measure.engine import measure
+    from tbpw.measure.table import ErrorTable
+
+    if table_file:
+        return ErrorTable.read_json(table_file)
+    kwargs: dict[str, Any] = {"metric_options": metric_options or {}, "threads": threads, "progress": progress,
+                              "cache_dir": cache_dir}
+    if metric:
+        kwargs["metric"] = metric
+    if types:
+        kwargs["candidates"] = [t.strip() for t in types.split(",") if t.strip()]
+    return measure(model, imatrix, **kwargs)
+
+
+@hookimpl
+def tbpw_register_commands(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False))
+    @click.option("--imatrix", required=True, type=click.Path(dir_okay=False), help="the importance matrix (GGUF or legacy .dat)")
+    @click.option("--target-bpw", type=float, default=None, help="bits per weight: 8 x all tensor bytes / all elements, metadata excluded")
+    @click.option("--target-size", default=None, help="file size with metadata, e.g. 2.5gib, 900m, 123456 (k, m, g, t are powers of 1024)")
+    @click.option("--allocator", default=None, help="allocator plugin (see `tbpw plugins`; default: the registry's default)")
+    @click.option("--option", "-O", "options", multiple=True, metavar="KEY=VALUE", help="an allocator option (repeatable)")
+    @click.option("--metric", default=None, help="error metric plugin for the measurement (default: the engine's)")
+    @click.option("--metric-option", "metric_options", multiple=True, metavar="KEY=VALUE", help="a metric option (repeatable)")
+    @click.option("--types", default=None, help="comma-separated candidate types to measure (default: the fork's 20)")
+    @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                  help="where measurements are cached (default: $TBPW_HOME/measure)")
+    @click.option("--pin", "pins", multiple=True, metavar="REGEX=TYPE", help="fix matching tensors to a type (repeatable)")
+    @click.option("--constraints", "constraints_file", type=click.Path(dir_okay=False), default=None,
+                  help="YAML/JSON with pins, allowed_types, min_bpw, max_bpw, share_type")
+    @click.option("--error-table", "table_file", type=click.Path(dir_okay=False), default=None,
+                  help="take the errors from a table written by `tbpw measure --out` instead of measuring")
+    @click.option("--fork-state", type=click.Path(dir_okay=False), default=None,
+                  help="take the errors from the fork's --state-file instead of measuring")
+    @click.option("--dry-run", is_flag=True, help="print the plan; write no model")
+    @click.option("--json", "as_json", is_flag=True, help="print the plan as one JSON object")
+    @click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="threads for measuring and llama-quantize")
+    @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None, help="the GGUF to write")
+    def quantize(model, imatrix, target_bpw, target_size, allocator, options, metric, metric_options, types, cache_dir,
+                 pins, constraints_file, table_file, fork_state, dry_run, as_json, threads, out):
+        """Quantize MODEL to an exact bpw or file-size target with the least measured error."""
+        from tbpw.allocate.apply import plan_path_for
+        from tbpw.allocate.budget import Target
+        from tbpw.allocate.constraints import Constraints
+        from tbpw.allocate.service import Planner
+        from tbpw.errors import TbpwError
+        from tbpw.files.atomic import write_json
+        from tbpw.plugin.manager import get_manager
+
+        if out is None and not dry_run:
+            raise TbpwError("no output file: give -o OUT.gguf (or --dry-run to only print the plan)")
+        for path, what in ((model, "model"), (imatrix, "imatrix")):
+            if not Path(path).is_file():
+                raise TbpwError(f"{what} file {path} does not exist: check the path")
+        target = Target.parse(bpw=target_bpw, size=target_size)
+        manager = get_manager()
+        allocator = allocator or manager.allocators().default_name()
+        validated = manager.allocators().validate_options(
+            allocator, key_values(options, flag="--option", example="bucket_bytes=4096"))
+        manager.allocators().create(allocator, validated).check_ready()
+        constraints = _read_constraints(constraints_file)
+        constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
+        planner = Planner(Path(model), Path(imatrix), Constraints.parse(constraints),
+                          log_dir=Path(out).parent if out else None, threads=threads, manager=manager)
+        table = error_table(model, imatrix, fork_state=fork_state, table_file=table_file, metric=metric,
+                            metric_options=key_values(metric_options, flag="--metric-option",
+                                                      example="trim_fraction=0.02"),
+                            types=types, threads=threads, cache_dir=cache_dir)
+        plan = planner.plan(table, target, allocator, validated)
+
+        result = plan.to_json()
+        if dry_run:
+            if out:
+                write_json(plan_path_for(out), result)
+        else:
+            applied = planner.write(plan, out)
+            result.update({"output": str(applied.path), "file_bytes": applied.file_bytes, "verified": True,
+                           "log": str(applied.log_path)})
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        _print_plan(plan, planner.inventory)
+        if not dry_run:
+            click.echo(f"wrote {applied.path} ({applied.file_bytes} bytes, {applied.achieved_bpw:.4f} bpw; every "
+                       f"tensor verified as planned); plan: {applied.plan_path}")
+
+
+def _print_plan(plan, inventory) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("tensor", "left"), ("type", "left"), ("bytes", "right"),
+                                                     ("bpw", "right"), ("error", "right"), ("", "left"))
+    for col, justify in columns:
+        table.add_column(col, justify=justify)
+    elements = {t.name: t.n_elements for t in inventory.tensors}
+    for t in plan.tensors:
+        error = "" if t.error is None or not math.isfinite(t.error) else f"{t.error:.6g}"
+        note = {"pinned": "pinned", "fixed": "kept"}.get(t.source, "")
+        table.add_row(t.name, t.type, str(t.bytes), f"{8.0 * t.bytes / elements[t.name]:.4f}", error, note)
+    console = Console(width=120)
+    console.print(table)
+    target = f"{plan.target.bpw} bpw" if plan.target.bpw is not None else f"{plan.target.size} bytes"
+    console.print(f"allocator {plan.allocator}: target {target}, achieved {plan.achieved_bpw:.4f} bpw, "
+                  f"{plan.total_bytes} tensor bytes, {plan.file_bytes} file bytes, total error {plan.total_error:.6g}",
+                  highlight=False)

@@ -1,0 +1,53 @@
+"""`tbpw run`, `tbpw validate` and `tbpw schema`: recipes from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from tbpw.plugin.hookspecs import hookimpl
+
+
+@hookimpl
+def tbpw_register_commands(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override a recipe field (repeatable)")
+    @click.option("--force", "force", multiple=True, metavar="STAGE",
+                  help="recompute a stage even if finished (repeatable; 'eval' forces every eval-* stage)")
+    def run(recipe, overrides, force):
+        """Run the whole workflow of a recipe; finished stages are skipped."""
+        from tbpw.run import recipe as recipes
+        from tbpw.run.pipeline import Pipeline
+
+        loaded = recipes.load(recipe, list(overrides))
+        report = Pipeline(loaded, force=set(force), log=lambda line: click.echo(line, err=True)).run()
+        click.echo(str(report))
+
+    @cli.command()
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+    @click.option("--json", "as_json", is_flag=True, help="print the resolved recipe as JSON")
+    def validate(recipe, overrides, as_json):
+        """Check a recipe (fields, plugins and their options, files, what the build can run) without running it."""
+        from tbpw.run import recipe as recipes
+
+        loaded = recipes.load(recipe, list(overrides))
+        recipes.check_ready(loaded)
+        if as_json:
+            click.echo(loaded.model_dump_json(indent=1))
+        else:
+            assert loaded.allocators is not None  # load() fills in the registry's default
+            tables = 1 + (len(loaded.calibrate.strengths) if loaded.calibrate else 0)
+            choice = (f", choose among {tables * len(loaded.allocators)} plans per target"
+                      if loaded.choose else "")
+            click.echo(f"{recipe}: ok ({len(loaded.targets)} targets x {len(loaded.allocators)} allocators{choice}, "
+                       f"{len(loaded.compare_stock)} stock types, output in {loaded.output_dir})")
+
+    @cli.command()
+    def schema():
+        """Print the JSON Schema of a recipe, with every installed plugin's options."""
+        from tbpw.run.recipe import json_schema
+
+        click.echo(json.dumps(json_schema(), indent=1))

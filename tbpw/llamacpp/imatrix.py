@@ -1,0 +1,81 @@
+"""Make an importance matrix with stock llama-imatrix or tbpw's own collector: one function, same arguments."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tbpw.errors import TbpwError
+from tbpw.llamacpp.build import BuildInfo, active_build
+from tbpw.llamacpp.collector import run_collector
+from tbpw.llamacpp.offload import offload_args
+from tbpw.llamacpp.tools import run_tool
+
+COLLECTORS = ("stock", "tbpw")
+
+
+@dataclass(frozen=True)
+class ImatrixRun:
+    path: Path
+    collector: str
+    seconds: float
+    log_path: Path
+
+
+def imatrix_args(model: Path, text: Path | str, out: Path, *, ctx: int, chunks: int | None,
+                 threads: int | None, build: BuildInfo, ngl: int | None = None,
+                 extra_args: Sequence[str] = ()) -> list[str]:
+    """The argument list both collectors take: the collector mirrors llama-imatrix's flags."""
+    args = ["-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx)]
+    if chunks is not None:
+        args += ["--chunks", str(chunks)]
+    if threads is not None:
+        args += ["-t", str(threads)]
+    return args + offload_args(build, ngl) + [str(a) for a in extra_args]
+
+
+def make_imatrix(model: Path | str, text: Path | str, out: Path | str, collector: str = "stock",
+                 chunks: int | None = None, ctx: int = 512, threads: int | None = None,
+                 extra_args: Sequence[str] = (), *, ngl: int | None = None, log_path: Path | str | None = None,
+                 build: BuildInfo | None = None, timeout: float | None = None) -> ImatrixRun:
+    """Run `collector` over `text` in chunks of `ctx` tokens and write a GGUF imatrix to `out`.
+
+    "stock" is llama-imatrix (in_sum2 and counts); "tbpw" is tbpw's collector, which writes the same
+    in_sum2 and counts and also in_sum (so E[a] is known). `text` is recorded in the file exactly as
+    given (imatrix.datasets). The file appears at `out` only when the run succeeded.
+    """
+    if collector not in COLLECTORS:
+        raise TbpwError(f"unknown imatrix collector {collector!r}: use one of {', '.join(COLLECTORS)}")
+    model, out = Path(model), Path(out)
+    for what, path in (("model", model), ("calibration text", Path(text))):
+        if not path.is_file():
+            raise TbpwError(f"the {what} {path} does not exist: check the path")
+    if ctx < 1:
+        raise TbpwError(f"ctx must be a positive number of tokens, got {ctx}")
+    if chunks is not None and chunks < 1:
+        raise TbpwError(f"chunks must be at least 1, got {chunks} (leave it out to use the whole text)")
+    build = build or active_build()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # llama-imatrix rewrites its output every few chunks: let it write inside a private folder, and
+    # move the finished file into place.
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        partial = work / (out.stem + ".gguf")
+        args = imatrix_args(model, text, partial, ctx=ctx, chunks=chunks, threads=threads, build=build, ngl=ngl,
+                            extra_args=extra_args)
+        if log_path is None:
+            log_path = out.with_name(out.name + ".log")
+        if collector == "stock":
+            run = run_tool("llama-imatrix", args, log_path=log_path, build=build, timeout=timeout)
+        else:
+            run = run_collector(args, log_path=log_path, build=build, timeout=timeout)
+        if not partial.is_file():
+            raise TbpwError(f"{collector} collector exited without writing an imatrix (log: {run.log_path})")
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ImatrixRun(path=out, collector=collector, seconds=run.seconds, log_path=run.log_path)

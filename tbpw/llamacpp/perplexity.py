@@ -1,0 +1,131 @@
+"""llama-perplexity, every mode tbpw uses: the one place that writes its arguments.
+
+- `base_logits` runs the float model once over a text and saves its logits (and the text's tokens);
+- `kl_divergence` / `kld` score a quantized model against such a file. They take no text at all:
+  llama-perplexity reads the tokens back from the logits file, so which text a score is on is decided by
+  whoever made the logits file (tbpw's selection and calibration only ever make them from calibration text);
+- `task` runs HellaSwag, WinoGrande or multiple choice on a task file.
+
+Every run offloads the model to the GPU when the build has one (`offload.gpu_layers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, overload
+
+from tbpw.errors import TbpwError
+from tbpw.llamacpp import parsers
+from tbpw.llamacpp.build import BuildInfo, active_build
+from tbpw.llamacpp.offload import offload_args
+from tbpw.llamacpp.tools import ToolRun, run_tool
+
+TaskMode = Literal["hellaswag", "winogrande", "multiple-choice"]
+_TASK_PARSERS: dict[str, Callable[[str], parsers.HellaswagResult | parsers.TaskScore]] = {
+    "hellaswag": parsers.parse_hellaswag, "winogrande": parsers.parse_winogrande,
+    "multiple-choice": parsers.parse_multiple_choice}
+
+
+@dataclass(frozen=True)
+class BaseLogits:
+    path: Path
+    text: Path
+    ctx: int
+    chunks: int | None
+    ppl: float
+    ppl_error: float
+    seconds: float
+
+
+def _common(model: Path | str, ctx: int, chunks: int | None, threads: int | None, ngl: int | None,
+            build: BuildInfo) -> list[str]:
+    args = ["-m", str(model), "-c", str(ctx)]
+    if chunks:
+        args += ["--chunks", str(chunks)]
+    if threads:
+        args += ["-t", str(threads)]
+    return args + offload_args(build, ngl)
+
+
+def base_logits(model: Path | str, text: Path | str, out: Path | str, *, ctx: int = 512, chunks: int | None = None,
+                threads: int | None = None, ngl: int | None = None, log_path: Path | str | None = None,
+                build: BuildInfo | None = None) -> BaseLogits:
+    """Save the baseline's logits over `text` to `out` (reused when `out` and its log exist)."""
+    out, text = Path(out), Path(text)
+    if not text.is_file():
+        raise TbpwError(f"the text {text} does not exist: check the path")
+    log_path = Path(log_path) if log_path else out.with_name(out.name + ".log")
+    if out.is_file() and log_path.is_file():
+        result = parsers.parse_perplexity(log_path.read_text(encoding="utf-8", errors="replace"))
+        return BaseLogits(out, text, ctx, chunks, result.ppl.value, result.ppl.error, 0.0)
+    build = build or active_build()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    run = run_tool("llama-perplexity", [*_common(model, ctx, chunks, threads, ngl, build), "-f", str(text),
+                                        "--kl-divergence-base", str(partial)], log_path=log_path, build=build)
+    result = parsers.parse_run(parsers.parse_perplexity, run)
+    partial.replace(out)
+    return BaseLogits(out, text, ctx, chunks, result.ppl.value, result.ppl.error, run.seconds)
+
+
+def calibration_base(model: Path | str, calibration_text: Path | str, work_dir: Path | str, *, ctx: int, chunks: int,
+                     threads: int | None = None, ngl: int | None = None) -> BaseLogits:
+    """The float model's logits on calibration chunks, kept in `work_dir` for every plan scored there."""
+    work = Path(work_dir)
+    return base_logits(model, calibration_text, work / "calibration-base.logits", ctx=ctx, chunks=chunks,
+                       threads=threads, ngl=ngl, log_path=work / "calibration-base.log")
+
+
+def kl_divergence(model: Path | str, logits: Path | str, *, ctx: int, chunks: int | None = None,
+                  threads: int | None = None, ngl: int | None = None, log_path: Path | str | None = None,
+                  build: BuildInfo | None = None) -> tuple[parsers.KldResult, ToolRun]:
+    """Every statistic of `model` against saved logits (made with the same `ctx` and `chunks`)."""
+    build = build or active_build()
+    args = [*_common(model, ctx, chunks, threads, ngl, build), "--kl-divergence-base", str(logits),
+            "--kl-divergence"]
+    run = run_tool("llama-perplexity", args, log_path=log_path, build=build)
+    return parsers.parse_run(parsers.parse_kl_divergence, run), run
+
+
+@dataclass(frozen=True)
+class KldScore:
+    kld_mean: float
+    kld_p99: float
+    same_top_p: float
+    rho_ppl: float
+    ppl: float
+    seconds: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"kld_mean": self.kld_mean, "kld_p99": self.kld_p99, "same_top_p": self.same_top_p,
+                "rho_ppl": self.rho_ppl, "ppl": self.ppl, "seconds": round(self.seconds, 3)}
+
+
+def kld(model: Path | str, base: BaseLogits, *, threads: int | None = None, ngl: int | None = None,
+        log_path: Path | str | None = None) -> KldScore:
+    """Score `model` against the saved baseline logits (same ctx and chunks as they were made with)."""
+    r, run = kl_divergence(model, base.path, ctx=base.ctx, chunks=base.chunks, threads=threads, ngl=ngl,
+                           log_path=log_path)
+    return KldScore(kld_mean=r.kld.mean.value, kld_p99=r.kld.percentiles.get(99.0, float("nan")),
+                    same_top_p=r.same_top_p_pct.value, rho_ppl=r.ln_ppl_correlation_pct, ppl=r.ppl_q.value,
+                    seconds=run.seconds)
+
+
+@overload
+def task(model: Path | str, mode: Literal["hellaswag"], task_file: Path | str, *, tasks: int, ctx: int,
+         threads: int | None = None, ngl: int | None = None, log_path: Path | str | None = None,
+         build: BuildInfo | None = None) -> parsers.HellaswagResult: ...
+@overload
+def task(model: Path | str, mode: Literal["winogrande", "multiple-choice"], task_file: Path | str, *, tasks: int,
+         ctx: int, threads: int | None = None, ngl: int | None = None, log_path: Path | str | None = None,
+         build: BuildInfo | None = None) -> parsers.TaskScore: ...
+def task(model: Path | str, mode: TaskMode, task_file: Path | str, *, tasks: int, ctx: int,
+         threads: int | None = None, ngl: int | None = None, log_path: Path | str | None = None,
+         build: BuildInfo | None = None) -> parsers.HellaswagResult | parsers.TaskScore:
+    """Accuracy on a task file: HellaSwag (acc_norm), WinoGrande or multiple choice (ARC, MMLU, TruthfulQA)."""
+    build = build or active_build()
+    data = ["-bf" if mode == "multiple-choice" else "-f", str(task_file)]
+    args = [*_common(model, ctx, None, threads, ngl, build), *data, f"--{mode}", f"--{mode}-tasks", str(tasks)]
+    return parsers.parse_run(_TASK_PARSERS[mode], run_tool("llama-perplexity", args, log_path=log_path, build=build))

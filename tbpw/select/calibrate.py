@@ -1,0 +1,230 @@
+"""Calibrate a proxy error table to measured KL divergence ("kld-calibrated").
+
+A proxy error (weighted MSE and friends) ranks the candidate types of ONE tensor well, but says little about
+how much a unit of error in one tensor costs the model's output compared with a unit in another: an error in
+output.weight or in the first layer's value projection moves the logits far more than the same error in a
+middle layer's ffn_up. Summing raw proxy errors over tensors is where allocators lose to stock's hand-made
+rules around 4-5 bpw.
+
+So, per group (one tensor, or one role across layers): quantize that group ALONE to a probe type (every
+other tensor keeps its float type), measure the KL divergence against the float model on a few chunks of
+CALIBRATION text, and fit `scale = measured KLD / proxy error of the group at that type`. With several
+probe types, the log-scale is interpolated in bits per weight between them (and held flat outside).
+`calibrated_table` multiplies each candidate's error by its tensor's scale: the allocator then minimises
+an estimate of the summed KLD increase instead of the summed proxy.
+
+Results are cached like error tables (under the cache's sensitivity/, keyed by model, imatrix, text,
+table, probes, grouping, ctx, chunks and build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tbpw.errors import TbpwError
+from tbpw.files import paths
+from tbpw.files.atomic import write_json, write_text
+from tbpw.files.digest import sha256_file
+from tbpw.llamacpp.perplexity import base_logits, kld
+from tbpw.measure.engine import cache_key, model_fingerprint
+from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
+from tbpw.model.ggml_types import type_name
+from tbpw.model.inventory import ModelInventory
+
+SENSITIVITY_VERSION = 1
+Grouping = Literal["tensor", "role"]
+# A group whose measured KLD does not rise above the all-float run's is not free: it is below what this many
+# chunks can resolve. Its scale is floored at this fraction of the median scale.
+MIN_SCALE_FRACTION = 0.05
+
+
+@dataclass
+class Sensitivity:
+    probe_types: tuple[str, ...]
+    grouping: str
+    groups: dict[str, list[str]]  # group -> tensor names
+    measured: dict[str, dict[str, float]]  # group -> probe type -> KLD increase
+    proxy: dict[str, dict[str, float]]  # group -> probe type -> summed proxy error
+    probe_bpw: dict[str, dict[str, float]]  # tensor -> probe type -> its bpw as that type (after fallbacks)
+    floor_kld: float  # KLD of the all-float requantization (the measurement's noise floor)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": SENSITIVITY_VERSION, "probe_types": list(self.probe_types), "grouping": self.grouping,
+                "groups": self.groups, "measured": self.measured, "proxy": self.proxy, "probe_bpw": self.probe_bpw,
+                "floor_kld": self.floor_kld, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Sensitivity:
+        return cls(tuple(data["probe_types"]), data["grouping"], dict(data["groups"]), dict(data["measured"]),
+                   dict(data["proxy"]), dict(data["probe_bpw"]), float(data["floor_kld"]), dict(data.get("meta", {})))
+
+    def group_scales(self) -> dict[str, dict[str, float]]:
+        """group -> probe type -> scale (finite, positive)."""
+        raw: dict[str, dict[str, float]] = {}
+        for group, by_type in self.measured.items():
+            raw[group] = {}
+            for t, delta in by_type.items():
+                proxy = self.proxy[group][t]
+                raw[group][t] = (delta / proxy) if proxy > 0 and delta > 0 else float("nan")
+        for t in self.probe_types:
+            good = sorted(v[t] for v in raw.values() if math.isfinite(v[t]))
+            if not good:
+                raise TbpwError(f"no group's KL divergence rose measurably at {t}: use a lower probe type or more chunks")
+            floor = good[len(good) // 2] * MIN_SCALE_FRACTION
+            for v in raw.values():
+                v[t] = max(v[t], floor) if math.isfinite(v[t]) else floor
+        return raw
+
+    def tensor_scales(self) -> dict[str, dict[str, float]]:
+        """tensor -> probe type -> scale."""
+        scales = self.group_scales()
+        return {name: scales[group] for group, names in self.groups.items() for name in names}
+
+    def scale_at(self, tensor: str, bpw: float, scales: Mapping[str, Mapping[str, float]] | None = None) -> float:
+        """The tensor's scale at `bpw`: log-linear between the probes' bpw, flat outside."""
+        by_type = (scales or self.tensor_scales())[tensor]
+        points = sorted((self.probe_bpw[tensor][t], math.log(s)) for t, s in by_type.items())
+        if bpw <= points[0][0]:
+            return math.exp(points[0][1])
+        for (b0, l0), (b1, l1) in zip(points, points[1:]):
+            if bpw <= b1:
+                w = (bpw - b0) / (b1 - b0) if b1 > b0 else 1.0
+                return math.exp(l0 + w * (l1 - l0))
+        return math.exp(points[-1][1])
+
+
+def calibrated_table(table: ErrorTable, sens: Sensitivity, strength: float = 1.0) -> ErrorTable:
+    """`table` with every candidate error multiplied by its tensor's measured-sensitivity scale (raised to
+    `strength`: 1 trusts the measurement fully, 0 gives back the proxy; values between hedge against
+    calibration noise, and the choice among them is best left to `select_plan`)."""
+    scales = sens.tensor_scales()
+    tensors = []
+    for t in table.tensors:
+        if t.name not in scales:
+            raise TbpwError(f"the sensitivity has no scale for {t.name}: calibrate it for this table's model")
+        cands = [CandidateError(c.type, c.bytes,
+                                c.error * sens.scale_at(t.name, 8.0 * c.bytes / t.n_elements, scales) ** strength)
+                 for c in t.candidates]
+        tensors.append(TensorErrors(t.name, t.n_elements, cands))
+    return ErrorTable(tensors, dict(table.meta, transform="kld-calibrated", sensitivity=sens.meta.get("key"),
+                                          strength=strength))
+
+
+def groups_of(inventory: ModelInventory, grouping: Grouping) -> dict[str, list[str]]:
+    decidable = [t for t in inventory.tensors if t.quantizable]
+    if grouping == "tensor":
+        return {t.name: [t.name] for t in decidable}
+    if grouping == "role":
+        groups: dict[str, list[str]] = {}
+        for t in decidable:
+            groups.setdefault(t.role, []).append(t.name)
+        return groups
+    raise TbpwError(f"unknown sensitivity grouping {grouping!r}: use tensor or role")
+
+
+def proxy_at(entry: TensorErrors, type_name_: str, bpw: float) -> float:
+    """The table's error of `entry` as `type_name_`; when a reduced table dropped that type, the error
+    log-linearly interpolated in bpw between its neighbouring candidates (clamped at the ends)."""
+    for c in entry.candidates:
+        if c.type == type_name_:
+            return c.error
+    points = sorted((8.0 * c.bytes / entry.n_elements, c.error) for c in entry.candidates if c.error > 0)
+    if not points:
+        raise TbpwError(f"the error table has no positive error for {entry.name}: measure it again")
+    if bpw <= points[0][0]:
+        return points[0][1]
+    for (b0, e0), (b1, e1) in zip(points, points[1:]):
+        if bpw <= b1:
+            w = (bpw - b0) / (b1 - b0) if b1 > b0 else 1.0
+            return math.exp(math.log(e0) + w * (math.log(e1) - math.log(e0)))
+    return points[-1][1]
+
+
+def _table_hash(table: ErrorTable) -> str:
+    data = [[t.name, [[c.type, c.bytes, c.error] for c in t.candidates]] for t in table.tensors]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:20]
+
+
+def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: Path | str, table: ErrorTable, *,
+              probe_types: Sequence[str] = ("Q3_K",), grouping: Grouping = "tensor", ctx: int = 512, chunks: int = 8,
+              threads: int | None = None, ngl: int | None = None, cache_dir: Path | str | None = None,
+              log: Callable[[str], None] | None = None) -> Sensitivity:
+    """Measure (or load from the cache) the sensitivity of every group of `model` (see the module doc)."""
+    from tbpw.llamacpp.build import active_build
+    from tbpw.llamacpp.quantize import quantize, tensor_type_text
+
+    model, calibration_text = Path(model), Path(calibration_text)
+    inventory = ModelInventory.load(model)
+    probes = tuple(type_name(t) for t in probe_types)
+    groups = groups_of(inventory, grouping)
+    entries = table.by_name()
+    build = active_build()
+    parts = {"version": SENSITIVITY_VERSION, "model": model_fingerprint(inventory),
+             "imatrix": sha256_file(Path(imatrix)) if imatrix else None, "text": sha256_file(calibration_text),
+             "table": _table_hash(table), "probes": list(probes), "grouping": grouping, "ctx": ctx, "chunks": chunks,
+             "build": build.key}
+    key = cache_key(parts)
+    folder = (Path(cache_dir) if cache_dir else paths.sensitivity_cache()) / key
+    final = folder / "sensitivity.json"
+    if final.is_file():
+        sens = Sensitivity.from_json(json.loads(final.read_text()))
+        sens.meta["cached"] = True
+        return sens
+
+    probe_bpw: dict[str, dict[str, float]] = {}
+    proxy: dict[str, dict[str, float]] = {g: {} for g in groups}
+    for group, names in groups.items():
+        for t in probes:
+            total = 0.0
+            for name in names:
+                info = inventory[name]
+                eff = info.effective_type(t)
+                if name not in entries:
+                    raise TbpwError(f"the error table has no entry for {name}: measure this model first")
+                bpw = 8.0 * info.bytes_as(eff) / info.n_elements
+                total += proxy_at(entries[name], eff, bpw)
+                probe_bpw.setdefault(name, {})[t] = bpw
+            proxy[group][t] = total
+
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=folder))
+    say = log or (lambda line: None)
+    try:
+        base = base_logits(model, calibration_text, work / "base.logits", ctx=ctx, chunks=chunks, threads=threads,
+                           ngl=ngl, log_path=work / "base.log", build=build)
+        floats = {t.name: t.stored_type for t in inventory.tensors if t.quantizable}
+
+        def delta(types: Mapping[str, str], label: str) -> float:
+            write_text(work / "types.txt", tensor_type_text(types))
+            out = work / "probe.gguf"
+            quantize(model, out, imatrix=imatrix, tensor_type_file=work / "types.txt", threads=threads,
+                     log_path=work / "quantize.log", build=build)
+            score = kld(out, base, threads=threads, ngl=ngl, log_path=work / "kld.log")
+            out.unlink()
+            say(f"  {label}: KLD {score.kld_mean:.6f}")
+            return score.kld_mean
+
+        floor = delta(floats, "all float")
+        measured: dict[str, dict[str, float]] = {}
+        for group, names in groups.items():
+            measured[group] = {}
+            for t in probes:
+                types = dict(floats, **{n: inventory[n].effective_type(t) for n in names})
+                measured[group][t] = delta(types, f"{group} as {t}") - floor
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    sens = Sensitivity(probes, grouping, groups, measured, proxy, probe_bpw, floor,
+                       {"key": key, **parts, "model_path": str(model), "text_path": str(calibration_text)})
+    sens.group_scales()  # fails now, not later, when nothing was measurable
+    write_json(final, sens.to_json())
+    sens.meta["cached"] = False
+    return sens

@@ -1,0 +1,108 @@
+"""Measured refinement: improve a plan by type swaps that real KL divergence on CALIBRATION text confirms.
+
+The allocator's plan is optimal for its error table, but the table is an estimate. Moves whose estimated
+cost is smallest (one tensor a step up, another a step down, within the budget) are the ones the estimate
+is least sure about: each round writes the `tries` cheapest-looking swaps, scores them against the float
+model on calibration chunks, and keeps the best if it beats the current plan (exllamav3's measured
+per-module swaps, on tbpw's exact byte budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tbpw.allocate.plan import Plan, make_plan
+from tbpw.allocate.problem import AllocationProblem, Candidate, DecidableTensor
+from tbpw.allocate.service import Planner
+from tbpw.llamacpp.perplexity import KldScore, calibration_base, kld
+
+
+@dataclass
+class Refinement:
+    plan: Plan
+    score: KldScore
+    start: KldScore
+    accepted: list[str] = field(default_factory=list)  # "up A, down B" per accepted round
+    evaluated: int = 0
+    seconds: float = 0.0
+
+
+def _up(unit: DecidableTensor, current: Candidate) -> Candidate | None:
+    better = [c for c in unit.candidates if c.bytes > current.bytes and c.error < current.error]
+    return min(better, key=lambda c: (c.bytes, c.error)) if better else None
+
+
+def _down(unit: DecidableTensor, current: Candidate) -> Candidate | None:
+    cheaper = [c for c in unit.candidates if c.bytes < current.bytes]
+    return min(cheaper, key=lambda c: (c.error, -c.bytes)) if cheaper else None
+
+
+def swap_moves(problem: AllocationProblem, choice: dict[str, str]) -> list[tuple[float, str, str, str, str]]:
+    """(estimated error change, up tensor, its new type, down tensor, its new type), cheapest first."""
+    used = problem.total_bytes(choice)
+    ups, downs = [], []
+    for unit in problem.tensors:
+        current = unit.candidate(choice[unit.name])
+        if current is None:
+            continue
+        if (u := _up(unit, current)) is not None:
+            ups.append((unit.name, u, u.bytes - current.bytes, u.error - current.error))
+        if (d := _down(unit, current)) is not None:
+            downs.append((unit.name, d, current.bytes - d.bytes, d.error - current.error))
+    moves = []
+    for a, ua, extra, gain in ups:
+        for b, db, freed, loss in downs:
+            if a != b and used + extra - freed <= problem.budget:
+                moves.append((gain + loss, a, ua.type, b, db.type))
+    moves.sort()
+    return moves
+
+
+def refine_plan(planner: Planner, problem: AllocationProblem, plan: Plan, calibration_text: Path | str,
+                work_dir: Path | str, *, rounds: int = 2, tries: int = 4, ctx: int = 512, chunks: int = 16,
+                ngl: int | None = None, start_score: KldScore | None = None,
+                log: Callable[[str], None] | None = None) -> Refinement:
+    """Up to `rounds` rounds of `tries` measured swaps each, starting from `plan` (see the module doc).
+
+    `start_score` is `plan`'s score on the same calibration chunks, when the caller has it (select_plan's)."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda line: None)
+    threads = planner.threads
+    base = calibration_base(planner.model, calibration_text, work, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl)
+    seconds = base.seconds
+    evaluated = 0
+
+    def score_of(candidate: Plan, name: str) -> KldScore:
+        nonlocal seconds, evaluated
+        out = work / f"{name}.gguf"
+        applied = planner.write(candidate, out, log_path=work / f"{name}.quantize.log")
+        s = kld(out, base, threads=threads, ngl=ngl, log_path=work / f"{name}.kld.log")
+        out.unlink()
+        seconds += applied.seconds + s.seconds
+        evaluated += 1
+        return s
+
+    types = plan.types()
+    choice = {u.name: types[u.members[0].name] for u in problem.tensors}
+    current, current_score = plan, start_score or score_of(plan, "refine-start")
+    start, accepted = current_score, []
+    for r in range(rounds):
+        moves = swap_moves(problem, choice)[:tries]
+        best = None
+        for i, (_, a, ta, b, tb) in enumerate(moves):
+            trial = dict(choice, **{a: ta, b: tb})
+            cand = make_plan(planner.inventory, problem, trial, allocator=f"{plan.allocator}+refined",
+                             options=plan.allocator_options, metadata_bytes=plan.metadata_bytes)
+            s = score_of(cand, f"refine-{r}-{i}")
+            say(f"  round {r}: {a} -> {ta}, {b} -> {tb}: calibration KLD {s.kld_mean:.6f} "
+                f"(now {current_score.kld_mean:.6f})")
+            if s.kld_mean < current_score.kld_mean and (best is None or s.kld_mean < best[0].kld_mean):
+                best = (s, cand, trial, f"{a} -> {ta}, {b} -> {tb}")
+        if best is None:
+            break
+        current_score, current, choice = best[0], best[1], best[2]
+        accepted.append(best[3])
+    return Refinement(current, current_score, start, accepted, evaluated, seconds)
