@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Quality at equal size: tbpw against stock llama.cpp (and the fork, when active) by KL divergence.
 
-    .venv/bin/python benchmarks/quality.py [--model bench|smollm2|PATH] [--levels IQ3_XXS,Q2_K,...]
-        [--allocators knapsack,lagrangian] [--metrics wmse] [--no-calibrated] [--no-select]
-        [--chunks 100] [--out docs/quality.md]
+    .venv/bin/python benchmarks/quality.py [--model bench|bench-odd|smollm2|PATH] [--levels IQ3_XXS,Q2_K,...]
+        [--allocators knapsack,lagrangian] [--metrics wmse] [--candidates fork,Q2_0,...] [--no-calibrated]
+        [--no-select] [--fork-build BUILD_DIR] [--chunks 100] [--out docs/quality.md]
 
 For each stock type (level): quantize with stock llama-quantize and an imatrix made on the CALIBRATION side of
 tbpw's Wikipedia split, read the file's exact bpw, make tbpw quants at that bpw with every allocator x error
@@ -11,11 +11,17 @@ table (each metric's proxy table and, unless --no-calibrated, its KLD-calibrated
 by KL divergence on calibration text (`tbpw-select`, unless --no-select). Every quant is then scored with
 llama-perplexity --kl-divergence against the float model's logits on the held-out EVALUATION side, which
 nothing but that final scoring ever reads. Times are given as multiples of one plain stock Q4_K_M quantization.
+
+The fork's rows come from `--fork-build`, a folder of a build of the target-bpw fork (`tbpw build --source
+PATH` with TBPW_HOME elsewhere, so that the stock build stays active), or from the active build when that is
+the fork. The fork gets the same imatrix, made by tbpw's collector: the E[a²] stock llama-imatrix writes,
+plus the E[a] the fork's metric uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import shutil
@@ -28,8 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tbpw.allocate.budget import Target  # noqa: E402
+from tbpw.allocate.constraints import Constraints  # noqa: E402
 from tbpw.allocate.service import Planner  # noqa: E402
 from tbpw.data import assets  # noqa: E402
+from tbpw.llamacpp.build import BuildInfo  # noqa: E402
 from tbpw.llamacpp.imatrix import make_imatrix  # noqa: E402
 from tbpw.llamacpp.perplexity import KldScore, base_logits, kld  # noqa: E402
 from tbpw.llamacpp.quantize import quantize  # noqa: E402
@@ -42,6 +50,11 @@ from tbpw.select.refine import refine_plan  # noqa: E402
 
 DEFAULT_LEVELS = ("IQ3_XXS", "Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
 DEQUANTIZED_MAX_BPW = 4.5
+BENCH_MODELS = ("bench", "bench-odd")
+# The quality targets of the chosen plan: KLD / min(stock, fork) per level and their geometric mean; without
+# fork rows, KLD / stock.
+TARGETS_WITH_FORK = (0.85, 0.70)
+TARGETS_STOCK_ONLY = (0.60, 0.45)
 
 
 @dataclass
@@ -62,6 +75,7 @@ class Run:
     stock_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     selected: dict[str, str] = field(default_factory=dict)  # level -> chosen variant
+    targets: dict[str, float] = field(default_factory=dict)  # level -> the target bpw (the stock file's)
     reused: list[str] = field(default_factory=list)  # one-off steps taken from an earlier run (--reuse)
 
 
@@ -71,14 +85,16 @@ def log(line: str) -> None:
 
 def resolve_model(spec: str, device: str = "cpu") -> tuple[Path, str, list[str]]:
     """(F16 GGUF, display name, notes printed next to the numbers)."""
-    if spec == "bench":
-        from scripts.training.bench_model import bench_model, settings_for
+    if spec in BENCH_MODELS:
+        from scripts.training.bench_model import MODELS, bench_model, settings_for
 
-        bm = bench_model(settings=settings_for(device), log=log)
+        bm = bench_model(settings=settings_for(device, MODELS[spec]), log=log)
         m = bm.manifest
+        st = m["settings"]
         where = "2 CPU threads" if device == "cpu" else "a GPU"
-        return bm.gguf, "bench" if device == "cpu" else f"bench-{device}", [
-            f"benchmark model: tbpw's trained llama ({m['parameters'] / 1e6:.2f} M parameters, genuine float weights, "
+        return bm.gguf, spec if device == "cpu" else f"{spec}-{device}", [
+            f"benchmark model: tbpw's trained llama ({m['parameters'] / 1e6:.2f} M parameters, genuine float weights; "
+            f"hidden {st['hidden']}, {st['layers']} layers, {st['heads']} heads / {st['kv_heads']} KV heads, ffn {st['ffn']}; "
             f"held-out PPL {m['heldout_ppl']}, {m['tokens_seen'] / 1e6:.2f} M tokens seen in "
             f"{m['train_seconds'] / 60:.1f} min on {where}; settings key {m['key']})"]
     if spec == "smollm2":
@@ -87,7 +103,7 @@ def resolve_model(spec: str, device: str = "cpu") -> tuple[Path, str, list[str]]
             "(see the threshold below), and even there an allocator that finds Q4_1 is favoured."]
     path = Path(spec)
     if not path.is_file():
-        raise SystemExit(f"error: no model {spec!r}: use bench, smollm2 or the path of an F16/BF16 GGUF")
+        raise SystemExit(f"error: no model {spec!r}: use {', '.join(BENCH_MODELS)}, smollm2 or the path of an F16/BF16 GGUF")
     return path, path.stem, []
 
 
@@ -95,15 +111,40 @@ def score(model: Path, base, work: Path, name: str, threads: int) -> KldScore:
     return kld(model, base, threads=threads, log_path=work / f"{name}.eval-kld.log")
 
 
+def fork_build(args: argparse.Namespace, run: Run) -> BuildInfo | None:
+    """The build whose --target-bpw makes the fork's rows (None: no fork rows, and a note saying why)."""
+    from tbpw.llamacpp.build import active_build
+    from tbpw.llamacpp.features import detect
+
+    if not args.fork:
+        return None
+    if args.fork_build:
+        build = BuildInfo.load(Path(args.fork_build))
+        if not detect(build).target_bpw:
+            raise SystemExit(f"error: the build in {args.fork_build} has no --target-bpw: it is not the fork")
+    else:
+        build = active_build()
+        if not detect(build).target_bpw:
+            run.notes.append("the active llama.cpp build has no --target-bpw (it is not the fork) and no --fork-build "
+                             "was given: no fork rows")
+            return None
+    f = detect(build)
+    run.notes.append(f"fork rows: `llama-quantize --target-bpw <level's bpw>` of the fork build {build.source_name} "
+                     f"(commit {f.commit}), with the same imatrix and its --state-file shared across levels (its "
+                     "time: the first level measures, the others reuse)")
+    return build
+
+
 def run_benchmark(args: argparse.Namespace) -> Run:
     model, label, notes = resolve_model(args.model, args.bench_device)
+    label = args.label or label
     run = Run(label, notes=list(notes))
     if args.model == "smollm2":
         run.notes.append(f"levels kept: stock file below {args.dequantized_max_bpw} bpw")
     for note in notes:
         log(note)
     dequantized = args.model == "smollm2"
-    ctx = args.ctx or (256 if args.model == "bench" else 512)
+    ctx = args.ctx or (256 if args.model in BENCH_MODELS else 512)
     work = Path(args.work) / label
     if work.exists() and not args.reuse:
         shutil.rmtree(work)  # every one-off step is timed cold
@@ -111,19 +152,14 @@ def run_benchmark(args: argparse.Namespace) -> Run:
     wiki = assets.wiki_split()
     calibration, evaluation = wiki.calibration, wiki.evaluation
     threads = args.threads
-    if args.fork:
-        from tbpw.llamacpp.features import detect
-
-        if not detect().target_bpw:
-            args.fork = False
-            run.notes.append("the active llama.cpp build has no --target-bpw (it is not the fork): no fork rows")
+    fork = fork_build(args, run)
 
     t = time.monotonic()
-    imatrix = work / "imatrix.gguf"
+    imatrix = work / f"imatrix-{args.collector}.gguf"
     if imatrix.is_file():
         run.reused.append("imatrix")
     else:
-        make_imatrix(model, calibration, imatrix, collector="stock", chunks=args.imatrix_chunks, ctx=ctx,
+        make_imatrix(model, calibration, imatrix, collector=args.collector, chunks=args.imatrix_chunks, ctx=ctx,
                      threads=threads, log_path=work / "imatrix.log")
     run.steps["imatrix"] = time.monotonic() - t
 
@@ -146,7 +182,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
     tables: dict[str, ErrorTable] = {}
     for metric in args.metrics:
         t = time.monotonic()
-        tables[metric] = measure(model, imatrix, metric=metric, threads=threads, progress=False,
+        tables[metric] = measure(model, imatrix, metric=metric, threads=threads, progress=False, candidates=args.candidates,
                                  sampling={"scale": args.sampling_scale} if args.sampling_scale != 1.0 else None,
                                  cache_dir=work / "measure-cache")
         run.steps[f"measure {metric}"] = time.monotonic() - t
@@ -164,7 +200,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 suffix = "" if strength == 1.0 else f"{strength:g}"
                 tables[f"{metric}+kld{suffix}"] = calibrated_table(tables[metric], sens, strength)
 
-    planner = Planner(model, imatrix, threads=threads)
+    planner = Planner(model, imatrix, threads=threads, constraints=Constraints.parse(args.constraints))
     for level in args.levels:
         lw = work / level
         lw.mkdir(exist_ok=True)
@@ -179,6 +215,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             continue
         s = score(stock_out, eval_base, lw, "stock", threads)
         run.rows.append(Row(level, "stock", bpw, s, seconds))
+        run.targets[level] = bpw
         log(f"{level}: stock {bpw:.4f} bpw KLD {s.kld_mean:.6f}")
         stock_out.unlink()
 
@@ -231,10 +268,11 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                     f"evaluation KLD {s.kld_mean:.6f}")
         for path in written.values():
             path.unlink(missing_ok=True)
-        if args.fork:
+        if fork is not None:
             out = lw / "fork.gguf"
             t = time.monotonic()
-            quantize(model, out, imatrix=imatrix, base_type="Q8_0", threads=threads, extra=["--target-bpw", repr(bpw)],
+            quantize(model, out, imatrix=imatrix, base_type="Q8_0", threads=threads, build=fork,
+                     extra=["--target-bpw", repr(bpw), "--state-file", str(work / "fork.bpw_state")],
                      log_path=lw / "fork.quantize.log")
             seconds = time.monotonic() - t
             s = score(out, eval_base, lw, "fork", threads)
@@ -250,6 +288,42 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+def chosen_variant(run: Run) -> str | None:
+    """The variant that is tbpw's answer: the refined choice when refinement ran, else the selection."""
+    names = {r.variant for r in run.rows}
+    return next((v for v in ("tbpw-refine", "tbpw-select") if v in names), None)
+
+
+def target_summary(run: Run) -> list[str]:
+    """The chosen plan against the quality targets: per level KLD / min(stock, fork) (or / stock without fork
+    rows), the geometric mean, and whether both targets are met."""
+    chosen = chosen_variant(run)
+    if chosen is None:
+        return []
+    stock = {r.level: r.score.kld_mean for r in run.rows if r.variant == "stock"}
+    fork = {r.level: r.score.kld_mean for r in run.rows if r.variant.startswith("fork")}
+    rows = [r for r in run.rows if r.variant == chosen and r.level in stock]
+    with_fork = bool(fork) and all(r.level in fork for r in rows)
+    level_max, mean_max = TARGETS_WITH_FORK if with_fork else TARGETS_STOCK_ONLY
+    ratios = {r.level: r.score.kld_mean / (min(stock[r.level], fork[r.level]) if with_fork else stock[r.level])
+              for r in rows}
+    if not ratios:
+        return []
+    against = "min(stock, fork)" if with_fork else "stock"
+    worst = max(ratios, key=lambda k: ratios[k])
+    gm = geomean(list(ratios.values()))
+    missed = [k for k, v in ratios.items() if v > level_max]
+    lines = [f"Targets of the chosen plan ({chosen}): KLD / {against} <= {level_max} at every level and a geometric "
+             f"mean <= {mean_max}.", "",
+             "| level | " + " | ".join(ratios) + " | geometric mean |",
+             "|---|" + "---|" * (len(ratios) + 1),
+             f"| KLD / {against} | " + " | ".join(f"{v:.3f}" for v in ratios.values()) + f" | {gm:.3f} |",
+             "| shortfall (bpw) | " + " | ".join(f"{run.targets[r.level] - r.bpw:.4f}" for r in rows) + " | |", "",
+             f"- every level: {'met' if not missed else 'missed at ' + ', '.join(missed)} (worst {ratios[worst]:.3f} at {worst})",
+             f"- geometric mean: {gm:.3f}, {'met' if gm <= mean_max else 'missed'}", ""]
+    return lines
+
+
 def markdown(run: Run, args: argparse.Namespace) -> str:
     from tbpw.llamacpp.build import active_build
 
@@ -259,8 +333,11 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
     ref = run.stock_seconds or float("nan")
     lines = [f"### {run.model}", ""]
     lines += [f"- {n}" for n in run.notes]
-    lines += [f"- llama.cpp build {build.build_number} ({build.backend}); imatrix: stock llama-imatrix on "
-              f"{args.imatrix_chunks} chunks of the calibration side; KLD against the float logits on "
+    cands = ", ".join(args.candidates) if args.candidates else "the fork's 20"
+    lines += [f"- llama.cpp build {build.build_number} ({build.backend}); imatrix: "
+              + ("tbpw's collector (stock llama-imatrix's E[a²], plus E[a])" if args.collector == "tbpw"
+                 else "stock llama-imatrix")
+              + f" on {args.imatrix_chunks} chunks of the calibration side; KLD against the float logits on "
               f"{args.chunks} chunks of the held-out evaluation side",
               f"- tbpw variants: allocator/table for allocators {', '.join(args.allocators)} and tables "
               f"{', '.join(args.metrics)}" + (f" (+kld: calibrated on {args.cal_chunks} calibration chunks, probes "
@@ -270,31 +347,41 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
               + (f"; tbpw-refine: tbpw-select's plan improved by up to {args.refine_rounds} rounds of "
                  f"{args.refine_tries} type swaps, each kept only when calibration KLD confirms it"
                  if args.select and args.refine_rounds > 0 else ""),
+              f"- candidate types: {cands}" + (f"; constraints {json.dumps(args.constraints)}" if args.constraints else ""),
               f"- error tables measured with row sampling scale {args.sampling_scale}",
-              f"- time: multiples of one plain stock Q4_K_M quantization ({ref:.2f} s, best of 2, wall clock on a 2-core machine); "
-              "a variant's time is allocation + writing; tbpw-select's is all candidates + scoring them on calibration "
+              "- short: the level's target (the stock file's bpw) minus the variant's bpw",
+              f"- time: multiples of one plain stock Q4_K_M quantization ({ref:.2f} s, best of 2, wall clock on a 2-core machine"
+              + (", loaded by other jobs: times are inflated and noisy, KLD figures are deterministic" if args.loaded else "")
+              + "); a variant's time is allocation + writing; tbpw-select's is all candidates + scoring them on calibration "
               "text; one-off steps (imatrix, measurement, calibration) are listed below the table", ""]
-    header = "| level | variant | bpw | KLD mean | KLD p99 | same top p | ρ PPL | PPL | KLD / stock | time |"
+    header = "| level | variant | bpw | short | KLD mean | KLD p99 | same top p | ρ PPL | PPL | KLD / stock | time |"
     if fork:
         header += " KLD / fork |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in run.rows:
         ratio = r.score.kld_mean / stock[r.level].score.kld_mean if r.level in stock else float("nan")
         variant = r.variant + (f" → {r.note}" if r.note else "")
-        cells = [r.level, variant, f"{r.bpw:.4f}", f"{r.score.kld_mean:.6f}", f"{r.score.kld_p99:.6f}",
+        short = run.targets[r.level] - r.bpw if r.level in run.targets else float("nan")
+        cells = [r.level, variant, f"{r.bpw:.4f}", f"{short:.4f}", f"{r.score.kld_mean:.6f}", f"{r.score.kld_p99:.6f}",
                  f"{r.score.same_top_p:.2f}%", f"{r.score.rho_ppl:.2f}%", f"{r.score.ppl:.3f}",
                  "–" if r.variant == "stock" else f"{ratio:.3f}", f"{r.seconds / ref:.1f}x"]
         if fork:
-            cells.append(f"{r.score.kld_mean / fork[r.level].score.kld_mean:.3f}" if r.level in fork else "–")
+            cells.append(f"{r.score.kld_mean / fork[r.level].score.kld_mean:.3f}"
+                         if r.level in fork and not r.variant.startswith("fork") else "–")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Geometric mean of KLD(variant) / KLD(stock) over the levels:", ""]
     variants = [v for v in dict.fromkeys(r.variant for r in run.rows) if v != "stock"]
     for v in variants:
         ratios = [r.score.kld_mean / stock[r.level].score.kld_mean for r in run.rows if r.variant == v and r.level in stock]
         worst = max(ratios) if ratios else float("nan")
-        lines.append(f"- {v}: {geomean(ratios):.3f} (worst level {worst:.3f}, {len(ratios)} levels)")
+        line = f"- {v}: {geomean(ratios):.3f} (worst level {worst:.3f}, {len(ratios)} levels)"
+        if fork and not v.startswith("fork"):
+            fr = [r.score.kld_mean / fork[r.level].score.kld_mean for r in run.rows if r.variant == v and r.level in fork]
+            line += f"; against the fork {geomean(fr):.3f} (worst {max(fr):.3f})" if fr else ""
+        lines.append(line)
+    lines += [""] + target_summary(run)
     one_off = ", ".join(f"{k} {'reused' if k in run.reused else f'{v / ref:.1f}x'}" for k, v in run.steps.items())
-    lines += ["", f"One-off steps: {one_off}.", ""]
+    lines += [f"One-off steps: {one_off}.", ""]
     return "\n".join(lines)
 
 
@@ -311,7 +398,9 @@ def write_section(path: Path, model: str, text: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="bench", help="bench (tbpw's trained model), smollm2, or a GGUF path")
+    p.add_argument("--model", default="bench",
+                   help="bench or bench-odd (tbpw's trained models), smollm2, or a GGUF path")
+    p.add_argument("--label", help="the section's name in --out (default: the model's name)")
     p.add_argument("--bench-device", choices=["cpu", "cuda"], default="cpu",
                    help="where the benchmark model is trained (cpu: the reference in docs/quality.md)")
     p.add_argument("--levels", default=",".join(DEFAULT_LEVELS))
@@ -320,6 +409,13 @@ def main() -> None:
     p.add_argument("--no-calibrated", dest="calibrated", action="store_false", help="skip the KLD-calibrated tables")
     p.add_argument("--no-select", dest="select", action="store_false", help="skip the choice by calibration KLD")
     p.add_argument("--no-fork", dest="fork", action="store_false", help="skip the fork's --target-bpw row")
+    p.add_argument("--fork-build", help="a build folder of the target-bpw fork (holding build.json and bin/) for the "
+                                        "fork's rows; default: the active build when it is the fork")
+    p.add_argument("--collector", choices=["tbpw", "stock"], default="tbpw",
+                   help="imatrix collector: tbpw (E[a^2] as stock's, plus E[a] for the fork) or stock llama-imatrix")
+    p.add_argument("--candidates", help="candidate types of the error tables (names or the sets fork, extra); "
+                                        "default: the fork's 20")
+    p.add_argument("--constraints", default="{}", help="tbpw's constraints as JSON, e.g. '{\"min_bpw\": {\"output\": 6}}'")
     p.add_argument("--probes", default="Q3_K", help="probe types of the sensitivity calibration")
     p.add_argument("--grouping", default="tensor", choices=["tensor", "role"])
     p.add_argument("--strengths", default="1,0.5", help="calibration strengths (scale ** strength) to make tables of")
@@ -339,11 +435,14 @@ def main() -> None:
     p.add_argument("--dequantized-max-bpw", type=float, default=DEQUANTIZED_MAX_BPW,
                    help="smollm2: run only levels whose stock file is below this bpw (its source is Q4_1, 5.0 bpw; "
                         "rows that are not multiples of 256 push every stock type to 4.8+ bpw there)")
+    p.add_argument("--loaded", action="store_true", help="say in the notes that the machine was loaded by other jobs")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
     for key in ("levels", "allocators", "metrics", "probes", "strengths"):
         setattr(args, key, [x.strip() for x in getattr(args, key).split(",") if x.strip()])
     args.strengths = [float(x) for x in args.strengths]
+    args.candidates = [x.strip() for x in args.candidates.split(",") if x.strip()] if args.candidates else None
+    args.constraints = json.loads(args.constraints)
 
     run = run_benchmark(args)
     text = markdown(run, args)
@@ -353,7 +452,7 @@ def main() -> None:
         from tbpw.files.atomic import write_json
 
         write_json(args.json, {"model": run.model, "stock_seconds": run.stock_seconds, "steps": run.steps,
-                               "notes": run.notes, "selected": run.selected,
+                               "notes": run.notes, "selected": run.selected, "targets": run.targets,
                                "rows": [{"level": r.level, "variant": r.variant, "bpw": r.bpw, "seconds": r.seconds,
                                          "note": r.note, **{k if k != "seconds" else "kld_seconds": v for k, v in r.score.to_json().items()}}
                                         for r in run.rows]})

@@ -298,3 +298,20 @@ def test_on_a_measured_table(inventory, measured_table):
             other = allocate(inventory, problem, name, options)
             assert other.achieved_bpw <= target
             assert best.total_error <= other.total_error * (1 + 1e-12) + 1e-12, (target, name, options)
+
+
+def test_fork_state_file_is_keyed_by_imatrix_and_build(tiny_model, fork_imatrix, stock_imatrix, tmp_path, monkeypatch):
+    """The fork keys its state file on the model alone; tbpw's cached one changes with the imatrix and the build."""
+    from dataclasses import replace
+
+    from tbpw.llamacpp.build import BuildInfo
+    from tbpw.llamacpp.quantize import fork_state_path
+
+    monkeypatch.setenv("TBPW_HOME", str(tmp_path))
+    build = BuildInfo(key="k1", root=tmp_path, source_name="fork", source_identity="x", build_number=0,
+                      build_commit="a50ddb6", backend="cpu", cmake_flags=(), seconds=0.0)
+    one = fork_state_path(tiny_model, fork_imatrix, build)
+    assert one == fork_state_path(tiny_model, fork_imatrix, build) and one.parent == tmp_path / "fork-state"
+    assert one != fork_state_path(tiny_model, stock_imatrix, build)
+    assert one != fork_state_path(tiny_model, fork_imatrix, replace(build, key="k2"))
+    assert one != fork_state_path(tiny_model, fork_imatrix, build, {"output.weight": "Q8_0"})

@@ -118,3 +118,41 @@ def test_detection_without_a_build_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv("TBPW_BUILD", raising=False)
     with pytest.raises(TbpwError, match="run `tbpw build` first"):
         features.detect()
+
+
+def test_version_is_asked_only_of_tools_that_list_the_flag():
+    options = {"llama-bench": ["--help", "--list-devices"], "llama-perplexity": ["--help", "--version"],
+               "llama-imatrix": ["--version"], "llama-quantize": ["--help"]}
+    assert features.version_tools(options) == ["llama-perplexity", "llama-imatrix"]
+    assert features.version_tools({"llama-bench": ["--version"], "llama-imatrix": ["--version"]}) == ["llama-bench",
+                                                                                                        "llama-imatrix"]
+    assert features.version_tools({}) == []
+
+
+@pytest.mark.tools
+def test_a_build_whose_llama_bench_has_no_version_flag(active_build, tmp_path):
+    """The target-bpw fork's llama-bench has no --version (nor does llama-quantize anywhere): detection takes the
+    version from a tool that has it, and doctor says so instead of failing."""
+    import shutil
+
+    from tbpw.llamacpp.build import BuildInfo
+    from tbpw.llamacpp.doctor import report
+
+    root = tmp_path / "build"
+    (root / "bin").mkdir(parents=True)
+    for f in active_build.bin_dir.iterdir():
+        (root / "bin" / f.name).symlink_to(f)
+    # a real llama.cpp tool without --version in llama-bench's place: stock llama-quantize's launcher
+    (root / "bin" / "llama-bench").unlink()
+    shutil.copy2(active_build.tool("llama-quantize"), root / "bin" / "llama-bench")
+    shutil.copy2(active_build.root / "build.json", root / "build.json")
+    build = BuildInfo.load(root)
+    found = features.detect(build)
+    assert "--version" not in found.options["llama-bench"] and "--tensor-type-file" in found.options["llama-bench"]
+    assert found.version_from == "llama-perplexity --version"
+    assert (found.build_number, found.commit) == (active_build.build_number, active_build.build_commit)
+    assert found.devices == []  # no --list-devices either: nothing asked, nothing seen
+    data = report(build)
+    assert data["detected"]["version_from"] == "llama-perplexity --version"
+    assert [w for w in data["warnings"] if "no --version" in w] == [
+        "llama-bench of this build has no --version: the version is from llama-perplexity --version"]

@@ -14,6 +14,8 @@ from tbpw import AllocationProblem, Allocator, PluginOptions, TbpwError, ensure_
 class ForkNativeOptions(PluginOptions):
     threads: int | None = Field(None, ge=1, description="threads for llama-quantize")
     state_file: str | None = Field(None, description="the fork's --state-file, to reuse its measurements")
+    reuse_state: bool = Field(True, description="without state_file: keep the fork's state file in tbpw's cache, "
+                                                "keyed by model, imatrix and build, so later targets skip its measurement")
 
 
 class ForkNative(Allocator):
@@ -33,7 +35,7 @@ class ForkNative(Allocator):
             raise TbpwError("fork-native cannot honour share_type constraints: drop them or pick another allocator")
         types = fork_target_types(context.model, context.imatrix, problem.target, pins=problem.pinned,
                                   threads=self.options.threads or context.threads, state_file=self.options.state_file,
-                                  log_dir=context.log_dir)
+                                  reuse_state=self.options.reuse_state, log_dir=context.log_dir)
         missing = [u.name for u in problem.tensors if u.name not in types]
         if missing:
             raise TbpwError(f"the fork's output has no {missing[0]}: is the active build really the fork?")

@@ -1,10 +1,14 @@
-"""tbpw's benchmark model: a small llama with GENUINE float weights, trained here, cached.
+"""tbpw's benchmark models: small llamas with GENUINE float weights, trained here, cached.
 
 Quality comparisons need a model whose float weights are real: a dequantized checkpoint makes its own
-source types lossless (see ../shared/reference/assets.md, the caveat). This module trains one:
+source types lossless (see ../shared/reference/assets.md, the caveat). This module trains two (MODELS):
 
-- a llama (hidden 256, 8 layers, 4 heads, ffn 768, untied output, ~11 M parameters), every
+- `bench`: a llama (hidden 256, 8 layers, 4 heads, ffn 768, untied output, ~11 M parameters), every
   row a multiple of 256 elements so that every quantization type applies to every tensor;
+- `bench-odd`: the same recipe at real-model widths (hidden 384, 8 layers, 6 query heads sharing 2 KV
+  heads (grouped-query attention), ffn 1024, ~19 M parameters): rows of 384 fit no 256-element K or IQ
+  block, so those types fall back to 32-element ones there (IQ4_NL, Q4_0, Q5_0, ...), as on SmolLM2 (576),
+  Gemma (640) or Qwen (896); 480 steps, sized by its ~1.8x cost per step to stay within the same time;
 - a SentencePiece BPE vocabulary of 8192 (byte fallback, split digits) trained on the same text;
 - English text from pinned sources: the CALIBRATION side of tbpw's Wikipedia split, the C4 and
   TinyStories samples of exllamav2 0.3.2, and Debian's dict-gcide dictionary. The Wikipedia EVALUATION
@@ -12,9 +16,10 @@ source types lossless (see ../shared/reference/assets.md, the caveat). This modu
   on it are held out.
 
 Training is seeded and deterministic (torch deterministic algorithms, 2 threads; a retrain gives the same
-bytes). 640 steps took 15.4 minutes on 2 CPU cores here, which leaves room under the 30-minute limit for
-a machine that is also doing other work. The result lives under the cache's bench-model/<key>/, the key
-a hash of SETTINGS: the Hugging Face folder (hf/), its F16 GGUF (bench-f16.gguf) and manifest.json.
+bytes). 640 steps of `bench` took 15.4 minutes on 2 CPU cores here, which leaves room under the 30-minute
+limit for a machine that is also doing other work. The result lives under the cache's bench-model/<key>/,
+the key a hash of the model's settings: the Hugging Face folder (hf/), its F16 GGUF (bench-f16.gguf) and
+manifest.json.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ SETTINGS: dict = {
                         "tiny": "exllamav2/conversion/standard_cal_data/tiny.utf8"},
     "eval_windows": 64,
 }
+
+# The second benchmark model: real-model widths (see the module doc). Everything else as SETTINGS.
+ODD_SETTINGS: dict = {**SETTINGS, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024, "steps": 480}
+MODELS: dict[str, dict] = {"bench": SETTINGS, "bench-odd": ODD_SETTINGS}
 
 GCIDE_ATTRIBUTION = ("GNU Collaborative International Dictionary of English 0.48 (GPL), from Debian's dict-gcide "
                      "package 0.48.5+nmu2")

@@ -45,6 +45,11 @@ def sensitivity_cache() -> Path:
     return Path(env).expanduser() if env else home() / "sensitivity"
 
 
+def fork_state_cache() -> Path:
+    """The fork's --state-file per (model, imatrix, build), kept for the fork-native allocator: <home>/fork-state."""
+    return home() / "fork-state"
+
+
 def vendor_dir() -> Path:
     """The pins and tbpw's own native sources: $TBPW_VENDOR, else the repository's vendor/ folder, which
     installs as the data package `tbpw_vendor` (a checkout and a wheel find it the same way)."""

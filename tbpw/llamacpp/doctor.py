@@ -23,6 +23,8 @@ def report(build: BuildInfo | None = None) -> dict[str, Any]:
                         "rebuild with `tbpw build --force`")
     if build.backend in ("cuda", "metal", "vulkan") and not features.devices:
         warnings.append(f"a {build.backend} build that sees no {build.backend} device: the tools will run on the CPU")
+    if not features.version_from.startswith("llama-bench"):
+        warnings.append(f"llama-bench of this build has no --version: the version is from {features.version_from}")
     flush = logflush.status()
     if not flush["active"]:
         warnings.append(f"llama.cpp output is not protected against lost final lines ({flush['reason']})")
@@ -45,6 +47,7 @@ def report(build: BuildInfo | None = None) -> dict[str, Any]:
         },
         "detected": {
             "version": features.version,
+            "version_from": features.version_from,
             "build_number": features.build_number,
             "commit": features.commit,
             "compiler": features.compiler,

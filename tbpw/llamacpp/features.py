@@ -4,6 +4,11 @@ Source pins say what a build should be; the tools say what it is. A local checko
 have options stock b11312 lacks (``--target-bpw``, ``--state-file``), so code that needs an option calls
 ``ensure_tool_features`` instead of trusting the pin. Results are cached in the build folder, keyed by
 the size and mtime of the tool binaries, so detection costs ~0.1 s once per build.
+
+Detection only asks a tool for what its own --help lists: other trees lack flags stock b11312 has (the
+target-bpw fork's llama-bench has no ``--version``), and a missing flag is a fact to report, not a
+broken build. The version comes from the first tool that lists ``--version`` (VERSION_TOOLS order), else
+from the build's own record (build.json), and ``version_from`` says which.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from pathlib import Path
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import write_json
 from tbpw.llamacpp.build import TOOLS, BuildInfo, active_build
-from tbpw.llamacpp.parsers import ParseError, parse_version
+from tbpw.llamacpp.parsers import ParseError, VersionInfo, parse_version
 from tbpw.llamacpp.tools import run_tool
 
 CACHE_FILE = "features.json"
 # Bump when detection changes, so stale cache files are recomputed.
-DETECTION_VERSION = 2
+DETECTION_VERSION = 3
+# Tools asked for `--version`, in this order, among those whose --help lists it.
+VERSION_TOOLS = ("llama-bench", "llama-perplexity", "llama-imatrix", "llama-quantize")
 
 # Options whose presence tbpw reports by name (`tbpw doctor`); anything else is still in `options`.
 NOTABLE = {
@@ -51,6 +58,7 @@ class ToolFeatures:
     options: dict[str, list[str]]  # tool -> sorted long options from its --help
     quantize_types: list[str]  # the base types llama-quantize accepts (its "allowed quantization types")
     devices: list[str]  # accelerator devices the build sees (empty on a CPU build)
+    version_from: str = "llama-bench --version"  # where `version` came from (a tool, or build.json)
 
     def has(self, option: str, tool: str = "llama-quantize") -> bool:
         return option in self.options.get(tool, ())
@@ -113,6 +121,11 @@ def parse_devices(text: str) -> list[str]:
     return devices
 
 
+def version_tools(options: dict[str, list[str]]) -> list[str]:
+    """The tools whose --help lists `--version`, in the order they are asked (VERSION_TOOLS)."""
+    return [tool for tool in VERSION_TOOLS if "--version" in options.get(tool, ())]
+
+
 def _fingerprint(build: BuildInfo) -> list[list]:
     out = []
     for tool in TOOLS:
@@ -154,17 +167,30 @@ def _probe(build: BuildInfo) -> ToolFeatures:
                             f"run `tbpw build --force` (log: {run.log_path})")
         if tool == "llama-quantize":
             quantize_types = parse_quantize_types(run.output)
-    version_run = run_tool("llama-bench", ["--version"], log_path=logs / "llama-bench.version.log", build=build,
-                           check=False, timeout=60)
-    try:
-        version = parse_version(version_run.output)
-    except ParseError as exc:
-        raise TbpwError(f"{exc} (log: {version_run.log_path}); rebuild with `tbpw build --force`") from exc
-    devices_run = run_tool("llama-bench", ["--list-devices"], log_path=logs / "llama-bench.devices.log", build=build,
-                           check=False, timeout=120)
+    version, version_from = None, ""
+    tried = []
+    for tool in version_tools(options):
+        run = run_tool(tool, ["--version"], log_path=logs / f"{tool}.version.log", build=build, check=False, timeout=60)
+        try:
+            version, version_from = parse_version(run.output), f"{tool} --version"
+            break
+        except ParseError:
+            tried.append(f"{tool} (log: {run.log_path})")
+    if version is None:
+        if tried:  # a tool that lists --version but prints no version line is broken, not merely older
+            raise TbpwError(f"no `version:` line from {', '.join(tried)}: the build looks broken; rebuild it with "
+                            "`tbpw build --force`")
+        # No tool of this tree has --version: the build's own record is all there is.
+        version = VersionInfo("unknown", build.build_number, build.build_commit, None, None)
+        version_from = "build.json (no tool of this build has --version)"
+    devices: list[str] = []
+    if "--list-devices" in options.get("llama-bench", ()):
+        devices_run = run_tool("llama-bench", ["--list-devices"], log_path=logs / "llama-bench.devices.log",
+                               build=build, check=False, timeout=120)
+        devices = parse_devices(devices_run.output)
     return ToolFeatures(version=version.version, build_number=version.build_number, commit=version.commit,
                         compiler=version.compiler, target=version.target, options=options,
-                        quantize_types=quantize_types, devices=parse_devices(devices_run.output))
+                        quantize_types=quantize_types, devices=devices, version_from=version_from)
 
 
 def _log_dir(build: BuildInfo) -> Path:

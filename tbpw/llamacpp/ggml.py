@@ -17,15 +17,15 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from tbpw.errors import TbpwError
+from tbpw.model.ggml_types import type_id
 
 # Types ggml_quantize_chunk can write. Others (Q8_1, Q8_K, deprecated slots) hit an assertion.
 QUANTIZABLE = (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M", "TQ1_0", "TQ2_0",
-    "MXFP4",
+    "MXFP4", "NVFP4", "Q1_0", "Q2_0",
 )
 
 # Types stock llama-quantize refuses to write without importance data (tensor_requires_imatrix, b11312;
@@ -109,13 +109,13 @@ class Ggml:
     def types(self) -> dict[str, TypeTraits]:
         """Traits of every type this library can quantize, read from the library itself.
 
-        Enum values come from gguf's GGMLQuantizationType and are checked against the library's own
+        Enum values come from tbpw.model.ggml_types (gguf's table and its supplement) and are checked against the library's own
         names, so a build whose enum differs fails here rather than writing the wrong type.
         """
         out: dict[str, TypeTraits] = {}
         for name in QUANTIZABLE:
             try:
-                tid = GGMLQuantizationType[name].value
+                tid = type_id(name)
             except KeyError:
                 continue
             raw = self._lib.ggml_type_name(tid)

@@ -126,11 +126,34 @@ def output_metadata_bytes(model: Path | str, imatrix: Path | str | None) -> int:
 # The fork's native target mode
 
 
+def fork_state_path(model: Path | str, imatrix: Path | str, build: BuildInfo,
+                    pins: Mapping[str, str] | None = None) -> Path:
+    """Where tbpw keeps the fork's --state-file for this model, imatrix and build.
+
+    The fork keys its state file on the model's metadata only, so a state file made with another imatrix
+    would be reused silently; this path changes with the imatrix's content, the build and the pins.
+    """
+    import hashlib
+    import json
+
+    from tbpw.files import paths
+    from tbpw.files.digest import sha256_file
+
+    model = Path(model)
+    with model.open("rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()  # the header, metadata and tensor infos, mostly
+    parts = {"model": [head, model.stat().st_size], "imatrix": sha256_file(Path(imatrix)), "build": build.key,
+             "pins": sorted((pins or {}).items())}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return paths.fork_state_cache() / f"{key}.bpw_state"
+
+
 def fork_target_types(model: Path | str, imatrix: Path | str, target: Target, *, pins: Mapping[str, str] | None = None,
-                      threads: int | None = None, state_file: Path | str | None = None,
+                      threads: int | None = None, state_file: Path | str | None = None, reuse_state: bool = False,
                       log_dir: Path | str | None = None, build: BuildInfo | None = None) -> dict[str, str]:
     """Let the fork's llama-quantize choose every type for `target`, and read its choices back from
-    the file it writes (which is then deleted)."""
+    the file it writes (which is then deleted). With `reuse_state` and no `state_file`, the fork's state
+    file lives in tbpw's cache (fork_state_path), so later targets skip the fork's measurement."""
     from tbpw.llamacpp.features import ensure_tool_features
     from tbpw.model.inventory import ModelInventory
 
@@ -140,6 +163,9 @@ def fork_target_types(model: Path | str, imatrix: Path | str, target: Target, *,
     extra = [flag, repr(target.bpw) if target.bpw is not None else str(target.size)]
     for name, t in (pins or {}).items():
         extra += ["--tensor-type", f"{tensor_pattern(name)}={t.lower()}"]
+    if not state_file and reuse_state:
+        state_file = fork_state_path(model, imatrix, build, pins)
+        state_file.parent.mkdir(parents=True, exist_ok=True)
     if state_file:
         extra += ["--state-file", str(state_file)]
     work = Path(tempfile.mkdtemp(prefix="tbpw-fork-"))

@@ -1,10 +1,10 @@
 """Which ggml types are tried for a tensor, and the fork's reduction of measured candidates.
 
 The default list is the fork's 20 types. For a tensor, a type whose block does not divide the row
-becomes the type stock llama-quantize really writes (tbpw.model.ggml_types.effective_type: IQ* -> IQ4_NL, Q2_K/Q3_K
--> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else F16); IQ types are tried only where the imatrix
-has data for the tensor (llama-quantize refuses most of them otherwise, and they are built for it);
-duplicates are removed.
+becomes the type stock llama-quantize really writes (tbpw.model.ggml_types.effective_type: IQ* -> IQ4_NL, Q2_0/Q2_K/Q3_K
+-> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else F16), and a type llama-quantize has no fallback for
+(Q1_0, NVFP4) is left out there; IQ types are tried only where the imatrix has data for the tensor
+(llama-quantize refuses most of them otherwise, and they are built for it); duplicates are removed.
 """
 
 from __future__ import annotations
@@ -13,29 +13,32 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from gguf import GGMLQuantizationType
-
 from tbpw.errors import TbpwError
-from tbpw.model.ggml_types import FORK_TYPES, IQ_TYPES, type_name
+from tbpw.model.ggml_types import FORK_TYPES, IQ_TYPES, STOCK_EXTRA_TYPES, can_write, type_id, type_name
 from tbpw.model.inventory import TensorInfo
 
 DEFAULT_TYPES = FORK_TYPES
-
+# Names that stand for several types in a candidate list: `[fork, MXFP4]` is the fork's 20 and MXFP4.
+TYPE_SETS: dict[str, tuple[str, ...]] = {"fork": FORK_TYPES, "extra": STOCK_EXTRA_TYPES}
 
 
 def normalize_types(types: Iterable[str] | None) -> tuple[str, ...]:
-    """Upper-cased, validated ggml type names in the given order (None: the fork's 20)."""
+    """Upper-cased, validated ggml type names in the given order, the sets of TYPE_SETS expanded (None: the
+    fork's 20)."""
     if types is None:
         return DEFAULT_TYPES
     out: list[str] = []
     for t in types:
-        try:
-            name = type_name(str(t).strip())
-        except KeyError:
-            known = ", ".join(DEFAULT_TYPES)
-            raise TbpwError(f"unknown ggml type {t!r} in the candidate list; known types include {known}") from None
-        if name not in out:
-            out.append(name)
+        key = str(t).strip()
+        for one in TYPE_SETS.get(key.lower(), (key,)):
+            try:
+                name = type_name(one)
+            except KeyError:
+                known = ", ".join((*DEFAULT_TYPES, *STOCK_EXTRA_TYPES))
+                raise TbpwError(f"unknown ggml type {t!r} in the candidate list: name ggml types ({known}) or the "
+                                f"sets {' and '.join(TYPE_SETS)}") from None
+            if name not in out:
+                out.append(name)
     if not out:
         raise TbpwError("the candidate list is empty: name at least one ggml type")
     return tuple(out)
@@ -48,10 +51,10 @@ def for_tensor(info: TensorInfo, types: Sequence[str] | None = None, has_imatrix
     """
     out: set[str] = set()
     for t in normalize_types(types):
-        if t in IQ_TYPES and not has_imatrix:
+        if (t in IQ_TYPES and not has_imatrix) or not can_write(t, info.row_length):
             continue
         out.add(info.effective_type(t))
-    return sorted(out, key=lambda name: GGMLQuantizationType[name].value)
+    return sorted(out, key=type_id)
 
 
 class _Candidate(Protocol):
@@ -78,7 +81,7 @@ def fork_pareto(candidates: Iterable[C], convex: bool = True) -> list[C]:
     3. with three or more left and `convex`, keep the lower convex hull of (bytes, error): a point that
        lies on or above the chord of its neighbours (cross product <= 1e-12) goes.
     """
-    ranked = sorted(candidates, key=lambda c: (c.bytes, c.error, GGMLQuantizationType[c.type].value))
+    ranked = sorted(candidates, key=lambda c: (c.bytes, c.error, type_id(c.type)))
     unique: list[C] = []
     for c in ranked:
         if not unique or unique[-1].bytes != c.bytes:

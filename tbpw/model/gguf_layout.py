@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from tbpw.errors import TbpwError
+from tbpw.model.ggml_types import ExtraType, block_and_size, ggml_type
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -27,7 +28,7 @@ _DEFAULT_ALIGNMENT = 32
 class TensorLayout:
     name: str
     shape: tuple[int, ...]  # ggml order, ne0 first (as GGUFReader's `shape`)
-    tensor_type: GGMLQuantizationType
+    tensor_type: GGMLQuantizationType | ExtraType  # `.name` and `.value` either way
     data_offset: int  # absolute
     n_bytes: int
     data: np.ndarray  # memory-mapped view
@@ -126,10 +127,10 @@ def read(path: Path | str) -> GgufLayout:
     tensors = []
     for name, dims, ttype, offset in infos:
         try:
-            qtype = GGMLQuantizationType(ttype)
+            qtype = ggml_type(ttype)
         except ValueError:
             raise TbpwError(f"{path}: tensor {name} has ggml type {ttype}, unknown to the gguf package: update gguf") from None
-        blck, size = GGML_QUANT_SIZES[qtype]
+        blck, size = block_and_size(qtype.name)
         n_elements = int(np.prod(dims)) if dims else 1
         n_bytes = n_elements // blck * size
         start = data_offset + offset

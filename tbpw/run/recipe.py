@@ -69,9 +69,21 @@ class ImatrixOptions(Strict):
 
 class MeasureOptions(Strict):
     metric: PluginRef | None = None  # None: the registry's default metric
-    candidates: list[str] | None = None  # ggml type names; None = the default 20
+    candidates: list[str] | None = None  # ggml type names and the sets `fork`, `extra`; None = the default 20
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
     threads: int | None = Field(None, ge=1)
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, value: list[str] | None) -> list[str] | None:
+        from tbpw.measure.candidates import normalize_types
+
+        if value is not None:
+            try:
+                normalize_types(value)
+            except TbpwError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class RecipeTarget(Strict):
