@@ -46,6 +46,7 @@ from tbpw.measure.table import ErrorTable  # noqa: E402
 from tbpw.model.inventory import ModelInventory  # noqa: E402
 from tbpw.select.calibrate import calibrate, calibrated_table  # noqa: E402
 from tbpw.select.choose import PlanCandidate, candidate_name, select_plan  # noqa: E402
+from tbpw.select.interactions import with_role_interactions  # noqa: E402
 from tbpw.select.refine import refine_plan  # noqa: E402
 
 DEFAULT_LEVELS = ("IQ3_XXS", "Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
@@ -199,6 +200,20 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             for strength in args.strengths:
                 suffix = "" if strength == 1.0 else f"{strength:g}"
                 tables[f"{metric}+kld{suffix}"] = calibrated_table(tables[metric], sens, strength)
+            if args.interactions and args.grouping == "tensor":
+                t = time.monotonic()
+                roles = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes,
+                                  grouping="role", ctx=ctx, chunks=args.cal_chunks, threads=threads,
+                                  cache_dir=work / "sensitivity-cache", log=log if args.verbose else None)
+                run.steps[f"calibrate {metric} per role"] = time.monotonic() - t
+                if roles.meta.get("cached"):
+                    run.reused.append(f"calibrate {metric} per role")
+                joint = with_role_interactions(sens, roles)
+                log("role interaction factors: " + ", ".join(
+                    f"{r} {'/'.join(f'{v:.2f}' for v in f.values())}" for r, f in joint.meta["role_factors"].items()))
+                for strength in args.strengths:
+                    suffix = "" if strength == 1.0 else f"{strength:g}"
+                    tables[f"{metric}+kldi{suffix}"] = calibrated_table(tables[metric], joint, strength)
 
     planner = Planner(model, imatrix, threads=threads, constraints=Constraints.parse(args.constraints))
     for level in args.levels:
@@ -341,7 +356,10 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
               f"{args.chunks} chunks of the held-out evaluation side",
               f"- tbpw variants: allocator/table for allocators {', '.join(args.allocators)} and tables "
               f"{', '.join(args.metrics)}" + (f" (+kld: calibrated on {args.cal_chunks} calibration chunks, probes "
-                                              f"{', '.join(args.probes)}, per {args.grouping})" if args.calibrated else "")
+                                              f"{', '.join(args.probes)}, per {args.grouping}"
+                                              + ("; +kldi: the same, each role's scales corrected by the KLD of the "
+                                                 "whole role at once over the sum of its tensors alone"
+                                                 if args.interactions else "") + ")" if args.calibrated else "")
               + ("; tbpw-select: the variant with the lowest KLD on calibration chunks (never the evaluation text)"
                  if args.select else "")
               + (f"; tbpw-refine: tbpw-select's plan improved by up to {args.refine_rounds} rounds of "
@@ -418,6 +436,8 @@ def main() -> None:
     p.add_argument("--constraints", default="{}", help="tbpw's constraints as JSON, e.g. '{\"min_bpw\": {\"output\": 6}}'")
     p.add_argument("--probes", default="Q3_K", help="probe types of the sensitivity calibration")
     p.add_argument("--grouping", default="tensor", choices=["tensor", "role"])
+    p.add_argument("--interactions", action="store_true",
+                   help="also make tables whose per-tensor scales are corrected by each role's joint KLD (+kldi)")
     p.add_argument("--strengths", default="1,0.5", help="calibration strengths (scale ** strength) to make tables of")
     p.add_argument("--refine-rounds", type=int, default=2, help="rounds of measured swaps after the selection (0: none)")
     p.add_argument("--refine-tries", type=int, default=4, help="swaps scored per round")
