@@ -136,6 +136,17 @@ def fork_build(args: argparse.Namespace, run: Run) -> BuildInfo | None:
     return build
 
 
+def check_shared_errors(narrow: ErrorTable, wide: ErrorTable) -> None:
+    """The wider table must agree with the narrower one on every type both measured (same rows, same metric)."""
+    wide_by = wide.by_name()
+    for t in narrow.tensors:
+        theirs = {c.type: c for c in wide_by[t.name].candidates}
+        for c in t.candidates:
+            other = theirs.get(c.type)
+            if other is None or other.bytes != c.bytes or not math.isclose(other.error, c.error, rel_tol=1e-9):
+                raise SystemExit(f"error: the wider candidate table disagrees on {t.name} {c.type}: measure again")
+
+
 def run_benchmark(args: argparse.Namespace) -> Run:
     model, label, notes = resolve_model(args.model, args.bench_device)
     label = args.label or label
@@ -189,6 +200,16 @@ def run_benchmark(args: argparse.Namespace) -> Run:
         run.steps[f"measure {metric}"] = time.monotonic() - t
         if tables[metric].meta.get("cached"):
             run.reused.append(f"measure {metric}")
+        families = {metric: tables[metric]}  # a measured table -> its name
+        if args.extra_candidates:
+            t = time.monotonic()
+            wide = [*(args.candidates or ["fork"]), *args.extra_candidates]
+            tables[f"{metric}+x"] = measure(model, imatrix, metric=metric, threads=threads, progress=False,
+                                            candidates=wide, cache_dir=work / "measure-cache",
+                                            sampling={"scale": args.sampling_scale} if args.sampling_scale != 1.0 else None)
+            run.steps[f"measure {metric}+x"] = time.monotonic() - t
+            check_shared_errors(tables[metric], tables[f"{metric}+x"])
+            families[f"{metric}+x"] = tables[f"{metric}+x"]
         if args.calibrated:
             t = time.monotonic()
             sens = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes, grouping=args.grouping,
@@ -197,9 +218,8 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             run.steps[f"calibrate {metric}"] = time.monotonic() - t
             if sens.meta.get("cached"):
                 run.reused.append(f"calibrate {metric}")
-            for strength in args.strengths:
-                suffix = "" if strength == 1.0 else f"{strength:g}"
-                tables[f"{metric}+kld{suffix}"] = calibrated_table(tables[metric], sens, strength)
+            # The measured KLD does not depend on the candidate list: the wider table takes the same sensitivity.
+            sensitivities = {"kld": sens}
             if args.interactions and args.grouping == "tensor":
                 t = time.monotonic()
                 roles = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes,
@@ -208,12 +228,15 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 run.steps[f"calibrate {metric} per role"] = time.monotonic() - t
                 if roles.meta.get("cached"):
                     run.reused.append(f"calibrate {metric} per role")
-                joint = with_role_interactions(sens, roles)
+                sensitivities["kldi"] = with_role_interactions(sens, roles)
                 log("role interaction factors: " + ", ".join(
-                    f"{r} {'/'.join(f'{v:.2f}' for v in f.values())}" for r, f in joint.meta["role_factors"].items()))
-                for strength in args.strengths:
-                    suffix = "" if strength == 1.0 else f"{strength:g}"
-                    tables[f"{metric}+kldi{suffix}"] = calibrated_table(tables[metric], joint, strength)
+                    f"{r} {'/'.join(f'{v:.2f}' for v in f.values())}"
+                    for r, f in sensitivities["kldi"].meta["role_factors"].items()))
+            for family, measured in families.items():
+                for kind, sensitivity in sensitivities.items():
+                    for strength in args.strengths:
+                        suffix = "" if strength == 1.0 else f"{strength:g}"
+                        tables[f"{family}+{kind}{suffix}"] = calibrated_table(measured, sensitivity, strength)
 
     planner = Planner(model, imatrix, threads=threads, constraints=Constraints.parse(args.constraints))
     for level in args.levels:
@@ -365,7 +388,9 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
               + (f"; tbpw-refine: tbpw-select's plan improved by up to {args.refine_rounds} rounds of "
                  f"{args.refine_tries} type swaps, each kept only when calibration KLD confirms it"
                  if args.select and args.refine_rounds > 0 else ""),
-              f"- candidate types: {cands}" + (f"; constraints {json.dumps(args.constraints)}" if args.constraints else ""),
+              f"- candidate types: {cands}"
+              + (f"; tables named <metric>+x add {', '.join(args.extra_candidates)} (same calibration)"
+                 if args.extra_candidates else "") + (f"; constraints {json.dumps(args.constraints)}" if args.constraints else ""),
               f"- error tables measured with row sampling scale {args.sampling_scale}",
               "- short: the level's target (the stock file's bpw) minus the variant's bpw",
               f"- time: multiples of one plain stock Q4_K_M quantization ({ref:.2f} s, best of 2, wall clock on a 2-core machine"
@@ -433,6 +458,8 @@ def main() -> None:
                    help="imatrix collector: tbpw (E[a^2] as stock's, plus E[a] for the fork) or stock llama-imatrix")
     p.add_argument("--candidates", help="candidate types of the error tables (names or the sets fork, extra); "
                                         "default: the fork's 20")
+    p.add_argument("--extra-candidates", help="also a table with these types added (names or the set extra): "
+                                              "its variants are named <metric>+x...")
     p.add_argument("--constraints", default="{}", help="tbpw's constraints as JSON, e.g. '{\"min_bpw\": {\"output\": 6}}'")
     p.add_argument("--probes", default="Q3_K", help="probe types of the sensitivity calibration")
     p.add_argument("--grouping", default="tensor", choices=["tensor", "role"])
@@ -462,6 +489,8 @@ def main() -> None:
         setattr(args, key, [x.strip() for x in getattr(args, key).split(",") if x.strip()])
     args.strengths = [float(x) for x in args.strengths]
     args.candidates = [x.strip() for x in args.candidates.split(",") if x.strip()] if args.candidates else None
+    args.extra_candidates = ([x.strip() for x in args.extra_candidates.split(",") if x.strip()]
+                             if args.extra_candidates else None)
     args.constraints = json.loads(args.constraints)
 
     run = run_benchmark(args)
