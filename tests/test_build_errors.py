@@ -160,3 +160,11 @@ def test_second_build_is_answered_from_the_cache(active_build):
     assert {p: p.lstat().st_mtime_ns for p in watched} == stamps
     assert f"llama.cpp build {active_build.build_number}" in proc.stdout
     assert str(active_build.bin_dir) in proc.stdout
+
+
+def test_a_damaged_build_record_is_one_line(tmp_path):
+    (tmp_path / "build.json").write_text('{"key": "abc", "source_name": ')
+    result = run_cli("doctor", env={"TBPW_BUILD": str(tmp_path)})
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert error_line(result.output) == (f"error: the build record {tmp_path / 'build.json'} is damaged "
+                                         "(JSONDecodeError): run `tbpw build --force` to rebuild it")

@@ -211,7 +211,7 @@ def test_a_damaged_or_foreign_cache_entry_is_measured_again(tmp_path, tiny_model
 def test_two_measurements_of_one_model_measure_once(tmp_path, tiny_model, stock_imatrix):
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "tbpw.cli", "measure", str(tiny_model), "--imatrix", str(stock_imatrix),
-           "--types", "IQ3_S,Q4_K", "--threads", "1", "--cache-dir", str(cache), "-q"]
+           "--types", "Q4_K,Q5_K", "--threads", "1", "--cache-dir", str(cache), "-q"]
     procs = [subprocess.Popen([*cmd, "--out", str(tmp_path / f"t{i}.json")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [proc.communicate(timeout=600) for proc in procs]

@@ -130,6 +130,7 @@ PREFLIGHT_BAD = [
      "{path: WIKI, kind: hellaswag}}}\n", ["datasets.hellaswag", "HellaSwag file"]),
     ("output_dir holding a user's files", "output_dir: OUT\n", ["output_dir", "holds files tbpw did not make (model)"]),
     ("output_dir that is a file", "output_dir: WIKI\n", ["output_dir", "is a file, not a folder"]),
+    ("output_dir inside a file", "output_dir: WIKI/run\n", ["cannot create output_dir", "is not a writable folder"]),
 ]
 
 
@@ -241,3 +242,16 @@ def test_a_folder_given_as_an_included_recipe_is_one_line(write, tmp_path):
     result = CliRunner().invoke(main, ["validate", str(write("include: base\nname: x\n"))])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "base is a folder: give the recipe's YAML file" in result.stderr
+
+
+@pytest.mark.tools
+def test_an_output_disk_without_room_for_the_run_is_refused(write, tiny_model, wiki_text, tmp_path, monkeypatch):
+    from tbpw.run import preflight
+
+    real = preflight.shutil.disk_usage
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: real(path)._replace(free=1 << 20))
+    recipe = write(_base(tiny_model, wiki_text) + f"output_dir: {tmp_path / 'out'}\nevaluation: {{chunks: 4}}\n")
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert f"error: output_dir {tmp_path / 'out'}: the run writes at least" in result.stderr
+    assert "and its disk has 1.000 MiB (1048576 bytes) free: free space or choose another output_dir" in result.stderr

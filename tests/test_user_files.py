@@ -120,3 +120,37 @@ def test_a_run_never_writes_into_a_folder_of_the_users(mine, tmp_path, tiny_mode
     assert {k: _sha(p) for k, p in files.items()} == before
     assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == [
         "measure", "measure/errors.csv", "model", "model/model.safetensors", "q.yaml"]
+
+
+@pytest.mark.tools
+def test_an_interrupted_quantize_leaves_no_temporary_file(mine, tmp_path):
+    """SIGTERM while llama-quantize writes the stand-in `.out.gguf.<host>-<pid>.*.tmp`: it goes, nothing is
+    published, and the exit status is 143."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "out.gguf"
+    check = _untouched(mine)
+    stop = threading.Event()
+
+    def terminate_when_writing() -> None:
+        while not stop.is_set():
+            if list(tmp_path.glob(".out.gguf.*.tmp")):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=terminate_when_writing)
+    watcher.start()
+    try:
+        result = CliRunner().invoke(main, ["quantize", str(mine["model"]), "--imatrix", str(mine["imatrix"]),
+                                           "--target-bpw", "4.5", "--error-table", str(mine["table"]), "-o", str(out)])
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("interrupted: no output was left half-written")
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+    check()
