@@ -131,6 +131,7 @@ PREFLIGHT_BAD = [
     ("output_dir holding a user's files", "output_dir: OUT\n", ["output_dir", "holds files tbpw did not make (model)"]),
     ("output_dir that is a file", "output_dir: WIKI\n", ["output_dir", "is a file, not a folder"]),
     ("output_dir inside a file", "output_dir: WIKI/run\n", ["cannot create output_dir", "is not a writable folder"]),
+    ("model folder that is no Hugging Face model", "model: {path: OUT}\n", ["model.path", "(no config.json)"]),
 ]
 
 
@@ -253,5 +254,5 @@ def test_an_output_disk_without_room_for_the_run_is_refused(write, tiny_model, w
     recipe = write(_base(tiny_model, wiki_text) + f"output_dir: {tmp_path / 'out'}\nevaluation: {{chunks: 4}}\n")
     result = CliRunner().invoke(main, ["validate", str(recipe)])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
-    assert f"error: output_dir {tmp_path / 'out'}: the run writes at least" in result.stderr
+    assert f"error: {recipe}: output_dir {tmp_path / 'out'}: the run writes at least" in result.stderr
     assert "and its disk has 1.000 MiB (1048576 bytes) free: free space or choose another output_dir" in result.stderr

@@ -13,7 +13,6 @@ file, so that whoever finds it taken can say who has it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -24,6 +23,39 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tbpw.errors import TbpwError, os_error
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's byte-range lock on the first byte instead
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """Lock `fd`; False when another process holds it and `blocking` is off."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+    while True:  # pragma: no cover (Windows)
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            if not blocking:
+                return False
+            time.sleep(0.2)
+
+
+def _unlock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    else:  # pragma: no cover (Windows)
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
 class FileLock:
@@ -47,19 +79,21 @@ class FileLock:
         except OSError as exc:
             raise os_error(exc, "create the lock file", self.path) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return False
+            taken = _lock(fd, blocking)
         except BaseException:
             os.close(fd)
             raise
+        if not taken:
+            os.close(fd)
+            return False
         self._fd = fd
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                              "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]})
         try:
+            # after the first byte, which Windows locks; readers skip leading blanks
             os.ftruncate(fd, 0)
-            os.pwrite(fd, record.encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, b" " + record.encode())
         except OSError:
             pass  # the lock holds without the note; only the message naming the holder is poorer
         return True
@@ -67,8 +101,10 @@ class FileLock:
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            try:
+                _unlock(fd)
+            finally:
+                os.close(fd)
 
     def holder(self) -> str:
         """Who holds the lock, as its note says: "pid 123 on host (tbpw run r.yaml), since ..."."""
@@ -86,7 +122,10 @@ class FileLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:
+            pass  # at interpreter exit: the kernel releases the lock with the process anyway
 
 
 @contextmanager

@@ -43,7 +43,7 @@ def check(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     """The recipe, or every mistake in it and in what it asks of this machine (raised as `Problems`)."""
     recipe, problems = read(path, overrides)
     if recipe is not None:
-        problems += preflight(recipe)
+        problems += [f"{path}: {problem}" for problem in preflight(recipe)]
     if problems:
         raise Problems(problems)
     assert recipe is not None  # a recipe without mistakes validates
@@ -57,7 +57,7 @@ def preflight(recipe: Recipe) -> list[str]:
     problems += readiness_problems(recipe)
     types = _type_problems(recipe, stock_types)
     constraints = _constraint_problems(recipe)
-    problems += types + constraints + _duplicate_targets(recipe)
+    problems += types + constraints + _duplicate_targets(recipe) + _source_problems(recipe)
     inventory = _model_inventory(recipe)
     if inventory is not None:
         problems += _model_problems(recipe, inventory, sound=not constraints and not any(
@@ -117,7 +117,8 @@ def _constraint_problems(recipe: Recipe) -> list[str]:
     for group in c.share_type:
         for role in group:
             if role in seen:
-                problems.append(f"constraints.share_type: role {role!r} is in two groups: put it in one")
+                problems.append(f"constraints.share_type: role {role!r} is listed more than once: list each role "
+                                "once, in one group")
             seen.add(role)
     return problems
 
@@ -150,6 +151,24 @@ def _duplicate_targets(recipe: Recipe) -> list[str]:
         else:
             seen[same] = i
     return problems
+
+
+def _source_problems(recipe: Recipe) -> list[str]:
+    """What the model stage would stop at before converting or downloading anything."""
+    import importlib.util
+
+    from tbpw.llamacpp import convert
+
+    src = recipe.model
+    if src.hub is not None and importlib.util.find_spec("huggingface_hub") is None:
+        return ["model.hub needs huggingface_hub: pip install 'tbpw[hub]'"]
+    if src.path is not None:
+        if Path(src.path).is_dir() and not (Path(src.path) / "config.json").is_file():
+            return [f"model.path: {src.path} is not a Hugging Face model folder (no config.json): give the folder "
+                    "holding config.json and the weights"]
+        if missing := convert.missing_modules():
+            return [f"model.path: converting a Hugging Face model needs {', '.join(missing)}: pip install 'tbpw[convert]'"]
+    return []
 
 
 def _model_inventory(recipe: Recipe) -> ModelInventory | None:
