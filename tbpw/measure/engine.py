@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +41,7 @@ from tbpw.files.digest import content_sha256
 from tbpw.files.lock import waiting_lock
 from tbpw.imatrix.reader import Imatrix
 from tbpw.measure import candidates as cand
+from tbpw.measure.cache import cached_table, mismatch, note
 from tbpw.measure.sampling import SamplingOptions, rows_per_slice, sample_rows
 from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
@@ -134,57 +134,14 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
             "imatrix_missing": match.missing if match is not None else None}
 
     final = folder / "table.json"
-    if (cached := _cached_table(final, inventory, names)) is not None:
+    if (cached := cached_table(final, inventory, names)) is not None:
         return cached
-    with waiting_lock(folder / ".lock", note=_note):
+    with waiting_lock(folder / ".lock", note=note):
         # whoever held the lock may have finished this very table
-        if (cached := _cached_table(final, inventory, names)) is not None:
+        if (cached := cached_table(final, inventory, names)) is not None:
             return cached
         return _measure_entry(folder, meta, inventory, imatrix, names, registry, metric, metric_opts, build,
                               candidate_set, sampling_opts, threads, progress, on_tensor)
-
-
-def _note(line: str) -> None:
-    print(f"note: {line}", file=sys.stderr)
-
-
-def _cached_table(final: Path, inventory: ModelInventory, names: list[str]) -> ErrorTable | None:
-    """The finished table of a cache entry, or None; one that does not parse or does not match the model
-    (tensor names, element counts, byte counts) is discarded, with a note, and measured again."""
-    if not final.is_file():
-        return None
-    try:
-        table = ErrorTable.read_json(final)
-        problem = _mismatch(table.tensors, inventory, names)
-    except TbpwError as exc:
-        problem = str(exc)
-    if problem:
-        _note(f"discarding the cached error table {final} ({problem}); measuring again")
-        final.unlink(missing_ok=True)
-        return None
-    table.meta["cached"] = True
-    return table
-
-
-def _mismatch(tensors: Iterable[TensorErrors], inventory: ModelInventory, names: list[str] | None = None) -> str:
-    """Why measured tensors do not belong to this model ("" when they do)."""
-    listed = list(tensors)
-    if names is not None and [t.name for t in listed] != names:
-        return f"it holds {len(listed)} tensors, the model has {len(names)} to measure"
-    for t in listed:
-        info = inventory.by_name.get(t.name)
-        if info is None:
-            return f"the model has no tensor {t.name}"
-        if t.n_elements != info.n_elements:
-            return f"{t.name} has {t.n_elements} elements there, {info.n_elements} in the model"
-        for c in t.candidates:
-            try:
-                expected = info.bytes_as(c.type)
-            except (KeyError, TbpwError):
-                return f"{t.name} lists an unknown type {c.type!r}"
-            if c.bytes != expected:
-                return f"{t.name} as {c.type} has {c.bytes} bytes there, {expected} in the model"
-    return ""
 
 
 def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix: Imatrix | None, names: list[str],
@@ -197,7 +154,7 @@ def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix:
     write_json(folder / "meta.json", meta)
     partial = folder / "partial.jsonl"
     done = _read_partial(partial)
-    done = {n: t for n, t in done.items() if n in names and not _mismatch([t], inventory)}
+    done = {n: t for n, t in done.items() if n in names and not mismatch([t], inventory)}
 
     metric_obj = registry.create(metric, metric_opts)
     setup = getattr(metric_obj, "setup", None)
