@@ -173,6 +173,7 @@ def test_bad_set_override(write, tiny_model, wiki_text):
         recipes.load(write(_base(tiny_model, wiki_text)), ["imatrix.ctx"])
 
 
+@pytest.mark.tools  # a recipe is valid only with a build to run it (validate reports a missing one)
 def test_cli_validate_and_schema(write, tiny_model, wiki_text):
     runner = CliRunner()
     ok = runner.invoke(main, ["validate", str(write(_base(tiny_model, wiki_text)))])
