@@ -42,9 +42,12 @@ from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, Tensor
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
 from tbpw.model.ggml_types import nominal_bpw
 from tbpw.model.inventory import ModelInventory, TensorInfo
+from tbpw.model.inventory import fingerprint as model_fingerprint
 
 if TYPE_CHECKING:
     from rich.progress import Progress
+
+    from tbpw.quantize.store import BlobWriter, StoreSource
 
 # Bump when a change to this module changes the numbers it produces.
 ENGINE_VERSION = 1
@@ -67,25 +70,6 @@ def plan_tensor(info: TensorInfo, has_mean: bool, sampling: SamplingOptions | No
     return [SlicePlan(e, sample_rows(info.name, e, info.rows_per_expert, count)) for e in range(info.n_experts)]
 
 
-def model_fingerprint(inventory: ModelInventory, window: int = 4096) -> str:
-    """sha256 over the file size, all metadata bytes and three windows of every tensor's data.
-
-    Hashing a multi-GB model whole would cost more than measuring it; metadata plus data windows catches
-    a re-converted or edited model while staying cheap.
-    """
-    h = hashlib.sha256()
-    path = inventory.path
-    size = path.stat().st_size
-    h.update(f"{size}:{inventory.metadata_bytes}".encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(inventory.metadata_bytes))
-        for t in inventory.tensors:
-            for start in (0, max(0, t.stored_bytes // 2 - window // 2), max(0, t.stored_bytes - window)):
-                fh.seek(t.data_offset + start)
-                h.update(fh.read(min(window, t.stored_bytes)))
-    return h.hexdigest()
-
-
 def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -98,13 +82,15 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
             metric_options: Mapping[str, Any] | None = None, candidates: Sequence[str] | None = None,
             sampling: SamplingOptions | Mapping[str, Any] | None = None, threads: int | None = None,
             cache_dir: Path | str | None = None, progress: bool = True, tensors: Iterable[str] | None = None,
-            on_tensor: Callable[[TensorErrors], None] | None = None) -> ErrorTable:
+            on_tensor: Callable[[TensorErrors], None] | None = None, store: StoreSource | None = None) -> ErrorTable:
     """Measure (or load from the cache) the error table of a model.
 
     `metric` names an error-metric plugin (default: the registry's default), `metric_options` its options; `candidates` the ggml types to
     try (default: the fork's 20); `sampling` the row sampling (default: the fork's); `tensors` limits the
     measurement to some tensors (default: every quantizable one). `on_tensor` is called (in the calling
-    thread) with each tensor as it finishes.
+    thread) with each tensor as it finishes. With `store` (tbpw.quantize.store, bound to this model and imatrix),
+    a tensor whose every row is measured leaves its quantized data there for each candidate type: exactly the
+    bytes llama-quantize writes, so plans need no quantization of it later.
     """
     from tbpw.llamacpp import ggml as ggml_bridge
     from tbpw.llamacpp.build import active_build
@@ -156,7 +142,11 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
     if setup is not None:
         setup(MeasureSetup(inventory=inventory, imatrix=imatrix, tensors=tuple(names)))
     lib = ggml_bridge.load(build.library("ggml-base"))
-    engine = _Engine(inventory, imatrix, metric_obj, lib, candidate_set, sampling_opts)
+    if store is not None and (store.inventory.path.resolve() != inventory.path.resolve() or
+                              (store.imatrix_path.resolve() if store.imatrix_path is not None else None) !=
+                              (Path(imatrix_path).resolve() if imatrix_path is not None else None)):
+        raise TbpwError("the tensor store was opened for another model or imatrix than the measurement's")
+    engine = _Engine(inventory, imatrix, metric_obj, lib, candidate_set, sampling_opts, store)
     todo = [n for n in names if n not in done]
     # Longest jobs first, so one big tensor does not finish alone at the end.
     todo.sort(key=lambda n: -engine.cost(n))
@@ -207,7 +197,7 @@ def _select(inventory: ModelInventory, tensors: Iterable[str] | None) -> list[st
 
 class _Engine:
     def __init__(self, inventory: ModelInventory, imatrix: Imatrix | None, metric, lib, types: Sequence[str],
-                 sampling: SamplingOptions):
+                 sampling: SamplingOptions, store: StoreSource | None = None):
         self.inventory = inventory
         self.imatrix = imatrix
         self.metric = metric
@@ -218,6 +208,7 @@ class _Engine:
         self.stop = threading.Event()
         self._cost: dict[str, float] = {}
         self.prepare = getattr(metric, "prepare_rows", None)  # optional for a plugin: rows as sampled otherwise
+        self.store = store
 
     def candidates(self, info: TensorInfo) -> list[str]:
         has_data = self.imatrix is not None and info.name in self.imatrix
@@ -263,21 +254,34 @@ class _Engine:
         # Sampled rows stay in memory for the metric's per-tensor pass unless they are large (MoE samples).
         keep = sum(len(sl.rows) for sl in plan) * info.row_length * 4 <= KEEP_SAMPLE_BYTES
         kept: list[np.ndarray] = []
-        for sl in plan:
-            e = sl.expert or 0
-            rows = self._rows(info, sl)
-            if keep:
-                kept.append(rows)
-            imp = importance[e] if importance is not None else None
-            stats = ColumnStats(sq=imp, mean=means[e] if means is not None else None)
-            for k, t in enumerate(types):
-                if self.stop.is_set():
-                    return None
-                ctx = MetricContext(tensor=name, role=info.role, type=t, nominal_bpw=nominal_bpw(t),
-                                    slice_rows=info.rows_per_expert, expert=sl.expert)
-                prepared = self.prepare(rows, ctx) if self.prepare is not None else rows
-                reconstructed = self.lib.roundtrip(t, prepared, imp)
-                sums[k] += float(self.metric.slice_error(rows, reconstructed, stats, ctx))
+        blobs = self._blobs(info, plan, types)
+        try:
+            for sl in plan:
+                e = sl.expert or 0
+                rows = self._rows(info, sl)
+                if keep:
+                    kept.append(rows)
+                imp = importance[e] if importance is not None else None
+                stats = ColumnStats(sq=imp, mean=means[e] if means is not None else None)
+                for k, t in enumerate(types):
+                    if self.stop.is_set():
+                        return None
+                    ctx = MetricContext(tensor=name, role=info.role, type=t, nominal_bpw=nominal_bpw(t),
+                                        slice_rows=info.rows_per_expert, expert=sl.expert)
+                    prepared = self.prepare(rows, ctx) if self.prepare is not None else rows
+                    quantized = self.lib.quantize(t, prepared, imp)
+                    if t in blobs:
+                        if prepared is rows:  # the stored rows as llama-quantize reads them: its very bytes
+                            blobs[t].write(quantized)
+                        else:
+                            blobs.pop(t).discard()
+                    reconstructed = self.lib.dequantize(t, quantized, info.row_length)
+                    sums[k] += float(self.metric.slice_error(rows, reconstructed, stats, ctx))
+            for blob in blobs.values():
+                blob.commit()
+        finally:
+            for blob in blobs.values():
+                blob.discard()
         factor = 1.0
         tensor_factor = getattr(self.metric, "tensor_factor", None)
         if tensor_factor is not None:
@@ -289,6 +293,19 @@ class _Engine:
             factor = float(tensor_factor(sample, ctx))
         return TensorErrors(name, info.n_elements,
                             [CandidateError(t, info.bytes_as(t), float(sums[k] * factor)) for k, t in enumerate(types)])
+
+    def _blobs(self, info: TensorInfo, plan: list[SlicePlan], types: Sequence[str]) -> dict[str, BlobWriter]:
+        """Store blobs to fill while measuring: when every row of every slice is measured, in order."""
+        if self.store is None or any(len(sl.rows) != info.rows_per_expert for sl in plan):
+            return {}
+        out = {}
+        for t in types:
+            if self.store.supports(t) and t != info.stored_type and not self.store.has(info.name, t):
+                try:
+                    out[t] = self.store.open_blob(info.name, t)
+                except TbpwError:  # a type llama-quantize would refuse here: nothing to keep
+                    continue
+        return out
 
     def _rows(self, info: TensorInfo, sl: SlicePlan) -> np.ndarray:
         return np.ascontiguousarray(self.inventory.rows(info.name, sl.rows, expert=sl.expert), dtype=np.float32)

@@ -7,6 +7,7 @@ length falls back the way llama-quantize falls back, and the bytes are those of 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -178,3 +179,21 @@ class ModelInventory:
         out = dequantize(np.asarray(picked), GGMLQuantizationType[info.stored_type])
         return np.asarray(out, dtype=np.float32).reshape(-1, info.row_length)
 
+
+def fingerprint(inventory: ModelInventory, window: int = 4096) -> str:
+    """sha256 over the file size, all metadata bytes and three windows of every tensor's data.
+
+    Hashing a multi-GB model whole would cost more than measuring it; metadata plus data windows catches
+    a re-converted or edited model while staying cheap.
+    """
+    h = hashlib.sha256()
+    path = inventory.path
+    size = path.stat().st_size
+    h.update(f"{size}:{inventory.metadata_bytes}".encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(inventory.metadata_bytes))
+        for t in inventory.tensors:
+            for start in (0, max(0, t.stored_bytes // 2 - window // 2), max(0, t.stored_bytes - window)):
+                fh.seek(t.data_offset + start)
+                h.update(fh.read(min(window, t.stored_bytes)))
+    return h.hexdigest()
