@@ -143,6 +143,8 @@ class StoreSource:
         a very-low-bit type without importance data, a quantized source."""
         info = self.inventory[name]
         t = type_name.upper()
+        if not info.quantizable:
+            raise TbpwError(f"llama-quantize never quantizes {name}: plan its stored type {info.stored_type}")
         traits = self.lib.traits(t)
         if info.row_length % traits.block_size:
             raise TbpwError(f"{name} has rows of {info.row_length}, which {t} blocks of {traits.block_size} do not divide: "
