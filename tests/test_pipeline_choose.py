@@ -101,4 +101,7 @@ def test_no_selection_step_reads_the_evaluation_text(choose_run):
     baseline = next(argv for argv in commands if _text_of(argv) and Path(_text_of(argv)).resolve() == evaluation.resolve())
     assert ".baseline.partial" in baseline[baseline.index("--kl-divergence-base") + 1]
     assert set(texts) == {calibration.resolve(), evaluation.resolve()}
-    assert texts.count(calibration.resolve()) >= 3  # imatrix, calibrate's float logits, choose's float logits
+    # the imatrix, and ONE set of float logits that calibrate and the choice share
+    assert texts.count(calibration.resolve()) == 2
+    # every quant and probe of the run was assembled from the tensor store: llama-quantize ran for none of them
+    assert not [argv for argv in commands if Path(argv[0]).name == "llama-quantize"]

@@ -107,7 +107,8 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
         types = plans[name].types()
         found = scorer.lookup(types, n_chunks)
         if found is None:
-            found = scorer.score(file_of(name), types, n_chunks, log_path=work / f"{name}.{label}.log")
+            log_name = f"{name}.kld.log" if label == "calibration" else f"{name}.{label}.kld.log"
+            found = scorer.score(file_of(name), types, n_chunks, log_path=work / log_name)
         say(f"  {name}: {label} KLD {found.kld_mean:.6f} on {n_chunks} chunks ({plans[name].achieved_bpw:.4f} bpw)")
         return found
 
