@@ -4,6 +4,7 @@ tie rule, truncated float logits, kept scores (an identical plan is scored once)
 from __future__ import annotations
 
 import pytest
+from test_parsers import captured
 
 from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
@@ -13,7 +14,6 @@ from tbpw.llamacpp.quantize import quantize
 from tbpw.quantize.store import TensorStore
 from tbpw.select.choose import PlanCandidate, select_plan
 from tbpw.select.scoring import Scorer, finalists, tied_with_leader
-from test_parsers import captured
 
 
 def _score(chunks: list[float]) -> KldScore:

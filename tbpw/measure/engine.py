@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 ENGINE_VERSION = 1
 
 
-KEEP_SAMPLE_BYTES = 256 << 20  # sampled rows of one tensor kept in memory up to this size
-
 
 @dataclass(frozen=True)
 class SlicePlan:
@@ -222,16 +220,32 @@ class _Engine:
         return self._cost[name]
 
     def run(self, names: Sequence[str], threads: int) -> Iterator[TensorErrors]:
-        """Measure `names` on `threads` threads, yielding each tensor as it finishes (in the calling thread)."""
+        """Measure `names` on `threads` threads, yielding each tensor as it finishes (in the calling thread).
+
+        libggml builds the grids of the very-low-bit IQ types on first use, under a lock no other quantization
+        can pass through (GRID_TYPES). So each tensor is measured in two parts: first every tensor's types without
+        a grid, while one thread builds the grids; then the grid types. The cores stay busy meanwhile."""
         if not names:
             return
+        grids = [t for t in self.types if self.lib.needs_grid(t)]
+        if grids:
+            threading.Thread(target=self.lib.prepare, args=(grids,), name="tbpw-grids", daemon=True).start()
+        jobs: list[tuple[str, bool]] = []  # (tensor, its grid types?)
+        self._parts: dict[str, list] = {}
+        for name in names:
+            types = self.candidates(self.inventory[name])
+            split = [flag for flag in (False, True) if any((t in grids) == flag for t in types)]
+            self._parts[name] = [len(split), np.zeros(len(types)), threading.Lock()]
+            jobs += [(name, flag) for flag in split]
+        jobs.sort(key=lambda job: job[1])  # every tensor's first part before any grid part (stable: largest first)
         pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tbpw-measure")
         pending: set[Future] = set()
-        queue = list(names)
         try:
-            while queue or pending:
-                while queue and len(pending) < 2 * max(1, threads):
-                    pending.add(pool.submit(self.tensor, queue.pop(0)))
+            while jobs or pending:
+                while jobs and len(pending) < 2 * max(1, threads):
+                    name, grid_part = jobs.pop(0)
+                    pending.add(pool.submit(self.tensor, name, frozenset(grids) if grid_part else None,
+                                            frozenset(grids)))
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     result = fut.result()
@@ -243,27 +257,27 @@ class _Engine:
                 fut.cancel()
             pool.shutdown(wait=True)
 
-    def tensor(self, name: str) -> TensorErrors | None:
+    def tensor(self, name: str, only: frozenset[str] | None = None,
+               skip: frozenset[str] = frozenset()) -> TensorErrors | None:
+        """Measure the candidate types of `name` that are in `only` (None: those not in `skip`); the part that
+        finishes a tensor returns its errors (parts: see `run`), the others None."""
         info = self.inventory[name]
         types = self.candidates(info)
+        mine = [k for k, t in enumerate(types) if (t in only if only is not None else t not in skip)]
         plan = plan_tensor(info, self.has_mean, self.sampling)
         imatrix = self.imatrix if self.imatrix is not None and name in self.imatrix else None
         importance = imatrix.importance(name) if imatrix is not None else None
         means = imatrix.mean(name) if imatrix is not None else None
         sums = np.zeros(len(types))
-        # Sampled rows stay in memory for the metric's per-tensor pass unless they are large (MoE samples).
-        keep = sum(len(sl.rows) for sl in plan) * info.row_length * 4 <= KEEP_SAMPLE_BYTES
-        kept: list[np.ndarray] = []
-        blobs = self._blobs(info, plan, types)
+        blobs = self._blobs(info, plan, [types[k] for k in mine])
         try:
             for sl in plan:
                 e = sl.expert or 0
                 rows = self._rows(info, sl)
-                if keep:
-                    kept.append(rows)
                 imp = importance[e] if importance is not None else None
                 stats = ColumnStats(sq=imp, mean=means[e] if means is not None else None)
-                for k, t in enumerate(types):
+                for k in mine:
+                    t = types[k]
                     if self.stop.is_set():
                         return None
                     ctx = MetricContext(tensor=name, role=info.role, type=t, nominal_bpw=nominal_bpw(t),
@@ -282,12 +296,21 @@ class _Engine:
         finally:
             for blob in blobs.values():
                 blob.discard()
+        parts = getattr(self, "_parts", {}).get(name)
+        if parts is not None:
+            with parts[2]:
+                parts[1] += sums
+                parts[0] -= 1
+                if parts[0] > 0:
+                    return None
+                sums = parts[1]
         factor = 1.0
         tensor_factor = getattr(self.metric, "tensor_factor", None)
         if tensor_factor is not None:
+            # the sampled rows, read again (and only) if the metric's per-tensor pass asks for them
             sample = TensorSample(tensor=name, role=info.role, n_cols=info.row_length,
                                   n_rows=sum(len(sl.rows) for sl in plan),
-                                  blocks=(lambda: iter(kept)) if keep else (lambda: (self._rows(info, sl) for sl in plan)))
+                                  blocks=lambda: (self._rows(info, sl) for sl in plan))
             ctx = MetricContext(tensor=name, role=info.role, type=info.stored_type,
                                 nominal_bpw=nominal_bpw(info.stored_type), slice_rows=info.rows_per_expert)
             factor = float(tensor_factor(sample, ctx))
