@@ -58,6 +58,7 @@ class TensorStore:
 
     root: Path = field(default_factory=default_root)
     threads: int | None = None
+    quantized_elements: int = 0  # tensor elements quantized into the store through it (for cost accounting)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -196,6 +197,7 @@ class StoreSource:
                     for q in pool.map(lambda part, imp=imp: self.lib.quantize(t, part, imp), parts):
                         out.write(q)
         self.quantized += 1
+        self.store.quantized_elements += info.n_elements
         return path
 
 
