@@ -73,11 +73,21 @@ class Counts:
         return Counts(**{k: v - getattr(other, k) for k, v in vars(self).items()})
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of the children it waited for (the llama.cpp tools): robust to other jobs'
+    load, which stretches wall time."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 @dataclass
 class Stage:
     name: str
     seconds: float
     counts: Counts
+    cpu: float = 0.0
     store_equivalents: float = 0.0  # plain quantizations' worth of tensor elements the store quantized
     note: str = ""
 
@@ -87,10 +97,12 @@ class Result:
     label: str
     model_elements: int
     unit_seconds: float
+    unit_cpu: float
     targets: dict[str, float]
     stages: list[Stage] = field(default_factory=list)
     new_target: Stage | None = None
     fork: list[float] = field(default_factory=list)  # seconds: cold, then warm runs
+    fork_cpu: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -153,11 +165,16 @@ def run(args: argparse.Namespace) -> Result:
     if not imatrix.is_file():
         make_imatrix(model, text, imatrix, collector="stock", chunks=args.imatrix_chunks, ctx=ctx, threads=args.threads,
                      log_path=work / "imatrix.log")
-    unit = min(quantize_mod.quantize(model, work / "plain.gguf", imatrix=imatrix, base_type="Q4_K_M",
-                                     threads=args.threads, log_path=work / "plain.log").seconds for _ in range(2))
+    plain = []
+    for _ in range(2):
+        cpu = cpu_seconds()
+        seconds = quantize_mod.quantize(model, work / "plain.gguf", imatrix=imatrix, base_type="Q4_K_M",
+                                        threads=args.threads, log_path=work / "plain.log").seconds
+        plain.append((seconds, cpu_seconds() - cpu))
     (work / "plain.gguf").unlink()
+    unit, unit_cpu = min(plain)
     targets = {level: stock_bpw(model, imatrix, level, work) for level in args.levels}
-    result = Result(label, inventory.n_elements, unit, targets)
+    result = Result(label, inventory.n_elements, unit, unit_cpu, targets)
     log(f"{label}: {inventory.n_elements / 1e6:.1f} M weights; one plain Q4_K_M quantization {unit:.2f} s; "
         f"targets {', '.join(f'{k} {v:.4f}' for k, v in targets.items())}")
 
@@ -187,10 +204,10 @@ def run(args: argparse.Namespace) -> Result:
 
     def stage(name: str, body, note: str = ""):
         before, store_before = counts.copy(), _store_elements(pipe)
-        start = time.monotonic()
+        start, cpu = time.monotonic(), cpu_seconds()
         value = body()
         seconds = time.monotonic() - start
-        result.stages.append(Stage(name, seconds, counts.minus(before),
+        result.stages.append(Stage(name, seconds, counts.minus(before), cpu_seconds() - cpu,
                                    (_store_elements(pipe) - store_before) / inventory.n_elements, note))
         log(f"  {name}: {seconds:.1f} s = {seconds / unit:.1f}x")
         return value
@@ -208,12 +225,13 @@ def run(args: argparse.Namespace) -> Result:
                                                                                    calibration))
     if args.new_target:
         target, budget = RecipeTarget(bpw=args.new_target), Target.parse(bpw=args.new_target)
-        before, start, store_before = counts.copy(), time.monotonic(), _store_elements(pipe)
+        before, start, store_before, cpu = counts.copy(), time.monotonic(), _store_elements(pipe), cpu_seconds()
         made = {a.name: pipe.plan(model, imatrix, table, target, budget, a) for a in recipe.allocators}
         if recipe.choose is not None:
             pipe.choose(model, imatrix, tables, target, budget, made, calibration)
         result.new_target = Stage(f"new target {args.new_target} bpw (warm)", time.monotonic() - start,
-                                  counts.minus(before), (_store_elements(pipe) - store_before) / inventory.n_elements)
+                                  counts.minus(before), cpu_seconds() - cpu,
+                                  (_store_elements(pipe) - store_before) / inventory.n_elements)
 
     if args.fork_build:
         build = BuildInfo.load(Path(args.fork_build))
@@ -221,11 +239,13 @@ def run(args: argparse.Namespace) -> Result:
         state.unlink(missing_ok=True)
         for i, bpw in enumerate(targets.values()):
             out = work / "fork.gguf"
+            cpu = cpu_seconds()
             run_ = quantize_mod.quantize(model, out, imatrix=imatrix, base_type="Q8_0", threads=args.threads,
                                          extra=["--target-bpw", repr(bpw), "--state-file", str(state)],
                                          log_path=work / f"fork-{i}.log", build=build)
             out.unlink(missing_ok=True)
             result.fork.append(run_.seconds)
+            result.fork_cpu.append(cpu_seconds() - cpu)
             log(f"  fork {'cold' if i == 0 else 'warm'} {bpw:.4f} bpw: {run_.seconds:.1f} s")
         result.notes.append(f"fork: {build.source_name} build {build.build_number} ({build.build_commit}), "
                             "`--target-bpw X --state-file F`, the same imatrix and threads")
@@ -239,41 +259,48 @@ def _store_elements(pipe) -> int:
 
 
 def markdown(r: Result, args: argparse.Namespace) -> str:
-    unit = r.unit_seconds
+    unit, unit_cpu = r.unit_seconds, r.unit_cpu
     lines = [f"### {r.label}", "",
              f"- {r.model_elements / 1e6:.1f} M weights; the unit is one plain stock `llama-quantize --imatrix ... "
-             f"Q4_K_M` ({unit:.2f} s, best of 2, {args.threads} threads); targets: the exact bpw of "
-             + ", ".join(f"{k} ({v:.4f})" for k, v in r.targets.items()),
+             f"Q4_K_M` ({unit:.2f} s wall, {unit_cpu:.2f} s CPU; best of 2, {args.threads} threads); targets: the exact "
+             "bpw of " + ", ".join(f"{k} ({v:.4f})" for k, v in r.targets.items()),
              *(f"- {n}" for n in r.notes),
-             f"- wall clock on a shared 2-core machine (load from other jobs: {args.load_note}); ratios compare runs "
-             "made back to back", ""]
-    lines += ["| stage | seconds | x plain | llama-quantize runs | KLD runs | float-logit runs | store quantization (x plain) |",
-              "|---|---|---|---|---|---|---|"]
+             f"- a shared 2-core machine ({args.load_note}): other jobs' load stretches wall time, so CPU time (this "
+             "process and the tools it ran) is given beside it; ratios compare runs made back to back", ""]
+    lines += ["| stage | seconds | x plain | CPU s | x plain CPU | llama-quantize runs | KLD runs | float-logit runs "
+              "| store quantization (x plain) |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[str, list[Stage]] = {}
     for s in r.stages:
         groups.setdefault(s.name.rsplit(" ", 1)[0] if s.name.startswith(("final", "choose")) else s.name, []).append(s)
     total = Stage("total", 0.0, Counts())
     for name, members in groups.items():
         row = Stage(name if len(members) == 1 else f"{name} ({len(members)} targets)",
-                    sum(m.seconds for m in members), Counts(), sum(m.store_equivalents for m in members))
+                    seconds=sum(m.seconds for m in members), counts=Counts(), cpu=sum(m.cpu for m in members),
+                    store_equivalents=sum(m.store_equivalents for m in members))
         for m in members:
             for k, v in vars(m.counts).items():
                 setattr(row.counts, k, getattr(row.counts, k) + v)
-        lines.append(_row(row, unit))
+        lines.append(_row(row, unit, unit_cpu))
         total.seconds += row.seconds
+        total.cpu += row.cpu
         total.store_equivalents += row.store_equivalents
         for k, v in vars(row.counts).items():
             setattr(total.counts, k, getattr(total.counts, k) + v)
-    lines.append(_row(total, unit, bold=True))
+    lines.append(_row(total, unit, unit_cpu, bold=True))
     if r.fork:
-        fork_total = sum(r.fork)
-        lines += [f"| fork `--target-bpw`, cold | {r.fork[0]:.1f} | {r.fork[0] / unit:.1f}x | 1 | – | – | – |",
-                  f"| fork, {len(r.fork) - 1} warm | {sum(r.fork[1:]):.1f} | {sum(r.fork[1:]) / unit:.1f}x | "
-                  f"{len(r.fork) - 1} | – | – | – |",
-                  f"| **fork total** | **{fork_total:.1f}** | **{fork_total / unit:.1f}x** | {len(r.fork)} | – | – | – |",
-                  "", f"tbpw's total is **{total.seconds / fork_total:.2f}x** the fork's 7-target time (bar: 2x)."]
+        fork_total, fork_cpu = sum(r.fork), sum(r.fork_cpu)
+        warm, warm_cpu = sum(r.fork[1:]), sum(r.fork_cpu[1:])
+        lines += [f"| fork `--target-bpw`, cold | {r.fork[0]:.1f} | {r.fork[0] / unit:.1f}x | {r.fork_cpu[0]:.1f} | "
+                  f"{r.fork_cpu[0] / unit_cpu:.1f}x | 1 | – | – | – |",
+                  f"| fork, {len(r.fork) - 1} warm | {warm:.1f} | {warm / unit:.1f}x | {warm_cpu:.1f} | "
+                  f"{warm_cpu / unit_cpu:.1f}x | {len(r.fork) - 1} | – | – | – |",
+                  f"| **fork total** | **{fork_total:.1f}** | **{fork_total / unit:.1f}x** | **{fork_cpu:.1f}** | "
+                  f"**{fork_cpu / unit_cpu:.1f}x** | {len(r.fork)} | – | – | – |",
+                  "", f"tbpw's total is **{total.seconds / fork_total:.2f}x** the fork's 7-target wall time and "
+                  f"**{total.cpu / fork_cpu:.2f}x** its CPU time (bar: 2x)."]
     else:
-        lines += ["", f"tbpw's total is {total.seconds / unit:.1f}x one plain quantization (bar without the fork: 40x)."]
+        lines += ["", f"tbpw's total is {total.seconds / unit:.1f}x one plain quantization's wall time, "
+                  f"{total.cpu / unit_cpu:.1f}x its CPU time (bar without the fork: 40x)."]
     if r.new_target is not None:
         n = r.new_target
         apart = n.seconds - n.counts.kld_seconds
@@ -282,11 +309,12 @@ def markdown(r: Result, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _row(s: Stage, unit: float, bold: bool = False) -> str:
+def _row(s: Stage, unit: float, unit_cpu: float, bold: bool = False) -> str:
     b = "**" if bold else ""
     c = s.counts
-    return (f"| {b}{s.name}{b} | {b}{s.seconds:.1f}{b} | {b}{s.seconds / unit:.1f}x{b} | {c.quantize_runs} | {c.kld_runs} | "
-            f"{c.logits_runs} | {s.store_equivalents:.2f} |")
+    return (f"| {b}{s.name}{b} | {b}{s.seconds:.1f}{b} | {b}{s.seconds / unit:.1f}x{b} | {b}{s.cpu:.1f}{b} | "
+            f"{b}{s.cpu / unit_cpu:.1f}x{b} | {c.quantize_runs} | {c.kld_runs} | {c.logits_runs} | "
+            f"{s.store_equivalents:.2f} |")
 
 
 def write_section(path: Path, name: str, text: str) -> None:

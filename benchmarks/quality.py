@@ -240,7 +240,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 t = time.monotonic()
                 ref = refine_plan(planner, problems[sel.best], sel.plan, calibration, work / "select",
                                   rounds=args.refine_rounds, tries=args.refine_tries, ctx=ctx, chunks=args.cal_chunks,
-                                  start_score=sel.scores[sel.best], scorer=scorer, log=log if args.verbose else None)
+                                  start_score=sel.scores[sel.best] if sel.chunks == args.cal_chunks else None, scorer=scorer, log=log if args.verbose else None)
                 out = lw / "refined.gguf"
                 applied = planner.write(ref.plan, out, log_path=lw / "refined.quantize.log")
                 seconds = total + time.monotonic() - t

@@ -78,11 +78,19 @@ def test_an_identical_plan_is_scored_once_and_screening_scores_fewer(tiny_model,
 
     sel = select_plan(candidates, planner, cal, tmp_path / "a", ctx=128, chunks=4, screen_chunks=2, finalists=1,
                       scorer=scorer)
-    assert set(sel.scores) <= set(sel.screening)
-    assert len(sel.screening) == distinct and list(sel.scores) == [sel.best]
+    assert len(sel.screening) == distinct and sel.scores == sel.screening and sel.chunks == 2
     assert sel.best == min(sel.screening, key=lambda n: sel.screening[n].kld_mean)
-    assert sel.runs == distinct + 1 and scorer.base_runs == 1  # one set of float logits serves 2 and 4 chunks
+    assert sel.runs == distinct  # a lone finalist is not scored again
     assert sel.path.is_file()
+
+    wide = select_plan(candidates, planner, cal, tmp_path / "w", ctx=128, chunks=4, screen_chunks=2, finalists=3,
+                       scorer=scorer)
+    tied = [n for n in wide.screening if tied_with_leader(wide.screening[sel.best], wide.screening[n])]
+    if len(tied) > 1:  # the finalists are the tied plans, each scored on all 4 chunks
+        assert set(wide.scores) == set(tied) and wide.chunks == 4 and wide.runs == len(tied)
+    else:
+        assert wide.runs == 0 and wide.best == sel.best
+    assert scorer.base_runs == 1  # one set of float logits serves 2 and 4 chunks
 
     def no_tools(*args, **kwargs):
         raise AssertionError("a kept score ran a tool")

@@ -36,17 +36,21 @@ class Selection:
     best: str
     plan: Plan
     path: Path  # the best candidate's quantized GGUF (kept in work_dir)
-    scores: dict[str, KldScore]  # candidate -> its score on all the calibration chunks (the finalists)
+    # candidate -> the score the choice was made on: the finalists' on all the chunks, or, when the screening left
+    # one plan, every plan's screening score (scoring a lone finalist further would change nothing)
+    scores: dict[str, KldScore]
     duplicates: dict[str, str] = field(default_factory=dict)  # candidate -> the earlier one with the same types
     base: BaseLogits | None = None
     seconds: float = 0.0
     screening: dict[str, KldScore] = field(default_factory=dict)  # candidate -> its score on the screening chunks
     runs: int = 0  # KLD runs made (scores kept from earlier runs cost none)
+    chunks: int = 0  # the chunks `scores` are on
 
     def to_json(self) -> dict:
         return {"best": self.best, "path": str(self.path), "scores": {k: v.to_json() for k, v in self.scores.items()},
                 "screening": {k: v.to_json() for k, v in self.screening.items()},
                 "duplicates": self.duplicates, "seconds": round(self.seconds, 3), "kld_runs": self.runs,
+                "chunks": self.chunks,
                 "calibration": {"text": str(self.base.text), "ctx": self.base.ctx, "chunks": self.base.chunks}
                 if self.base else None}
 
@@ -61,7 +65,7 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
     Candidates with the same type map are scored once (and, through `scorer`'s kept scores, once across targets
     and runs). With `screen_chunks` (fewer than `chunks`), every distinct plan is first scored on that many chunks
     and only the leader and the plans statistically tied with it (`scoring.finalists`, at most `finalists`) are
-    scored on all `chunks`. `written` maps candidate names to GGUFs already written from their plans (they are
+    scored on all `chunks` (none, when only the leader is left). `written` maps candidate names to GGUFs already written from their plans (they are
     scored as they are, not written again). The winner's GGUF stays (in `work_dir`, or where `written` had it);
     the ones written here are deleted unless `keep`.
     """
@@ -113,19 +117,23 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
         return found
 
     screening: dict[str, KldScore] = {}
-    finals = distinct
+    finals, used = distinct, chunks
     if 0 < screen_chunks < chunks and len(distinct) > 1:
         screening = {name: score(name, screen_chunks, "screening") for name in distinct}
         finals = scoring_finalists(screening, distinct, finalists)
-    scores = {name: score(name, chunks, "calibration") for name in finals}
-    best = min(scores, key=lambda n: (scores[n].kld_mean, names.index(n)))
+    if len(finals) == 1 and screening:
+        scores, used = screening, screen_chunks
+        best = finals[0]
+    else:
+        scores = {name: score(name, chunks, "calibration") for name in finals}
+        best = min(scores, key=lambda n: (scores[n].kld_mean, names.index(n)))
     file_of(best)
     if not keep:
         for name in made:
             if name != best:
                 paths[name].unlink(missing_ok=True)
-    return Selection(best, plans[best], paths[best], scores, duplicates, scorer.base(chunks),
-                     scorer.seconds - seconds_before, screening, scorer.runs - runs_before)
+    return Selection(best, plans[best], paths[best], scores, duplicates, scorer.base(used),
+                     scorer.seconds - seconds_before, screening, scorer.runs - runs_before, used)
 
 
 def copy_selected(selection: Selection, out: Path | str) -> Path:
@@ -189,7 +197,7 @@ def choose(planner: Planner, tables: Mapping[str, ErrorTableLike], allocators: S
 
         refinement = refine_plan(planner, problems[selection.best], plan, calibration_text, work,
                                  rounds=refine_rounds, tries=refine_tries, ctx=ctx, chunks=chunks, ngl=ngl,
-                                 start_score=score, scorer=scorer, log=log)
+                                 start_score=score if selection.chunks == chunks else None, scorer=scorer, log=log)
         if refinement.accepted:
             plan, score, refined = refinement.plan, refinement.score, refinement.accepted
     out = Path(out)
