@@ -175,7 +175,10 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
     model, calibration_text = Path(model), Path(calibration_text)
     inventory = ModelInventory.load(model)
     probes = tuple(type_name(t) for t in probe_types)
-    bg = background if background == "float" else type_name(background)
+    try:
+        bg = "float" if background.lower() == "float" else type_name(background)
+    except (KeyError, ValueError):
+        raise TbpwError(f"unknown calibration background {background!r}: use float or a type such as Q8_0") from None
     groups = groups_of(inventory, grouping)
     entries = table.by_name()
     build = active_build()
