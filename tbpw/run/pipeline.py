@@ -299,6 +299,10 @@ class Pipeline:
         metric = self.recipe.measure.metric.name
         allocators = self.recipe.allocators
 
+        if opts.tables == "calibrated" and len(tables) > 1:  # the measured table is the first; calibrated ones follow
+            tables = dict(list(tables.items())[1:])
+            written = {}
+
         def body(folder: Path) -> dict:
             from tbpw.select.choose import candidate_name, choose
 

@@ -177,6 +177,9 @@ class ChooseOptions(Strict):
 
     ctx: int = Field(512, ge=32)
     chunks: int = Field(16, ge=1)
+    # the error tables whose plans are candidates: all (the measured one and the calibrated ones), or only the
+    # calibrated ones (the measured table's quants are still written and evaluated, just not scored here)
+    tables: Literal["all", "calibrated"] = "all"
     # score every distinct plan on this many chunks first, and only the leader and the plans tied with it
     # (tbpw.select.scoring.tied_with_leader) on all `chunks`; 0: every plan on all of them
     screen_chunks: int = Field(0, ge=0)
