@@ -218,14 +218,18 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 candidates.append(PlanCandidate(key, plan))
                 problems[key], written[key], labels[key] = problem, out, name
                 log(f"{level}: {name} {applied.achieved_bpw:.4f} bpw KLD {s.kld_mean:.6f}")
-        if args.select and len(candidates) > 1:
+        if args.select_tables == "calibrated" and args.calibrated:
+            picked = [c for c in candidates if "+kld" in labels[c.name]]
+        else:
+            picked = candidates
+        if args.select and len(picked) > 1:
             t = time.monotonic()
-            sel = select_plan(candidates, planner, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
+            sel = select_plan(picked, planner, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
                               screen_chunks=args.screen_chunks, finalists=args.finalists, written=written,
                               scorer=scorer, log=log if args.verbose else None)
             # every candidate's full calibration score, for studying the choice's rules (kept scores cost nothing)
             full = {name: scorer.score(written[name], c.plan.types(), args.cal_chunks).to_json()
-                    for c in candidates for name in [c.name] if name not in sel.duplicates} if args.json else {}
+                    for c in candidates for name in [c.name]} if args.json else {}
             run.selections[level] = {"best": labels[sel.best], "labels": labels, **sel.to_json(), "all_scores": full,
                                      "kld_runs": sel.runs}
             seconds = time.monotonic() - t
@@ -292,8 +296,8 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
               f"- tbpw variants: allocator/table for allocators {', '.join(args.allocators)} and tables "
               f"{', '.join(args.metrics)}" + (f" (+kld: calibrated on {args.cal_chunks} calibration chunks, probes "
                                               f"{', '.join(args.probes)}, per {args.grouping})" if args.calibrated else "")
-              + ("; tbpw-select: the variant with the lowest KLD on calibration chunks (never the evaluation text)"
-                 if args.select else "")
+              + ("; tbpw-select: the " + ("calibrated " if args.select_tables == "calibrated" and args.calibrated else "")
+                 + "variant with the lowest KLD on calibration chunks (never the evaluation text)" if args.select else "")
               + (f"; tbpw-refine: tbpw-select's plan improved by up to {args.refine_rounds} rounds of "
                  f"{args.refine_tries} type swaps, each kept only when calibration KLD confirms it"
                  if args.select and args.refine_rounds > 0 else ""),
@@ -364,6 +368,8 @@ def main() -> None:
     p.add_argument("--screen-chunks", type=int, default=ChooseOptions().screen_chunks,
                    help="the choice screens every plan on this many chunks first (0: none)")
     p.add_argument("--finalists", type=int, default=ChooseOptions().finalists)
+    p.add_argument("--select-tables", choices=["all", "calibrated"], default=ChooseOptions().tables,
+                   help="the tables whose plans tbpw-select chooses among (every variant is still evaluated)")
     p.add_argument("--work", default="/tmp/tbpw-quality")
     p.add_argument("--reuse", action="store_true",
                    help="keep the imatrix, logits and tables of an earlier run in --work (their times then read 'reused')")
