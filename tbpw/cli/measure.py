@@ -29,7 +29,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--sample-scale", type=float, default=1.0, show_default=True,
                   help="rows measured relative to the fork's sampling (0.25: a quarter)")
     @click.option("--fork-sampling", is_flag=True,
-                  help="the fork's rows where it samples a slice (default: a quarter of them; exact slices stay exact)")
+                  help="the fork's rows where it samples a slice (default: a fifth of them; exact slices stay exact)")
     @click.option("--all-rows", is_flag=True, help="measure every row of every tensor (exact, slow)")
     @click.option("--threads", "-t", type=int, default=None, help="worker threads (default: all cores)")
     @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the table as JSON here")
