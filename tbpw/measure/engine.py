@@ -5,10 +5,12 @@ llama-quantize runs, with the imatrix's E[a^2] as importance) and scored by an e
 Bytes come from the inventory (stock fallbacks applied), never from nominal bpw.
 
 The table is cached under $TBPW_HOME/measure/<key>/, the key covering everything it depends on:
-the model (a fingerprint of its metadata and data), the imatrix content, the metric and its options,
-the sampling, the candidate set, the llama.cpp build. Finished tensors are appended to `partial.jsonl`
-as they complete (one whole line each, flushed), so Ctrl-C / SIGTERM loses at most the tensors in
-flight and the next run resumes; the finished table is written atomically to `table.json`.
+the model (the sha256 of the whole file, every weight included), the imatrix content, the metric and its
+options, the sampling, the candidate set, the llama.cpp build. Finished tensors are appended to
+`partial.jsonl` as they complete (one whole line each, flushed), so Ctrl-C / SIGTERM loses at most the
+tensors in flight and the next run resumes; the finished table is written atomically to `table.json`.
+One process measures an entry at a time (`.lock`): a second one waits and then takes the finished table.
+A cached table that does not parse or does not match the model is discarded and measured again.
 
     table = measure("model.gguf", "model.imatrix.gguf")  # the default metric; metric="NAME" for another
     for t in table.tensors: print(t.name, [(c.type, c.bytes, c.error) for c in t.candidates])
@@ -32,11 +34,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
-from tbpw.errors import TbpwError
+from tbpw.errors import Interrupted, TbpwError, Terminated, os_error
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
+from tbpw.files.lock import waiting_lock
 from tbpw.imatrix.reader import Imatrix
 from tbpw.measure import candidates as cand
+from tbpw.measure.cache import cached_table, mismatch, note
 from tbpw.measure.sampling import SamplingOptions, rows_per_slice, sample_rows
 from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
@@ -72,7 +76,7 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-class MeasurementInterrupted(TbpwError):
+class MeasurementInterrupted(Interrupted):
     """Ctrl-C or SIGTERM stopped a measurement; the finished tensors are saved and the next run resumes."""
 
 
@@ -90,7 +94,6 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
     a tensor whose every row is measured leaves its quantized data there for each candidate type: exactly the
     bytes llama-quantize writes, so plans need no quantization of it later.
     """
-    from tbpw.llamacpp import ggml as ggml_bridge
     from tbpw.llamacpp.build import active_build
     from tbpw.plugin.manager import get_manager
 
@@ -104,6 +107,10 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
     candidate_set = cand.normalize_types(candidates)
     names = _select(inventory, tensors)
     build = active_build()
+    if store is not None and (store.inventory.path.resolve() != inventory.path.resolve() or
+                              (store.imatrix_path.resolve() if store.imatrix_path is not None else None) !=
+                              (Path(imatrix_path).resolve() if imatrix_path is not None else None)):
+        raise TbpwError("the tensor store was opened for another model or imatrix than the measurement's")
 
     parts = {
         "engine": ENGINE_VERSION,
@@ -119,31 +126,38 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
     key = cache_key(parts)
     folder = Path(cache_dir) if cache_dir is not None else paths.measure_cache()
     folder = folder / key
-    meta = {**parts, "key": key, "model_path": str(inventory.path),
+    meta = {**parts, "key": key, "model_path": str(inventory.path), "model_sha256": parts["model"],
             "imatrix_path": str(imatrix.path) if imatrix is not None else None,
             "imatrix_missing": match.missing if match is not None else None}
 
     final = folder / "table.json"
-    if final.is_file():
-        table = ErrorTable.read_json(final)
-        table.meta["cached"] = True
-        return table
+    if (cached := cached_table(final, inventory, names)) is not None:
+        return cached
+    with waiting_lock(folder / ".lock", note=note):
+        # whoever held the lock may have finished this very table
+        if (cached := cached_table(final, inventory, names)) is not None:
+            return cached
+        return _measure_entry(folder, meta, inventory, imatrix, names, registry, metric, metric_opts, build,
+                              candidate_set, sampling_opts, threads, progress, on_tensor, store)
 
-    folder.mkdir(parents=True, exist_ok=True)
+
+def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix: Imatrix | None, names: list[str],
+                   registry, metric: str, metric_opts, build, candidate_set: Sequence[str],
+                   sampling_opts: SamplingOptions, threads: int | None, progress: bool,
+                   on_tensor: Callable[[TensorErrors], None] | None, store: StoreSource | None) -> ErrorTable:
+    from tbpw.llamacpp import ggml as ggml_bridge
+
+    final = folder / "table.json"
     write_json(folder / "meta.json", meta)
     partial = folder / "partial.jsonl"
     done = _read_partial(partial)
-    done = {n: t for n, t in done.items() if n in names}
+    done = {n: t for n, t in done.items() if n in names and not mismatch([t], inventory)}
 
     metric_obj = registry.create(metric, metric_opts)
     setup = getattr(metric_obj, "setup", None)
     if setup is not None:
         setup(MeasureSetup(inventory=inventory, imatrix=imatrix, tensors=tuple(names)))
     lib = ggml_bridge.load(build.library("ggml-base"))
-    if store is not None and (store.inventory.path.resolve() != inventory.path.resolve() or
-                              (store.imatrix_path.resolve() if store.imatrix_path is not None else None) !=
-                              (Path(imatrix_path).resolve() if imatrix_path is not None else None)):
-        raise TbpwError("the tensor store was opened for another model or imatrix than the measurement's")
     engine = _Engine(inventory, imatrix, metric_obj, lib, candidate_set, sampling_opts, store)
     todo = [n for n in names if n not in done]
     # Longest jobs first, so one big tensor does not finish alone at the end.
@@ -159,9 +173,9 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
                 bar.advance(engine.cost(result.name), result.name)
                 if on_tensor is not None:
                     on_tensor(result)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         raise MeasurementInterrupted(f"measurement interrupted: {len(results)} of {len(names)} tensors are saved in "
-                                     f"{folder}; run the same command again to resume") from None
+                                     f"{folder}; run the same command again to resume", cause=exc) from None
     table = ErrorTable([results[n] for n in names], dict(meta, seconds=round(time.monotonic() - start, 3),
                                                          resumed_tensors=len(done)))
     table.write_json(final)
@@ -336,10 +350,13 @@ class _Engine:
 
 def _append_partial(path: Path, result: TensorErrors) -> None:
     line = json.dumps(result.to_json()) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise os_error(exc, "write", path) from None
 
 
 def _read_partial(path: Path) -> dict[str, TensorErrors]:
@@ -364,7 +381,7 @@ def _sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

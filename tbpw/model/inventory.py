@@ -7,7 +7,6 @@ length falls back the way llama-quantize falls back, and the bytes are those of 
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from tbpw.errors import TbpwError
+from tbpw.files.digest import content_sha256
 from tbpw.model import gguf_layout
 from tbpw.model.ggml_types import effective_type, row_bytes
 
@@ -113,6 +113,9 @@ class ModelInventory:
     @classmethod
     def load(cls, path: Path | str) -> ModelInventory:
         path = Path(path)
+        if path.is_dir():
+            raise TbpwError(f"model file {path} is a folder: give the GGUF file (convert a Hugging Face folder "
+                            "with a recipe's model.path)")
         if not path.is_file():
             raise TbpwError(f"model file {path} does not exist: check the path")
         # gguf_layout steps over metadata arrays: GGUFReader needs tens of seconds for a 262k-token vocabulary
@@ -180,20 +183,11 @@ class ModelInventory:
         return np.asarray(out, dtype=np.float32).reshape(-1, info.row_length)
 
 
-def fingerprint(inventory: ModelInventory, window: int = 4096) -> str:
-    """sha256 over the file size, all metadata bytes and three windows of every tensor's data.
+def fingerprint(inventory: ModelInventory) -> str:
+    """sha256 of the whole model file, so that any edited weight makes another cache entry.
 
-    Hashing a multi-GB model whole would cost more than measuring it; metadata plus data windows catches
-    a re-converted or edited model while staying cheap.
+    Remembered while the file's device, inode, size, mtime and ctime stay the same (tbpw.files.digest), so a
+    model is read once, not at every measurement.
     """
-    h = hashlib.sha256()
-    path = inventory.path
-    size = path.stat().st_size
-    h.update(f"{size}:{inventory.metadata_bytes}".encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(inventory.metadata_bytes))
-        for t in inventory.tensors:
-            for start in (0, max(0, t.stored_bytes // 2 - window // 2), max(0, t.stored_bytes - window)):
-                fh.seek(t.data_offset + start)
-                h.update(fh.read(min(window, t.stored_bytes)))
-    return h.hexdigest()
+    return content_sha256(inventory.path)
+

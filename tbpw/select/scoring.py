@@ -24,7 +24,7 @@ from pathlib import Path
 from tbpw.errors import TbpwError
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
-from tbpw.files.digest import sha256_file
+from tbpw.files.digest import content_sha256
 from tbpw.llamacpp.perplexity import BaseLogits, KldScore, base_logits, kld, truncate_base
 from tbpw.model.inventory import ModelInventory, fingerprint
 
@@ -101,12 +101,12 @@ class Scorer:
 
     @cached_property
     def imatrix_hash(self) -> str | None:
-        return sha256_file(self.imatrix) if self.imatrix is not None else None
+        return content_sha256(self.imatrix) if self.imatrix is not None else None
 
     @cached_property
     def folder(self) -> Path:
         parts = {"v": SCORING_VERSION, "model": fingerprint(ModelInventory.load(self.model)),
-                 "text": sha256_file(self.text), "ctx": self.ctx, "build": self.build.key, "gpu_layers": self._gpu_layers}
+                 "text": content_sha256(self.text), "ctx": self.ctx, "build": self.build.key, "gpu_layers": self._gpu_layers}
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
         folder = self.cache_dir / key
         folder.mkdir(parents=True, exist_ok=True)
