@@ -219,7 +219,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             t = time.monotonic()
             wide = [*(args.candidates or ["fork"]), *args.extra_candidates]
             tables[f"{metric}+x"] = measure(model, imatrix, metric=metric, threads=threads, progress=False,
-                                            candidates=wide, cache_dir=work / "measure-cache",
+                                            candidates=wide, cache_dir=work / "measure-cache", store=source,
                                             sampling={"scale": args.sampling_scale} if args.sampling_scale != 1.0 else None)
             run.steps[f"measure {metric}+x"] = time.monotonic() - t
             check_shared_errors(tables[metric], tables[f"{metric}+x"])
@@ -238,8 +238,9 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             if args.interactions and args.grouping == "tensor":
                 t = time.monotonic()
                 roles = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes,
-                                  grouping="role", ctx=ctx, chunks=args.cal_chunks, threads=threads,
-                                  cache_dir=work / "sensitivity-cache", log=log if args.verbose else None)
+                                  grouping="role", ctx=ctx, chunks=args.cal_chunks, background=args.background,
+                                  threads=threads, cache_dir=work / "sensitivity-cache", scorer=scorer, store=store,
+                                  log=log if args.verbose else None)
                 run.steps[f"calibrate {metric} per role"] = time.monotonic() - t
                 if roles.meta.get("cached"):
                     run.reused.append(f"calibrate {metric} per role")
