@@ -1,10 +1,12 @@
-"""`tbpw run`: the whole workflow of a recipe, stage by stage, resumable.
+"""`tbpw run`: the whole workflow of a recipe as a graph of stages, resumable.
 
     model -> data-* -> baseline (PPL + logits) -> imatrix -> measure -> stock-* / quant-* -> eval-* -> bench-* -> report
 
 Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input reruns only what
-depends on it, and a killed run resumes. Nothing here knows a particular allocator, metric, dataset or
-evaluator: they come from the recipe and the plugin registries.
+depends on it, and a killed run resumes. `Pipeline.graph()` declares the stages and what each needs
+(tbpw.run.graph); the recipe's executor plugin runs them, independent ones at once (tbpw.run.execute), and
+the report is written from their results. Nothing here knows a particular allocator, metric, dataset,
+evaluator or executor: they come from the recipe and the plugin registries.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tbpw.model.ggml_types import FLOAT_TYPES
 from tbpw.model.inventory import ModelInventory
 from tbpw.plugin.base import Column
 from tbpw.plugin.manager import get_manager
+from tbpw.run.graph import Ref, Resources, TaskGraph, WorkerCheck
 from tbpw.run.recipe import PluginRef, Recipe, RecipeTarget, check_ready, evaluator_instances
 from tbpw.run.rundir import RunDir, StageOutcome
 
@@ -53,6 +56,19 @@ class Quant:
 Log = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A task's call: one stage method of the recipe's pipeline. Picklable, so any worker can run it: it builds
+    the pipeline there (the same recipe, build and run directory) and logs through the worker's `log`."""
+
+    recipe: Recipe
+    force: frozenset[str]
+    method: str
+
+    def __call__(self, *args, log: Log, **kwargs):
+        return getattr(Pipeline(self.recipe, set(self.force), log=log), self.method)(*args, **kwargs)
+
+
 class Pipeline:
     def __init__(self, recipe: Recipe, force: set[str] | None = None, log: Log = print):
         self.recipe = recipe
@@ -64,6 +80,7 @@ class Pipeline:
         self.manager = get_manager()
         self.evaluators = evaluator_instances(recipe)
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
+        self.quant_tasks: list[str] = []  # the graph's tasks that make a quant, in report order
 
     # ---------------------------------------------------------------------------------- plumbing
 
@@ -142,22 +159,23 @@ class Pipeline:
                             f"check the network and HF_TOKEN, or fill the hub cache and set HF_HUB_OFFLINE=1") from exc
 
     def datasets(self) -> dict[str, DatasetFile]:
-        files = {}
-        for role, ref in self.recipe.datasets.items():
-            dataset = self.manager.datasets().create(ref.name, ref.options)
+        return {role: self.dataset(role) for role in self.recipe.datasets}
 
-            def materialize(folder: Path, dataset=dataset) -> dict:
-                context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
-                made = dataset.materialize(context)
-                target = folder / Path(made.path).name
-                shutil.copyfile(made.path, target)
-                return {"file": target.name, "kind": made.kind, "description": made.description,
-                        "attribution": made.attribution}
+    def dataset(self, role: str) -> DatasetFile:
+        ref = self.recipe.datasets[role]
+        dataset = self.manager.datasets().create(ref.name, ref.options)
 
-            out = self._stage(f"data-{role}", {}, ref, materialize)
-            files[role] = DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
-                                      out.result["attribution"])
-        return files
+        def materialize(folder: Path) -> dict:
+            context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
+            made = dataset.materialize(context)
+            target = folder / Path(made.path).name
+            shutil.copyfile(made.path, target)
+            return {"file": target.name, "kind": made.kind, "description": made.description,
+                    "attribution": made.attribution}
+
+        out = self._stage(f"data-{role}", {}, ref, materialize)
+        return DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
+                           out.result["attribution"])
 
     def baseline(self, model: Path, text: DatasetFile) -> StageOutcome:
         ev = self.recipe.evaluation
@@ -194,6 +212,7 @@ class Pipeline:
             assert opts.metric is not None  # load_recipe fills in the registry's default
             table = measure(model, imatrix, metric=opts.metric.name, metric_options=opts.metric.options,
                             candidates=opts.candidates, sampling=opts.sampling, threads=opts.threads)
+            table.meta.pop("cached", None)  # whether the cache had it is no property of the table: same bytes either way
             table.write_json(folder / "errors.json")
             return {"table": "errors.json", "tensors": len(table.tensors)}
 
@@ -335,34 +354,124 @@ class Pipeline:
                 seen.setdefault(column.key, column)
         return list(seen.values())
 
+    # ---------------------------------------------------------------------------------- stages as graph tasks
+    # Thin adapters: a task's arguments are other tasks' results, these turn them into a stage's arguments.
+
+    def model_and_notes(self) -> tuple[Path, list[str]]:
+        path = self.model()
+        return path, self.notes
+
+    def plan_for(self, model: Path, imatrix: Path, table: Path, target: RecipeTarget, stock: Quant | None,
+                 allocator: PluginRef) -> Quant:
+        return self.plan(model, imatrix, table, target, self.budget(target, stock), allocator)
+
+    def choose_for(self, model: Path, imatrix: Path, table: Path, calibrated: dict[str, Path] | None,
+                   target: RecipeTarget, stock: Quant | None, written: dict[str, Quant], text: DatasetFile) -> Quant:
+        assert self.recipe.measure.metric is not None
+        tables = {self.recipe.measure.metric.name: table, **(calibrated or {})}
+        return self.choose(model, imatrix, tables, target, self.budget(target, stock), written, text)
+
+    def evaluate_with(self, quant: Quant, base: StageOutcome, data: dict[str, DatasetFile]) -> dict[str, float]:
+        return self.evaluate(quant, base.path(base.result["logits"]), data)
+
+    @staticmethod
+    def budget(target: RecipeTarget, stock: Quant | None) -> Target:
+        if target.stock:
+            assert stock is not None  # the graph passes the stock quant of a `stock:` target
+            return Target.parse(bpw=stock.bpw)
+        return Target.parse(bpw=target.bpw, size=target.size)
+
     # ---------------------------------------------------------------------------------- the whole run
 
-    def run(self) -> Path:
+    def stock_types(self) -> list[str]:
+        r = self.recipe
+        return list(dict.fromkeys([*r.compare_stock, *(t.stock.upper() for t in r.targets if t.stock)]))
+
+    def graph(self) -> TaskGraph:
+        """Every stage of the recipe as a task and what it needs, in the order a sequential run takes them."""
         r = self.recipe
         assert r.measure.metric is not None and r.allocators is not None
-        check_ready(r)  # a plugin that cannot run with this build says so before any work
-        model = self.model()
-        data = self.datasets()
-        base = self.baseline(model, data["evaluation"])
-        imatrix = self.imatrix(model, data["calibration"])
-        table = self.measure(model, imatrix)
-        stock_types = list(dict.fromkeys([*r.compare_stock, *(t.stock.upper() for t in r.targets if t.stock)]))
-        quants: list[Quant] = [self.stock(model, imatrix, t) for t in stock_types]
-        stock_bpw = {q.name.removeprefix("stock-"): q.bpw for q in quants}
-        tables = {r.measure.metric.name: table}
-        if r.calibrate is not None:
-            tables.update(self.calibrate(model, imatrix, table, data["calibration"]))
+        g = TaskGraph()
+        force = frozenset(self.force)
+
+        def stage(method: str) -> Stage:
+            return Stage(r, force, method)
+
+        gpu = self.offloads()
+        size = self.model_bytes()
+        loads_model = Resources(gpu=gpu, memory=size)
+        model = g.add("model", stage("model_and_notes"), resources=Resources(memory=2 * size))[0]
+        data = {role: g.add(f"data-{role}", stage("dataset"), role) for role in r.datasets}
+        base = g.add("baseline", stage("baseline"), model, data["evaluation"], resources=loads_model)
+        imatrix = g.add("imatrix", stage("imatrix"), model, data["calibration"], resources=loads_model)
+        table = g.add("measure", stage("measure"), model, imatrix, resources=Resources(memory=size))
+        stock = {t: g.add(f"stock-{t}", stage("stock"), model, imatrix, t, resources=Resources(memory=size))
+                 for t in self.stock_types()}
+        quants: dict[str, Ref] = {f"stock-{t}": ref for t, ref in stock.items()}
+        calibrated = (g.add("calibrate", stage("calibrate"), model, imatrix, table, data["calibration"],
+                            resources=loads_model) if r.calibrate is not None else None)
         for target in r.targets:
-            budget = (Target.parse(bpw=stock_bpw[target.stock.upper()]) if target.stock else
-                      Target.parse(bpw=target.bpw, size=target.size))
-            made = {a.name: self.plan(model, imatrix, table, target, budget, a) for a in r.allocators}
-            quants += made.values()
+            stock_quant = stock[target.stock.upper()] if target.stock else None
+            made = {}
+            for a in r.allocators:
+                name = f"quant-{target.label}-{a.name}"
+                made[a.name] = quants[name] = g.add(name, stage("plan_for"), model, imatrix, table, target, stock_quant,
+                                                    a, resources=Resources(memory=size))
             if r.choose is not None:
-                quants.append(self.choose(model, imatrix, tables, target, budget, made, data["calibration"]))
+                name = f"quant-{target.label}-choose"
+                quants[name] = g.add(name, stage("choose_for"), model, imatrix, table, calibrated, target, stock_quant,
+                                     made, data["calibration"], resources=loads_model)
+        quant_memory = Resources(gpu=gpu, memory=size // 2)
+        for name, quant in quants.items():
+            g.add(f"eval-{name}", stage("evaluate_with"), quant, base, data, resources=quant_memory)
+            if r.bench.enabled:
+                bench_gpu = (r.bench.ngl if r.bench.ngl is not None else r.ngl) != 0 and gpu
+                g.add(f"bench-{name}", stage("bench"), quant,
+                      resources=Resources(gpu=bench_gpu, memory=size // 2, exclusive=True))
+        self.quant_tasks = list(quants)
+        return g
+
+    def offloads(self) -> bool:
+        """Whether the tools that load a model put layers on a GPU (a GPU build, and `ngl` not 0)."""
+        from tbpw.llamacpp.offload import gpu_layers
+
+        return bool(gpu_layers(self.build, self.recipe.ngl))
+
+    def model_bytes(self) -> int:
+        """The float model's size as far as the recipe tells before converting (0: unknown): memory estimates."""
+        src = self.recipe.model
+        if src.gguf is not None and Path(src.gguf).is_file():
+            return Path(src.gguf).stat().st_size
+        if src.path is not None:
+            return sum(p.stat().st_size for p in Path(src.path).glob("*.safetensors"))
+        return 0
+
+    def worker_check(self) -> WorkerCheck:
+        return WorkerCheck(self.build.key, (self.run_dir.root,))
+
+    def run(self, executor=None) -> Path:
+        """Run the recipe's graph on `executor` (default: the recipe's) and write the report."""
+        from tbpw.run.execute import execute, executor_from
+
+        check_ready(self.recipe)  # a plugin that cannot run with this build says so before any work
+        graph = self.graph()
+        assert self.recipe.executor is not None  # load_recipe fills in the registry's default
+        results = execute(graph, executor or executor_from(self.recipe.executor), log=self.log,
+                          check=self.worker_check())
+        return self.report(results)
+
+    def report(self, results: dict) -> Path:
+        """Write the report from the graph's results (task name -> result)."""
+        r = self.recipe
+        model, notes = results["model"]
+        self.notes += [n for n in notes if n not in self.notes]
+        data: dict[str, DatasetFile] = {role: results[f"data-{role}"] for role in r.datasets}
+        base: StageOutcome = results["baseline"]
         entries = []
-        for q in quants:
-            metrics = self.evaluate(q, base.path(base.result["logits"]), data)
-            speeds = self.bench(q) if r.bench.enabled else {}
+        for name in self.quant_tasks:
+            q: Quant = results[name]
+            metrics = results[f"eval-{name}"]
+            speeds = results.get(f"bench-{name}", {})
             entries.append({"name": q.name, "kind": q.kind, "target": q.target, "allocator": q.allocator, "bpw": q.bpw,
                             "size_bytes": q.size_bytes, "metrics": metrics, "bench": speeds, "types": q.types,
                             "path": str(q.path), **({"note": q.note} if q.note else {})})
