@@ -64,9 +64,11 @@ class Stage:
     recipe: Recipe
     force: frozenset[str]
     method: str
+    label: str = ""  # the run's label in a sweep, before each line it logs
 
     def __call__(self, *args, log: Log, **kwargs):
-        return getattr(Pipeline(self.recipe, set(self.force), log=log), self.method)(*args, **kwargs)
+        say = (lambda line: log(f"{self.label}: {line}")) if self.label else log
+        return getattr(Pipeline(self.recipe, set(self.force), log=say), self.method)(*args, **kwargs)
 
 
 class Pipeline:
@@ -81,6 +83,7 @@ class Pipeline:
         self.evaluators = evaluator_instances(recipe)
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
         self.quant_tasks: list[str] = []  # the graph's tasks that make a quant, in report order
+        self.label = ""  # the run's label within a sweep
 
     # ---------------------------------------------------------------------------------- plumbing
 
@@ -212,7 +215,8 @@ class Pipeline:
             assert opts.metric is not None  # load_recipe fills in the registry's default
             table = measure(model, imatrix, metric=opts.metric.name, metric_options=opts.metric.options,
                             candidates=opts.candidates, sampling=opts.sampling, threads=opts.threads)
-            table.meta.pop("cached", None)  # whether the cache had it is no property of the table: same bytes either way
+            for volatile in ("cached", "seconds", "resumed_tensors"):  # how it was obtained, not what it is: the
+                table.meta.pop(volatile, None)  # same table gives the same bytes, and the stages after it the same keys
             table.write_json(folder / "errors.json")
             return {"table": "errors.json", "tensors": len(table.tensors)}
 
@@ -395,7 +399,7 @@ class Pipeline:
         force = frozenset(self.force)
 
         def stage(method: str) -> Stage:
-            return Stage(r, force, method)
+            return Stage(r, force, method, self.label)
 
         gpu = self.offloads()
         size = self.model_bytes()
