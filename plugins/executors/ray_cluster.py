@@ -113,9 +113,8 @@ class RayCluster(Executor):
         events, self._started = self._started, []
         if not self._refs:
             return events
+        # every task that is done by the timeout (waiting for all of them, so a batch comes back together)
         ready, _ = ray.wait(list(self._refs), num_returns=len(self._refs), timeout=0 if events else timeout)
-        if not ready and not events:
-            ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=0)
         for ref in ready:
             job = self._refs.pop(ref)
             try:
