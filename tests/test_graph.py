@@ -203,6 +203,42 @@ def test_a_worker_refuses_paths_it_cannot_see(tmp_path: Path):
 def test_default_workers_follow_cores_and_gpus():
     from tbpw_plugins.executors.local import default_workers
 
-    assert default_workers(2, 0) == 1 and default_workers(16, 0) == 8 and default_workers(64, 4) == 4
+    assert [default_workers(cores, 0) for cores in (1, 2, 4, 8, 16, 64)] == [1, 2, 2, 4, 8, 8]
+    assert default_workers(64, 12) == 12 and default_workers(2, 1) == 2
     assert _local(workers=1).threads is None and _local(workers=2, threads=3).threads == 3
     assert os.environ.get(resources.GPU_ENV) is None or _local().gpu_ids == resources.visible_gpus()
+
+
+def test_ctrl_c_cancels_the_ray_tasks(tmp_path: Path):
+    """The driver's Ctrl-C interrupts the task running on a Ray worker (a local cluster of 2 CPUs, no dashboard)."""
+    pytest.importorskip("ray")
+    from tbpw_plugins.executors.ray_cluster import RayCluster, RayOptions
+
+    def slow(folder: str, *, log):
+        marker = Path(folder)
+        (marker / "started").touch()
+        try:
+            until = time.monotonic() + 60
+            while time.monotonic() < until:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            (marker / "interrupted").touch()
+            raise
+        (marker / "finished").touch()
+
+    class Interrupting(RayCluster):
+        def poll(self, timeout):
+            if (tmp_path / "started").exists():
+                raise KeyboardInterrupt  # what Ctrl-C raises in the driver while it waits
+            return super().poll(timeout)
+
+    g = TaskGraph()
+    g.add("slow", slow, str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(RunInterrupted, match="interrupted: 0 of 1 tasks had finished"):
+        execute(g, Interrupting(RayOptions(num_cpus=2)), log=lambda _: None)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "interrupted").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "interrupted").exists() and not (tmp_path / "finished").exists()
+    assert time.monotonic() - start < 50

@@ -42,11 +42,12 @@ class LocalOptions(PluginOptions):
 
 
 def default_workers(cores: int, gpus: int) -> int:
-    """One job per GPU on a GPU machine; on CPUs, one job per 2 cores up to 8 (llama.cpp's CPU kernels scale
-    sublinearly with threads, so two half-size jobs finish sooner than two full-size ones in a row)."""
-    if gpus:
-        return max(gpus, 1)
-    return max(1, min(8, cores // 2))
+    """One worker per 2 cores, at least 2 where there are 2 cores and at most 8, and at least one per GPU.
+
+    Two half-size jobs beat two full-size ones in a row: llama.cpp's tools scale sublinearly with threads and
+    have single-threaded phases (loading, writing), and the graph keeps both workers busy (benchmarks/parallel.py:
+    1.65x with 2 workers on 2 cores, docs/distributed.md)."""
+    return max(gpus, min(2, cores), min(8, cores // 2), 1)
 
 
 def physical_memory() -> int:
