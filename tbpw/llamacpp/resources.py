@@ -100,9 +100,13 @@ def stop_tool_processes(bin_dirs: Sequence[os.PathLike | str] | None = None) -> 
     active build's, where the llama.cpp tools and tbpw's collector are): the tools the running tasks started.
     Returns their pids. Linux only (it reads /proc); elsewhere it stops nothing."""
     if bin_dirs is None:
+        from tbpw.errors import TbpwError
         from tbpw.llamacpp.build import active_build
 
-        bin_dirs = [active_build().bin_dir]
+        try:
+            bin_dirs = [active_build().bin_dir]
+        except TbpwError:  # no build: no tool can be running
+            return []
     roots = [os.path.realpath(d) for d in bin_dirs]
     stopped = []
     for pid in _children(os.getpid()):
