@@ -26,6 +26,7 @@ from tbpw.allocate.budget import Target
 from tbpw.allocate.constraints import Constraints
 from tbpw.allocate.plan import Plan, make_plan
 from tbpw.allocate.problem import AllocationContext, AllocationProblem, ErrorTableLike, build_problem
+from tbpw.imatrix.reader import Imatrix, ImatrixMatch
 from tbpw.llamacpp.quantize import output_metadata_bytes
 from tbpw.model.inventory import ModelInventory
 from tbpw.plugin.manager import PluginManager, get_manager
@@ -64,11 +65,20 @@ class Planner:
         return ModelInventory.load(self.model)
 
     @cached_property
+    def imatrix_match(self) -> ImatrixMatch | None:
+        """How the imatrix lines up with the model; an imatrix made for another model (other tensor names,
+        widths or expert counts) or holding impossible values is refused here, before anything is planned."""
+        if self.imatrix is None:
+            return None
+        return Imatrix.load(self.imatrix).check_against(self.inventory)
+
+    @cached_property
     def metadata_bytes(self) -> int:
         """Bytes before the tensor data in the file llama-quantize writes (imatrix keys included)."""
         return output_metadata_bytes(self.model, self.imatrix)
 
     def problem(self, table: ErrorTableLike, target: Target) -> AllocationProblem:
+        _ = self.imatrix_match
         context = AllocationContext(model=self.model, imatrix=self.imatrix, log_dir=self.log_dir, threads=self.threads)
         return build_problem(self.inventory, table, target, self.constraints, metadata_bytes=self.metadata_bytes,
                              context=context)

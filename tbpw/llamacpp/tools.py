@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tbpw.errors import TbpwError
+from tbpw.errors import TbpwError, os_error
 from tbpw.llamacpp import logflush, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 
@@ -58,8 +58,11 @@ def run_tool(tool: str, args: Sequence[str | os.PathLike], *, log_path: Path | s
     except subprocess.TimeoutExpired as exc:
         raise TbpwError(f"{tool} did not finish within {timeout:.0f} s: raise the timeout or give it less work") from exc
     seconds = time.monotonic() - start
-    log_path.write_text(f"$ {' '.join(argv)}\n===== stdout =====\n{proc.stdout}\n===== stderr =====\n{proc.stderr}\n"
-                        f"===== exit {proc.returncode} after {seconds:.2f} s =====\n", encoding="utf-8")
+    try:
+        log_path.write_text(f"$ {' '.join(argv)}\n===== stdout =====\n{proc.stdout}\n===== stderr =====\n{proc.stderr}\n"
+                            f"===== exit {proc.returncode} after {seconds:.2f} s =====\n", encoding="utf-8")
+    except OSError as exc:  # a full or read-only disk: say so, naming the log
+        raise os_error(exc, f"write the log of {tool}", log_path) from None
     run = ToolRun(tool, tuple(argv[1:]), proc.returncode, proc.stdout, proc.stderr, log_path, seconds)
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-LOG_TAIL_LINES:])

@@ -2,11 +2,13 @@
 
     model -> data-* -> baseline (PPL + logits) -> imatrix -> measure -> stock-* / quant-* -> eval-* -> bench-* -> report
 
-Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input reruns only what
-depends on it, and a killed run resumes. `Pipeline.graph()` declares the stages and what each needs
-(tbpw.run.graph); the recipe's executor plugin runs them, independent ones at once (tbpw.run.execute), and
-the report is written from their results. Nothing here knows a particular allocator, metric, dataset,
-evaluator or executor: they come from the recipe and the plugin registries.
+Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input (or a damaged
+output) reruns only what depends on it, and a killed run resumes. The driver holds its run directory from
+start to end (a second run on it is refused); the workers that run its stages write into it without claiming
+it. `Pipeline.graph()` declares the stages and what each needs (tbpw.run.graph); the recipe's executor plugin
+runs them, independent ones at once (tbpw.run.execute), and the report is written from their results.
+Nothing here knows a particular allocator, metric, dataset, evaluator or executor: they come from the recipe
+and the plugin registries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
 from tbpw.data.files import DatasetContext, DatasetFile
-from tbpw.errors import TbpwError
+from tbpw.errors import Interrupted, TbpwError
 from tbpw.evaluate.context import EvalContext
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
@@ -68,22 +70,27 @@ class Stage:
 
     def __call__(self, *args, log: Log, **kwargs):
         say = (lambda line: log(f"{self.label}: {line}")) if self.label else log
-        return getattr(Pipeline(self.recipe, set(self.force), log=say), self.method)(*args, **kwargs)
+        return getattr(Pipeline(self.recipe, set(self.force), log=say, claim=False), self.method)(*args, **kwargs)
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, force: set[str] | None = None, log: Log = print):
+    def __init__(self, recipe: Recipe, force: set[str] | None = None, log: Log = print, *, claim: bool = True):
+        """`claim`: hold the run directory (the driver); a worker running one stage of it does not."""
         self.recipe = recipe
         self.force = force or set()
         self.log = log
         self.build = active_build()
         assert recipe.output_dir is not None
-        self.run_dir = RunDir(recipe.output_dir)
+        self.run_dir = RunDir(recipe.output_dir, claim=claim)
         self.manager = get_manager()
         self.evaluators = evaluator_instances(recipe)
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
         self.quant_tasks: list[str] = []  # the graph's tasks that make a quant, in report order
         self.label = ""  # the run's label within a sweep
+
+    def close(self) -> None:
+        """Release the run directory (`run` does at its end) for the next run."""
+        self.run_dir.close()
 
     # ---------------------------------------------------------------------------------- plumbing
 
@@ -166,17 +173,18 @@ class Pipeline:
 
     def dataset(self, role: str) -> DatasetFile:
         ref = self.recipe.datasets[role]
-        dataset = self.manager.datasets().create(ref.name, ref.options)
+        context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
+        # Materialized every time (cheap once cached): the stage is keyed by the content the dataset gives
+        # now, so a source file edited in place is noticed.
+        made = self.manager.datasets().create(ref.name, ref.options).materialize(context)
 
-        def materialize(folder: Path) -> dict:
-            context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
-            made = dataset.materialize(context)
+        def keep(folder: Path) -> dict:
             target = folder / Path(made.path).name
             shutil.copyfile(made.path, target)
             return {"file": target.name, "kind": made.kind, "description": made.description,
                     "attribution": made.attribution}
 
-        out = self._stage(f"data-{role}", {}, ref, materialize)
+        out = self._stage(f"data-{role}", {"source": Path(made.path)}, ref, keep)
         return DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
                            out.result["attribution"])
 
@@ -244,15 +252,18 @@ class Pipeline:
             plan = planner.plan(ErrorTable.read_json(table), budget, allocator.name, allocator.options)
             applied = planner.write(plan, folder / "model.gguf", log_path=folder / "quantize.log")
             written = ModelInventory.load(applied.path)
+            if plan.shortfall:
+                self.log(f"  note: {name} {plan.shortfall}")
             return {"model": "model.gguf", "plan": applied.plan_path.name, "bpw": applied.achieved_bpw,
-                    "size_bytes": applied.file_bytes, "types": written.types()}
+                    "size_bytes": applied.file_bytes, "types": written.types(), "shortfall": plan.shortfall}
 
         name = f"quant-{target.label}-{allocator.name}"
         out = self._stage(name, {"model": model, "imatrix": imatrix, "table": table},
                           {"target": budget.to_json(), "allocator": allocator, "constraints": self.recipe.constraints},
                           body)
         return Quant(name, "tbpw", out.path("model.gguf"), out.result["bpw"], out.result["size_bytes"],
-                     target=target.label, allocator=allocator.name, types=out.result["types"])
+                     target=target.label, allocator=allocator.name, types=out.result["types"],
+                     note=out.result.get("shortfall") or "")
 
     def calibrate(self, model: Path, imatrix: Path, table: Path, text: DatasetFile) -> dict[str, Path]:
         """The measured table scaled to KL divergence, one table per strength: {"<metric>+kld<s>": path}."""
@@ -454,7 +465,19 @@ class Pipeline:
         return WorkerCheck(self.build.key, (self.run_dir.root,))
 
     def run(self, executor=None) -> Path:
-        """Run the recipe's graph on `executor` (default: the recipe's) and write the report."""
+        """Run the recipe's graph on `executor` (default: the recipe's) and write the report; the run directory
+        is released at the end."""
+        try:
+            return self._run(executor)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            kept = self.run_dir.finished()
+            raise Interrupted(f"interrupted: {len(kept)} finished stage(s) are kept in {self.run_dir.root}; run the "
+                              "same command again to resume (finished stages are reused, nothing is redone)",
+                              cause=exc) from None
+        finally:
+            self.close()
+
+    def _run(self, executor) -> Path:
         from tbpw.run.execute import execute, executor_from
 
         check_ready(self.recipe)  # a plugin that cannot run with this build says so before any work

@@ -134,38 +134,42 @@ def run(path: Path | str, overrides: list[str] | None = None, executor: str | No
     sweep, loaded = load(path, overrides, executor, output_dir)
     graph = TaskGraph()
     runs: list[SweepRun] = []
-    for label, model, recipe_label, recipe in loaded:
-        pipeline = Pipeline(recipe, log=log)
-        pipeline.label = label  # its stages log as "<label>: done  measure"
-        recipes.check_ready(recipe)
-        names = graph.merge(pipeline.graph(), prefix=f"{label}/")
-        runs.append(SweepRun(label, model, recipe_label, pipeline, names))
-    if sweep.executor is None:  # the first run's recipe says (load() filled in the registry's default)
-        sweep.executor = loaded[0][3].executor
-    assert sweep.executor is not None
-    from tbpw.plugin.manager import get_manager
+    try:
+        for label, model, recipe_label, recipe in loaded:
+            pipeline = Pipeline(recipe, log=log)
+            pipeline.label = label  # its stages log as "<label>: done  measure"
+            recipes.check_ready(recipe)
+            names = graph.merge(pipeline.graph(), prefix=f"{label}/")
+            runs.append(SweepRun(label, model, recipe_label, pipeline, names))
+        if sweep.executor is None:  # the first run's recipe says (load() filled in the registry's default)
+            sweep.executor = loaded[0][3].executor
+        assert sweep.executor is not None
+        from tbpw.plugin.manager import get_manager
 
-    executors = get_manager().executors()
-    if not sweep.executor.name:
-        sweep.executor.name = executors.default_name()
-    executors.validate_options(sweep.executor.name, sweep.executor.options)
-    roots = tuple(r.pipeline.run_dir.root for r in runs)
-    check = WorkerCheck(runs[0].pipeline.build.key, roots)
-    log(f"sweep {sweep.name}: {len(runs)} runs ({', '.join(r.label for r in runs)})")
-    results = execute(graph, executor_from(sweep.executor), log=log, check=check)
-    rows = []
-    for r in runs:
-        own = {name: results[new] for name, new in r.names.items()}
-        report_path = r.pipeline.report(own)
-        report = json.loads(report_path.with_suffix(".json").read_text())
-        rows += combined_rows(r.model, r.recipe_label, report, report_path)
-    assert sweep.output_dir is not None
-    table = combined_table(rows)
-    write_json(sweep.output_dir / "sweep.json", {"name": sweep.name, "rows": rows})
-    write_text(sweep.output_dir / "sweep.md", f"# Sweep {sweep.name}\n\n{table}\n")
-    log("\n" + table + "\n")
-    log(f"sweep table: {sweep.output_dir / 'sweep.md'}")
-    return sweep.output_dir / "sweep.md"
+        executors = get_manager().executors()
+        if not sweep.executor.name:
+            sweep.executor.name = executors.default_name()
+        executors.validate_options(sweep.executor.name, sweep.executor.options)
+        roots = tuple(r.pipeline.run_dir.root for r in runs)
+        check = WorkerCheck(runs[0].pipeline.build.key, roots)
+        log(f"sweep {sweep.name}: {len(runs)} runs ({', '.join(r.label for r in runs)})")
+        results = execute(graph, executor_from(sweep.executor), log=log, check=check)
+        rows = []
+        for r in runs:
+            own = {name: results[new] for name, new in r.names.items()}
+            report_path = r.pipeline.report(own)
+            report = json.loads(report_path.with_suffix(".json").read_text())
+            rows += combined_rows(r.model, r.recipe_label, report, report_path)
+        assert sweep.output_dir is not None
+        table = combined_table(rows)
+        write_json(sweep.output_dir / "sweep.json", {"name": sweep.name, "rows": rows})
+        write_text(sweep.output_dir / "sweep.md", f"# Sweep {sweep.name}\n\n{table}\n")
+        log("\n" + table + "\n")
+        log(f"sweep table: {sweep.output_dir / 'sweep.md'}")
+        return sweep.output_dir / "sweep.md"
+    finally:
+        for r in runs:
+            r.pipeline.close()  # each run directory is released for the next run
 
 
 def combined_rows(model: str, recipe: str, report: dict, report_path: Path) -> list[dict]:
