@@ -102,6 +102,11 @@ BAD = [
     ("unknown executor", "executor: {name: rey}\n", ["executor", "unknown executor 'rey'", "did you mean 'ray'"]),
     ("bad executor option", "executor: {options: {worker: 2}}\n", ["executor", "executor 'local' has no option 'worker'",
                                                                     "did you mean 'workers'"]),
+    ("screening on one chunk", "choose: {screen_chunks: 1}\n", ["choose", "at least 2: the tie rule"]),
+    ("no finalist", "choose: {finalists: 0}\n", ["choose.finalists", "greater than or equal"]),
+    ("unknown calibration background", "calibrate: {background: Q9_9}\nchoose: {}\n",
+     ["calibrate.background", "unknown background type"]),
+    ("store that is no switch", "store: sometimes\n", ["store", "bool"]),
     ("allocator listed twice", "allocators: [{name: knapsack}, {name: knapsack, options: {}}]\n",
      ["allocators", "knapsack listed more than once"]),
     # a recipe name is a plain name: it names the run's folder

@@ -8,7 +8,9 @@ benchmarks, so they cannot drift apart. For one model and imatrix it
 - gives every problem the context allocators that run tools need (fork-native: the model, the imatrix,
   a log folder);
 - checks each allocator's answer (`make_plan`) and writes plans with `apply_plan`, which verifies the
-  output tensor by tensor.
+  output tensor by tensor;
+- with a `store` (tbpw.quantize.store.TensorStore), writes each plan by assembling tensors quantized once
+  (the file llama-quantize would write, in I/O time) instead of running llama-quantize.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -30,6 +32,9 @@ from tbpw.imatrix.reader import Imatrix, ImatrixMatch
 from tbpw.llamacpp.quantize import output_metadata_bytes
 from tbpw.model.inventory import ModelInventory
 from tbpw.plugin.manager import PluginManager, get_manager
+
+if TYPE_CHECKING:
+    from tbpw.quantize.store import StoreSource, TensorStore
 
 
 def allocate(inventory: ModelInventory, problem: AllocationProblem, name: str,
@@ -53,6 +58,7 @@ class Planner:
     log_dir: Path | None = None  # where allocators that run tools keep their logs
     threads: int | None = None
     manager: PluginManager | None = None
+    store: TensorStore | None = None  # None: every plan is written by llama-quantize
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -89,6 +95,13 @@ class Planner:
         return allocate(self.inventory, problem or self.problem(table, target), allocator, options,
                         manager=self.manager, metadata_bytes=self.metadata_bytes)
 
+    @cached_property
+    def store_source(self) -> StoreSource | None:
+        """The store's blobs of this model and imatrix (None without a store)."""
+        return self.store.source(self.model, self.imatrix) if self.store is not None else None
+
     def write(self, plan: Plan, out: Path | str, *, log_path: Path | str | None = None) -> Applied:
-        """Quantize the model as `plan` says with stock llama-quantize, verify it, and save the plan beside it."""
-        return apply_plan(plan, self.model, self.imatrix, out, threads=self.threads, log_path=log_path)
+        """Quantize the model as `plan` says (assembled from the store, else with stock llama-quantize), verify
+        it, and save the plan beside it."""
+        return apply_plan(plan, self.model, self.imatrix, out, threads=self.threads, log_path=log_path,
+                          store=self.store_source)
