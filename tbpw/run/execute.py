@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tbpw.errors import TbpwError
+from tbpw.errors import Interrupted, TbpwError
 from tbpw.plugin.base import Executor
 from tbpw.run.graph import Job, JobEvent, TaskGraph, WorkerCheck, resolve
 
@@ -21,7 +21,7 @@ Log = Callable[[str], None]
 POLL_SECONDS = 0.5
 
 
-class RunInterrupted(TbpwError):
+class RunInterrupted(Interrupted):
     """Ctrl-C stopped the run; the finished stages are kept and the next run resumes from them."""
 
 
@@ -86,10 +86,10 @@ def execute(graph: TaskGraph, executor: Executor, *, log: Log, check: WorkerChec
             if not events and len(submitted) == len(results) and len(results) < len(graph):
                 raise TbpwError("the task graph cannot go on: a task waits for one that never ran (a bug in the "
                                 "graph's declaration)")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM delivered as one (tbpw.errors.Terminated)
         executor.cancel()
         raise RunInterrupted(f"interrupted: {len(results)} of {len(graph)} tasks had finished and are kept; "
-                             "run the same command again to resume") from None
+                             "run the same command again to resume", cause=exc) from None
     except BaseException:
         executor.cancel()
         raise
