@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tbpw.errors import TbpwError
+from tbpw.llamacpp import resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.tools import ToolRun, run_tool
 
@@ -71,7 +72,7 @@ def quantize(model: Path | str, out: Path | str, *, imatrix: Path | str | None, 
         args += ["--tensor-type-file", str(tensor_type_file)]
     args += list(extra or [])
     args += [str(model), str(out), base_type]
-    if threads:
+    if threads := resources.threads(threads):
         args.append(str(threads))
     return run_tool("llama-quantize", args, log_path=log_path, build=build)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tbpw.errors import TbpwError, os_error
-from tbpw.llamacpp import logflush
+from tbpw.llamacpp import logflush, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 
 LOG_TAIL_LINES = 12
@@ -73,7 +73,8 @@ def run_tool(tool: str, args: Sequence[str | os.PathLike], *, log_path: Path | s
 
 def _environment(extra: dict[str, str] | None) -> dict[str, str]:
     # The preload keeps the final lines that llama.cpp's log thread would otherwise drop at exit.
-    merged = {**os.environ, **(extra or {})}
+    # The running task's slot (its GPU, tbpw.llamacpp.resources) comes before what the caller adds.
+    merged = {**os.environ, **resources.environment(), **(extra or {})}
     return {**merged, **logflush.preload_env(merged)}
 
 

@@ -44,6 +44,13 @@ class PluginRef(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ExecutorRef(PluginRef):
+    """The executor plugin and its options; a recipe that gives only options (`--set executor.options.workers=2`)
+    gets them for the registry's default executor."""
+
+    name: str = ""
+
+
 class ModelSource(Strict):
     """Exactly one of: a hub repo id, a local Hugging Face folder, a GGUF file, or one of tbpw's demo models."""
 
@@ -238,6 +245,7 @@ class Recipe(Strict):
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
     bench: BenchOptions = Field(default_factory=BenchOptions)
     select: SelectOptions = Field(default_factory=SelectOptions)
+    executor: ExecutorRef | None = None  # what runs the stages (tbpw.run.execute); None: the registry's default
     output_dir: Path | None = None  # default: runs/<name> beside the recipe
 
     @field_validator("datasets")
@@ -517,7 +525,7 @@ def default_output_dir(path: Path, name: str) -> Path:
 
 
 _PLUGIN_PLACES = (("metric", ("measure", "metric")), ("allocator", ("allocators",)), ("evaluator", ("evaluators",)),
-                  ("dataset", ("datasets",)))
+                  ("dataset", ("datasets",)), ("executor", ("executor",)))
 
 
 def _raw_refs(clean: dict) -> list[tuple[str, tuple, dict]]:
@@ -528,7 +536,9 @@ def _raw_refs(clean: dict) -> list[tuple[str, tuple, dict]]:
         node: Any = clean
         for key in loc:
             node = node.get(key) if isinstance(node, dict) else None
-        if kind == "metric":
+        if kind == "executor" and isinstance(node, dict) and "name" not in node:
+            node = {**node, "name": ""}  # options alone: they are the default executor's
+        if kind in ("metric", "executor"):
             items: list[tuple[Any, Any]] = [((), node)] if node is not None else []
         elif isinstance(node, list):
             items = [((i,), ref) for i, ref in enumerate(node)]
@@ -549,8 +559,9 @@ def _check_plugin_refs(clean: dict, found: Findings) -> bool:
     manager = get_manager()
     ok = True
     for kind, loc, ref in _raw_refs(clean):
+        registry = manager.registry(kind)
         try:
-            manager.registry(kind).validate_options(ref["name"], ref.get("options") or {})
+            registry.validate_options(ref["name"] or registry.default_name(), ref.get("options") or {})
         except TbpwError as exc:
             found.add(loc, f"{'.'.join(map(str, loc))}: {exc}")
             ok = False
@@ -563,6 +574,8 @@ def _plugin_refs(recipe: Recipe) -> list[tuple[str, tuple, PluginRef]]:
     refs += [("allocator", ("allocators", i), ref) for i, ref in enumerate(recipe.allocators)]
     refs += [("evaluator", ("evaluators", i), ref) for i, ref in enumerate(recipe.evaluators)]
     refs += [("dataset", ("datasets", role), ref) for role, ref in recipe.datasets.items()]
+    if recipe.executor is not None:
+        refs.append(("executor", ("executor",), recipe.executor))
     return refs
 
 
@@ -577,6 +590,10 @@ def fill_defaults(recipe: Recipe) -> None:
         recipe.allocators = [PluginRef(name=manager.allocators().default_name())]
     if recipe.evaluators is None:
         recipe.evaluators = [PluginRef(name=manager.evaluators().default_name())]
+    if recipe.executor is None:
+        recipe.executor = ExecutorRef(name=manager.executors().default_name())
+    elif not recipe.executor.name:
+        recipe.executor.name = manager.executors().default_name()
 
 
 def _check_plugin_roles(recipe: Recipe, found: Findings) -> None:
