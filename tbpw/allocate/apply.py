@@ -8,6 +8,7 @@ difference is an error and no output file appears; the model is renamed into pla
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,9 @@ def verify_output(plan: Plan, path: Path | str) -> ModelInventory:
 
 def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: Path | str, *,
                threads: int | None = None, log_path: Path | str | None = None, base_type: str = BASE_TYPE,
-               build: BuildInfo | None = None) -> Applied:
-    """Write `out` from `model` as `plan` says, verify it, and save the plan as JSON next to it."""
+               build: BuildInfo | None = None, kv: Mapping[str, str] | None = None) -> Applied:
+    """Write `out` from `model` as `plan` says, verify it, and save the plan as JSON next to it; `kv` are string
+    keys the file's metadata records (the plan's `metadata_bytes` should count them)."""
     model, out = Path(model), Path(out)
     inventory = ModelInventory.load(model)
     check_model(plan, inventory)
@@ -83,7 +85,7 @@ def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: P
     plan_path = plan_path_for(out)
     with atomic_path(out) as tmp:
         run = quantize(model, tmp, imatrix=imatrix, tensor_type_file=type_file, base_type=base_type,
-                       threads=threads, log_path=log_path, build=build)
+                       threads=threads, kv=kv, log_path=log_path, build=build)
         written = verify_output(plan, tmp)
         if plan.target.size is not None and tmp.stat().st_size > plan.target.size:
             raise TbpwError(f"the output has {tmp.stat().st_size} bytes, over the target of {plan.target.size}: "

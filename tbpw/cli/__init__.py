@@ -4,7 +4,7 @@ Every subcommand, tbpw's own included, comes from a `tbpw_register_commands` hoo
 plugins (one module per command in this package), a third party's come through entry points. The group
 asks the plugin manager for them only when it needs a command, so `import tbpw.cli` loads no plugin.
 A `TbpwError` from any command, a plugin's too, becomes one line on stderr and exit status 2, here and
-only here.
+only here; every command shows the llama.cpp tools' progress on stderr (tbpw.llamacpp.progress).
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ class TbpwGroup(click.Group):
         return self.commands.get(cmd_name) or self._guarded(ctx, self._plugin_commands).get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from tbpw.cli.support import console
+        from tbpw.llamacpp import progress
+
         try:
-            return super().invoke(ctx)
+            # every command shows the progress of the llama.cpp tools it runs, on stderr
+            with progress.showing(progress.for_console(console)):
+                return super().invoke(ctx)
         except TbpwError as exc:
             fail(exc)
 

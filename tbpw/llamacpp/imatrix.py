@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tbpw.errors import TbpwError
+from tbpw.llamacpp import progress
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.collector import run_collector
 from tbpw.llamacpp.offload import offload_args
@@ -70,9 +71,11 @@ def make_imatrix(model: Path | str, text: Path | str, out: Path | str, collector
         if log_path is None:
             log_path = out.with_name(out.name + ".log")
         if collector == "stock":
-            run = run_tool("llama-imatrix", args, log_path=log_path, build=build, timeout=timeout)
+            run = run_tool("llama-imatrix", args, log_path=log_path, build=build, timeout=timeout,
+                           meter=progress.IMATRIX.expecting(chunks))
         else:
-            run = run_collector(args, log_path=log_path, build=build, timeout=timeout)
+            run = run_collector(args, log_path=log_path, build=build, timeout=timeout,
+                                meter=progress.COLLECTOR.expecting(chunks))
         if not partial.is_file():
             raise TbpwError(f"{collector} collector exited without writing an imatrix (log: {run.log_path})")
         os.replace(partial, out)

@@ -2,6 +2,10 @@
 
     model -> data-* -> baseline (PPL + logits) -> imatrix -> measure -> stock-* / quant-* -> eval-* -> bench-* -> report
 
+Other people's GGUFs of the same model (`compare_files`) are checked against the model right after it is
+made, then evaluated and benched like the run's own quants. Every GGUF the run writes records its provenance
+(tbpw.model.provenance), and the report folder gets a Hugging Face model card with the kept quants beside it.
+
 Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input reruns only what
 depends on it, and a killed run resumes. Nothing here knows a particular allocator, metric, dataset or
 evaluator: they come from the recipe and the plugin registries.
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tbpw import __version__
 from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
 from tbpw.data.files import DatasetContext, DatasetFile
@@ -21,7 +26,8 @@ from tbpw.errors import TbpwError
 from tbpw.evaluate.context import EvalContext
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
-from tbpw.llamacpp.bench import bench, speeds
+from tbpw.llamacpp import progress
+from tbpw.llamacpp.bench import bench, markdown_rows, speeds
 from tbpw.llamacpp.build import active_build
 from tbpw.llamacpp.perplexity import base_logits
 from tbpw.llamacpp.quantize import quantize
@@ -31,7 +37,8 @@ from tbpw.model.ggml_types import FLOAT_TYPES
 from tbpw.model.inventory import ModelInventory
 from tbpw.plugin.base import Column
 from tbpw.plugin.manager import get_manager
-from tbpw.run.recipe import PluginRef, Recipe, RecipeTarget, check_ready, evaluator_instances
+from tbpw.run import compare
+from tbpw.run.recipe import PluginRef, Recipe, RecipeTarget, check_ready, evaluator_instances, recipe_sha256
 from tbpw.run.rundir import RunDir, StageOutcome
 
 
@@ -40,7 +47,7 @@ class Quant:
     """One quantized model of the run: a stock type or a (target, allocator) plan."""
 
     name: str
-    kind: str  # "stock" or "tbpw"
+    kind: str  # "stock", "tbpw", or "other" (someone else's file, from compare_files)
     path: Path
     bpw: float
     size_bytes: int
@@ -64,12 +71,15 @@ class Pipeline:
         self.manager = get_manager()
         self.evaluators = evaluator_instances(recipe)
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
+        # what every GGUF the run writes records besides what the Planner knows (tbpw.model.provenance)
+        self.provenance: dict[str, str] = {}
 
     # ---------------------------------------------------------------------------------- plumbing
 
     def _stage(self, name: str, inputs: dict[str, Path], options, body) -> StageOutcome:
         forced = name in self.force or any(name.startswith(f"{f}-") for f in self.force)
-        outcome = self.run_dir.run(name, inputs, {"options": options, "build": self.build.key}, body, force=forced)
+        with progress.stage(name):
+            outcome = self.run_dir.run(name, inputs, {"options": options, "build": self.build.key}, body, force=forced)
         self.log(f"{'skip' if outcome.skipped else 'done'}  {name}" + ("" if outcome.skipped else f"  ({outcome.seconds:.1f} s)"))
         return outcome
 
@@ -202,7 +212,10 @@ class Pipeline:
     def stock(self, model: Path, imatrix: Path, qtype: str) -> Quant:
         def body(folder: Path) -> dict:
             out = folder / "model.gguf"
-            quantize(model, out, imatrix=imatrix, base_type=qtype, log_path=folder / "quantize.log", build=self.build)
+            # llama-quantize's own mixture: no allocator and no metric of tbpw's chose its types
+            kv = self._planner(model, imatrix, folder).record(target=f"stock {qtype}", metric="")
+            quantize(model, out, imatrix=imatrix, base_type=qtype, kv=kv, log_path=folder / "quantize.log",
+                     build=self.build)
             inv = ModelInventory.load(out)
             return {"model": "model.gguf", "bpw": inv.bpw(), "size_bytes": out.stat().st_size, "types": inv.types()}
 
@@ -212,7 +225,22 @@ class Pipeline:
                      types=out.result["types"])
 
     def _planner(self, model: Path, imatrix: Path, log_dir: Path) -> Planner:
-        return Planner(model, imatrix, self.recipe.constraints, log_dir=log_dir, manager=self.manager)
+        return Planner(model, imatrix, self.recipe.constraints, log_dir=log_dir, manager=self.manager,
+                       provenance=self.provenance)
+
+    def compare_files(self, model: Path) -> list[Quant]:
+        """The recipe's `compare_files`, each found and checked to be a quant of `model` (before any work on it)."""
+        base = ModelInventory.load(model)
+        quants = []
+        for i, ref in enumerate(self.recipe.compare_files):
+            where = f"compare_files.{i}"
+            path = compare.locate(ref, where)
+            other = ModelInventory.load(path)
+            compare.check_same_model(base, other, where)
+            quants.append(Quant(ref.name, "other", path, other.bpw(), path.stat().st_size, types=other.types(),
+                                note=f"not made by this run: {compare.describe(ref)}"))
+            self.log(f"other {ref.name}  ({other.bpw():.4f} bpw, {compare.describe(ref)})")
+        return quants
 
     def plan(self, model: Path, imatrix: Path, table: Path, target: RecipeTarget, budget: Target,
              allocator: PluginRef) -> Quant:
@@ -315,17 +343,18 @@ class Pipeline:
                            {"evaluators": self.recipe.evaluators, "evaluation": ev, "ngl": self.recipe.ngl},
                            body).result
 
-    def bench(self, quant: Quant) -> dict[str, float]:
+    def bench(self, quant: Quant) -> dict:
         b = self.recipe.bench
         ngl = b.ngl if b.ngl is not None else self.recipe.ngl
 
         def body(folder: Path) -> dict:
             result = bench(quant.path, pp=b.pp, tg=b.tg, pg=b.pg, repetitions=b.repetitions, threads=b.threads,
                            ngl=ngl, log_path=folder / "bench.log", build=self.build)
-            return speeds(result)
+            return {"speeds": speeds(result), "rows": markdown_rows(result)}
 
-        return self._stage(f"bench-{quant.name}", {"model": quant.path}, {**b.model_dump(mode="json"), "ngl": ngl},
-                           body).result
+        # "rows": results of earlier versions held the speeds alone, and rerun
+        return self._stage(f"bench-{quant.name}", {"model": quant.path},
+                           {**b.model_dump(mode="json"), "ngl": ngl, "rows": True}, body).result
 
     def columns(self) -> list[Column]:
         """Every column the recipe's evaluators report, in recipe order (the report's columns)."""
@@ -342,13 +371,18 @@ class Pipeline:
         assert r.measure.metric is not None and r.allocators is not None
         check_ready(r)  # a plugin that cannot run with this build says so before any work
         model = self.model()
+        others = self.compare_files(model)
         data = self.datasets()
         base = self.baseline(model, data["evaluation"])
         imatrix = self.imatrix(model, data["calibration"])
+        self.provenance = {"metric": r.measure.metric.name, "recipe_sha256": recipe_sha256(r),
+                           "calibration": data["calibration"].description or data["calibration"].path.name,
+                           "calibration_sha256": self.run_dir.fingerprint(data["calibration"].path)}
         table = self.measure(model, imatrix)
         stock_types = list(dict.fromkeys([*r.compare_stock, *(t.stock.upper() for t in r.targets if t.stock)]))
         quants: list[Quant] = [self.stock(model, imatrix, t) for t in stock_types]
         stock_bpw = {q.name.removeprefix("stock-"): q.bpw for q in quants}
+        quants += others
         tables = {r.measure.metric.name: table}
         if r.calibrate is not None:
             tables.update(self.calibrate(model, imatrix, table, data["calibration"]))
@@ -359,12 +393,13 @@ class Pipeline:
             quants += made.values()
             if r.choose is not None:
                 quants.append(self.choose(model, imatrix, tables, target, budget, made, data["calibration"]))
-        entries = []
+        entries: list[dict] = []
         for q in quants:
             metrics = self.evaluate(q, base.path(base.result["logits"]), data)
-            speeds = self.bench(q) if r.bench.enabled else {}
+            benched = self.bench(q) if r.bench.enabled else {}
             entries.append({"name": q.name, "kind": q.kind, "target": q.target, "allocator": q.allocator, "bpw": q.bpw,
-                            "size_bytes": q.size_bytes, "metrics": metrics, "bench": speeds, "types": q.types,
+                            "size_bytes": q.size_bytes, "metrics": metrics, "bench": benched.get("speeds", {}),
+                            "bench_rows": benched.get("rows", []), "types": q.types,
                             "path": str(q.path), **({"note": q.note} if q.note else {})})
         columns = self.columns()
         mark_best(entries, r.select.by, columns)
@@ -374,6 +409,7 @@ class Pipeline:
             base_metrics.update(evaluator.baseline_values(base.result["ppl"], base.result["ppl_error"]))
         base_entry = {"name": "baseline", "kind": "base", "bpw": base_inv.bpw(), "size_bytes": model.stat().st_size,
                       "metrics": base_metrics, "bench": {}}
+        from tbpw.run.modelcard import source_facts, write_model_card
         from tbpw.run.report import quality_table, write_report
 
         substitutes = {k: v.description for k, v in data.items() if "substitute" in v.description.lower()}
@@ -381,8 +417,15 @@ class Pipeline:
                   f"({self.build.build_commit}, {self.build.backend})", "notes": self.notes, "select_by": r.select.by,
                   "evaluation_text": data["evaluation"].description or data["evaluation"].path.name,
                   "baseline_ppl": base.result["ppl"], "substitutes": substitutes,
-                  "columns": [asdict(c) for c in columns], "entries": [base_entry, *entries]}
+                  "columns": [asdict(c) for c in columns], "entries": [base_entry, *entries],
+                  "tbpw_version": __version__, "recipe": r.model_dump(mode="json", exclude={"output_dir"}),
+                  "provenance": {**self.provenance, "imatrix_sha256": self.run_dir.fingerprint(imatrix)},
+                  "datasets": {role: {"description": f.description, "attribution": f.attribution,
+                                      "sha256": self.run_dir.fingerprint(f.path)} for role, f in data.items()},
+                  "source": source_facts(r.model, model)}
         path = write_report(report, self.run_dir.root / "report")
+        card = write_model_card(report, self.run_dir.root / "report")
+        self.log(f"model card: {card}")
         self.log("\n" + quality_table(report["entries"], columns) + "\n")
         self.log(f"report: {path}")
         return path
