@@ -235,3 +235,22 @@ def test_compare_files_are_a_path_or_a_hub_file_with_distinct_names(tmp_path):
     with pytest.raises(ValidationError, match="needs `file`"):
         CompareFile(hub="a/b")
     assert CompareFile(path=tmp_path / "x-Q4_K_M.gguf", label="bartowski").name == "other-bartowski"
+
+
+def test_a_recipes_compare_files_are_relative_to_it_and_must_exist(tiny_model, wiki_text, tmp_path):
+    from tbpw.run import recipe as recipes
+
+    (tmp_path / "theirs.gguf").symlink_to(tiny_model)
+    text = f"{{name: file, options: {{path: {wiki_text}}}}}"
+    body = (f"name: t\nmodel: {{gguf: {tiny_model}}}\ndatasets: {{calibration: {text}, evaluation: {text}}}\n"
+            "targets: [{bpw: 4}]\ncompare_files:\n  - {path: theirs.gguf, label: someone}\n")
+    (tmp_path / "r.yaml").write_text(body)
+    loaded = recipes.load(tmp_path / "r.yaml")
+    assert loaded.compare_files[0].path == tmp_path / "theirs.gguf" and loaded.compare_files[0].name == "other-someone"
+    (tmp_path / "bad.yaml").write_text(body.replace("theirs.gguf", "missing.gguf"))
+    with pytest.raises(TbpwError, match=rf"bad.yaml:6: compare_files.0.path: {tmp_path}/missing.gguf does not exist: "
+                                        "fix the path"):
+        recipes.load(tmp_path / "bad.yaml")
+    (tmp_path / "twice.yaml").write_text(body + "  - {path: theirs.gguf, label: someone}\n")
+    with pytest.raises(TbpwError, match="two files would both be 'other-someone' in the tables: give one a `label`"):
+        recipes.load(tmp_path / "twice.yaml")

@@ -49,7 +49,7 @@ def _read(meter: progress.Meter, name: str, piece: int, ok: bool = True) -> Reco
     (progress.KL_DIVERGENCE, "kld.txt", 8), (progress.HELLASWAG, "hellaswag.txt", 24),
     (progress.WINOGRANDE, "winogrande.txt", 110), (progress.WINOGRANDE, "winogrande-short.txt", 20),
     (progress.MULTIPLE_CHOICE, "multiple-choice.txt", 104), (progress.QUANTIZE, "quantize.txt", 38),
-    (progress.BENCH, "bench-progress.txt", 3),
+    (progress.BENCH, "bench-progress.txt", 3), (progress.BUILD, "build.txt", 149),
 ])
 @pytest.mark.parametrize("piece", [7, 100_000])
 def test_meters_count_the_units_in_real_tool_output(meter, name, total, piece):

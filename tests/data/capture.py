@@ -208,6 +208,12 @@ def main() -> None:
         capture("perplexity-missing-model", "llama-perplexity", ["-m", work / "missing.gguf", "-f", text],
                 check=False)
 
+    # the log of the `tbpw build` that made the active build: Ninja's step lines, which the build's progress reads
+    log = build.log_path.read_text(encoding="utf-8", errors="replace")
+    for old, new in ((str(build.root.parent.parent), "<cache>"), (str(Path(sys.executable).parent.parent), "<venv>")):
+        log = log.replace(old, new)
+    (args.out / "build.txt").write_text(log, encoding="utf-8")
+    manifest["runs"]["build"] = {"tool": "cmake --build", "steps": sum(1 for line in log.splitlines() if line.startswith("["))}
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(f"wrote {len(manifest['runs'])} captures to {args.out}", file=sys.stderr)
 
