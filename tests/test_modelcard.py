@@ -141,6 +141,7 @@ def test_the_method_and_caveats_come_from_the_recipe_and_the_run(card_run):
     assert f"llama.cpp build {report['build']}" in method
     caveats = card.split("## Caveats\n", 1)[1]
     assert "† Someone else's file" in caveats and "4 chunks of evaluation text" in caveats
+    assert "tbpw's files record Q8_0" in caveats
 
 
 @pytest.mark.tools

@@ -246,6 +246,10 @@ def caveats(report: dict) -> list[str]:
         items.append("- † Someone else's file, not made by this run, evaluated and benched the same way: "
                      + "; ".join(f"{e['name'].removeprefix('other-')}: {e.get('note', '').removeprefix('not made by this run: ')}"
                                  for e in others) + ".")
+    if any(e.get("bench_rows") for e in kept(report)):
+        items.append("- llama-bench's `model` column names the file type llama-quantize records: tbpw's files record "
+                     "Q8_0, the base type their complete type map overrides (their real types: report.md's type maps, "
+                     "`tbpw inspect FILE.gguf`).")
     ev = report.get("recipe", {}).get("evaluation", {})
     if ev.get("chunks"):
         items.append(f"- The scores come from {ev['chunks']} chunks of evaluation text: differences within the ± "
