@@ -72,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "write_text": "tbpw.files.atomic",
     "write_json": "tbpw.files.atomic",
     "sha256_file": "tbpw.files.digest",
+    "content_sha256": "tbpw.files.digest",
     "PinnedArchive": "tbpw.files.pinned",
     "fetch_pinned": "tbpw.files.pinned",
     "extract_member": "tbpw.files.pinned",
@@ -112,7 +113,7 @@ if TYPE_CHECKING:
     from tbpw.errors import TbpwError
     from tbpw.evaluate.context import EvalContext
     from tbpw.files.atomic import atomic_path, write_json, write_text
-    from tbpw.files.digest import sha256_file
+    from tbpw.files.digest import content_sha256, sha256_file
     from tbpw.files.pinned import PinnedArchive, extract_member, fetch_pinned
     from tbpw.llamacpp.features import ensure_tool_features
     from tbpw.llamacpp.quantize import fork_target_types

@@ -259,3 +259,39 @@ def test_dry_run_table_and_user_errors(tiny_model, fork_imatrix, fork_tiny_dir, 
     assert result.exit_code == 2 and "did you mean 'knapsack'" in result.stderr
     result = CliRunner().invoke(_cli(), [*base, "--target-bpw", "3", "-O", "max_bucket=5"])
     assert result.exit_code == 2 and "did you mean 'max_buckets'" in result.stderr
+
+
+# --- inputs that are well-formed but wrong -------------------------------------------------------------
+
+
+def test_an_error_table_of_another_model_with_the_same_shapes_is_refused(tmp_path, tiny_model, stock_imatrix,
+                                                                         fork_error_table, plugin_manager):
+    import shutil
+
+    from tbpw.files.digest import content_sha256
+    from tbpw.measure.table import ErrorTable
+
+    other = tmp_path / "other.gguf"  # the same tensors, one weight different: another model
+    shutil.copyfile(tiny_model, other)
+    inventory = ModelInventory.load(other)
+    with open(other, "r+b") as fh:
+        fh.seek(inventory["blk.2.ffn_up.weight"].data_offset + 1000)
+        fh.write(b"\x11\x22")
+    table = tmp_path / "table.json"
+    ErrorTable(fork_error_table.tensors, {"model_sha256": content_sha256(tiny_model)}).write_json(table)
+    base = ["--imatrix", str(stock_imatrix), "--target-bpw", "4.5", "--error-table", str(table), "--dry-run", "--json"]
+    assert CliRunner().invoke(_cli(), ["quantize", str(tiny_model), *base]).exit_code == 0
+    refused = CliRunner().invoke(_cli(), ["quantize", str(other), *base])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert f"error table {table} was measured on another model than {other}" in refused.stderr
+
+
+def test_a_plan_that_leaves_budget_unused_says_so(inventory, full_table, plugin_manager):
+    problem = build_problem(inventory, full_table, Target(bpw=6.0))
+    cheapest = {t.name: t.candidates[0].type for t in problem.tensors}
+    lazy = make_plan(inventory, problem, cheapest, allocator="cheapest")
+    assert lazy.shortfall.startswith("lands ") and "below its target although" in lazy.shortfall
+    assert "the allocator left budget unused" in lazy.shortfall
+    assert Plan.from_json(json.loads(json.dumps(lazy.to_json()))).shortfall == lazy.shortfall
+    exact = allocate(inventory, problem, "knapsack")
+    assert exact.shortfall == "" and "shortfall" not in exact.to_json()  # an optimal plan cannot be improved so

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -145,14 +144,12 @@ def _moe_like_problem(bpw: float) -> AllocationProblem:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bpw", [2.5, 4.5])
-def test_knapsack_is_exact_and_fast_on_a_moe_sized_problem(bpw):
+def test_knapsack_is_exact_on_a_moe_sized_problem(bpw):
+    """Its speed on this problem is a benchmark (benchmarks/speed.py), not a test."""
     problem = _moe_like_problem(bpw)
     solver = Knapsack(Knapsack.Options())
-    start = time.monotonic()
     choice = solver.allocate(problem)
-    seconds = time.monotonic() - start
     assert solver.exact  # proven optimal after Lagrangian reduction, despite ~6.6 M exact buckets
-    assert seconds < 20
     assert problem.total_bytes(choice) <= problem.budget
     from tbpw_plugins.allocators.greedy import Greedy
 

@@ -63,7 +63,7 @@ def test_assets_are_fetched_once_then_reused(tmp_path: Path, monkeypatch: pytest
     shutil.copy(real_archive, paths.downloads() / real_archive.name)
     calls = []
     real_fetch = pinned.fetch_pinned
-    monkeypatch.setattr(pinned, "fetch_pinned", lambda p, *a: calls.append(p.name) or real_fetch(p, *a))
+    monkeypatch.setattr(pinned, "fetch_pinned", lambda p, *a, **kw: calls.append(p.name) or real_fetch(p, *a, **kw))
     first = assets.wiki_split()
     manifest = first.folder / "manifest.json"
     stamp = manifest.stat().st_mtime_ns

@@ -99,3 +99,42 @@ def test_legacy_dat_from_llama_imatrix_reads_the_same(tiny_model, stock_imatrix,
     for name in gguf.names():
         np.testing.assert_allclose(legacy.importance(name), gguf.importance(name), rtol=1e-6)
     assert legacy.mean("blk.0.attn_q.weight") is None
+
+
+def _entries(path):
+    imx = Imatrix.load(path)
+    return {n: {"in_sum2": imx.entries[n].in_sum2.copy(), "counts": imx.entries[n].counts.copy()} for n in imx.names()}
+
+
+BROKEN = [
+    ("a NaN sum", "in_sum2", lambda v: np.where(np.arange(v.size).reshape(v.shape) == 3, np.nan, v), "NaN or infinite"),
+    ("an infinite sum", "in_sum2", lambda v: v + np.inf, "NaN or infinite"),
+    ("a negative sum of squares", "in_sum2", lambda v: -v, "negative values"),
+    ("a negative count", "counts", lambda v: -v, "negative values"),
+    ("all-zero squares of a tensor that saw tokens", "in_sum2", np.zeros_like, "every E[a^2] of blk.0.attn_v.weight is zero"),
+]
+
+
+@pytest.mark.parametrize("what,part,change,words", BROKEN, ids=[b[0] for b in BROKEN])
+def test_impossible_imatrix_values_are_refused(tmp_path, stock_imatrix, what, part, change, words):
+    entries = _entries(stock_imatrix)
+    entries["blk.0.attn_v.weight"][part] = change(entries["blk.0.attn_v.weight"][part]).astype(np.float32)
+    with pytest.raises(TbpwError) as err:
+        Imatrix.load(write_imatrix(tmp_path / "broken.gguf", entries))
+    assert words in str(err.value) and "blk.0.attn_v.weight" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_imatrix_where_nothing_saw_a_token_is_refused(tmp_path, stock_imatrix):
+    entries = {n: {"in_sum2": np.zeros_like(e["in_sum2"]), "counts": np.zeros_like(e["counts"])}
+               for n, e in _entries(stock_imatrix).items()}
+    with pytest.raises(TbpwError, match="no tensor saw any token"):
+        Imatrix.load(write_imatrix(tmp_path / "empty.gguf", entries))
+
+
+def test_an_imatrix_of_another_model_is_refused_before_planning(tmp_path, tiny_model):
+    from tbpw.allocate.service import Planner
+
+    other = write_imatrix(tmp_path / "other.gguf", {"blk.0.attn_q.weight": {"in_sum2": np.ones((1, 512)),
+                                                                           "counts": np.array([4.0])}})
+    with pytest.raises(TbpwError, match="has 512 columns for blk.0.attn_q.weight, the model's rows have 256"):
+        _ = Planner(tiny_model, other).imatrix_match

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,6 +166,62 @@ def test_cache_is_reused_only_when_nothing_changed(tmp_path, tiny_model, stock_i
     assert len(keys) == 6
 
 
+@pytest.mark.tools
+def test_a_weight_edited_anywhere_is_a_new_measurement(tmp_path, tiny_model, stock_imatrix):
+    """Not only the first, middle and last 4 KB of each tensor count: a weight in between does too."""
+    model = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_model, model)
+    cache = tmp_path / "cache"
+    first = _run(model, stock_imatrix, cache)
+    info = ModelInventory.load(model)[FEW[1]]  # blk.1.ffn_down.weight: 393 kB of F16
+    offset = info.data_offset + info.stored_bytes // 4  # far from any of the three old windows
+    stamp = model.stat()
+    with open(model, "r+b") as fh:
+        fh.seek(offset)
+        value = np.frombuffer(fh.read(2), dtype=np.float16)
+        fh.seek(offset)
+        fh.write((value * 4 + 1).astype(np.float16).tobytes())
+    os.utime(model, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    edited = _run(model, stock_imatrix, cache)
+    assert edited.meta["cached"] is False and edited.meta["key"] != first.meta["key"]
+    assert edited.by_name()[FEW[1]].to_json() != first.by_name()[FEW[1]].to_json()
+
+
+@pytest.mark.tools
+def test_a_damaged_or_foreign_cache_entry_is_measured_again(tmp_path, tiny_model, stock_imatrix, capfd):
+    cache = tmp_path / "cache"
+    first = _run(tiny_model, stock_imatrix, cache)
+    final = cache / first.meta["key"] / "table.json"
+    good = final.read_text()
+    for damage, note in ((good[: len(good) // 2], "is not JSON"),
+                         ('{"tensors": [{"name": 1}]}', "damaged error table"),
+                         (good.replace(f'"n_elements": {first.tensors[0].n_elements}', '"n_elements": 7', 1),
+                          "has 7 elements there")):
+        final.write_text(damage)
+        again = _run(tiny_model, stock_imatrix, cache)
+        assert again.meta["cached"] is False
+        assert [t.to_json() for t in again.tensors] == [t.to_json() for t in first.tensors]
+        err = capfd.readouterr().err
+        assert f"note: discarding the cached error table {final}" in err and note in err and "measuring again" in err
+    assert _run(tiny_model, stock_imatrix, cache).meta["cached"] is True
+
+
+@pytest.mark.tools
+@pytest.mark.slow
+def test_two_measurements_of_one_model_measure_once(tmp_path, tiny_model, stock_imatrix):
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "tbpw.cli", "measure", str(tiny_model), "--imatrix", str(stock_imatrix),
+           "--types", "Q4_K,Q5_K", "--threads", "1", "--cache-dir", str(cache), "-q"]
+    procs = [subprocess.Popen([*cmd, "--out", str(tmp_path / f"t{i}.json")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    measured = [out for out, _ in outputs if "(cache)" not in out]
+    assert len(measured) == 1, outputs  # the other one waited and took the finished table
+    assert json.loads((tmp_path / "t0.json").read_text())["tensors"] == json.loads((tmp_path / "t1.json").read_text())["tensors"]
+    assert len(list(cache.iterdir())) == 1
+
+
 # ----- interruption -----
 
 
@@ -213,7 +271,7 @@ def test_sigterm_saves_progress_and_the_next_run_resumes(tmp_path, tiny_model, s
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
+    assert proc.returncode == 143, err  # 128 + SIGTERM
     assert "measurement interrupted" in err and "run the same command again to resume" in err
     saved = partial[0].read_text().count("\n")
     assert 1 <= saved < 29

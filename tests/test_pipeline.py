@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,3 +119,59 @@ def test_model_stage_converts_a_hugging_face_folder_once(tmp_path, wiki_text):
     assert {t.stored_type for t in inventory.tensors if t.quantizable} == {"F16"}
     assert pipeline.model() == base and logs == ["done  model" + logs[0].split("model", 1)[1], "skip  model"]
     assert "3 underflow to zero" in pipeline.notes[0] and pipeline.notes[0] == pipeline.notes[1]  # kept when skipped
+    pipeline.close()
+
+
+def test_a_dataset_file_edited_in_place_is_noticed(tmp_path, tiny_model):
+    """Same size, same mtime, other words: the data stage is keyed by content, not by its options."""
+    from tbpw.run import recipe as recipes
+    from tbpw.run.pipeline import Pipeline
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"Paragraph {i} says the first thing.\n\n" for i in range(50)), encoding="utf-8")
+    stamp = text.stat()
+    sets = [f"model.gguf={tiny_model}", f"datasets.calibration.options.path={text}",
+            f"datasets.evaluation.options.path={text}", "datasets.calibration.options.split=all",
+            "datasets.evaluation.options.split=all", f"output_dir={tmp_path / 'run'}"]
+
+    def stage_of_calibration() -> tuple[list[str], str]:
+        logs: list[str] = []
+        pipeline = Pipeline(recipes.load(RECIPE, sets), log=logs.append)
+        try:
+            made = pipeline.datasets()["calibration"]
+        finally:
+            pipeline.close()
+        return [line.split()[0] for line in logs if line.split()[1] == "data-calibration"], made.path.read_text()
+
+    assert stage_of_calibration()[0] == ["done"]
+    assert stage_of_calibration()[0] == ["skip"]
+    text.write_text(text.read_text().replace("first", "other"), encoding="utf-8")
+    os.utime(text, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert text.stat().st_size == stamp.st_size and text.stat().st_mtime_ns == stamp.st_mtime_ns
+    ran, content = stage_of_calibration()
+    assert ran == ["done"] and "the other thing" in content and "the first thing" not in content
+
+
+def test_a_second_run_is_refused_and_ctrl_c_keeps_what_finished(tmp_path, tiny_model, wiki_text):
+    out = tmp_path / "tiny"
+    args = ["run", str(RECIPE), *_args(_sets(tiny_model, wiki_text, out))]
+    proc = subprocess.Popen([sys.executable, "-m", "tbpw.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300  # a hang guard, not a speed claim
+    while not (out / "baseline" / "manifest.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never finished its baseline stage"
+        time.sleep(0.1)
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 2, second.output
+    assert second.stderr.count("\n") == 1
+    assert second.stderr.startswith(f"error: output_dir {out} is in use by pid {proc.pid} on {socket.gethostname()} (")
+    assert second.stderr.endswith(": wait for that run to finish, or give this one another output_dir\n")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and f"finished stage(s) are kept in {out}; run the same command again" in last
+    assert not list(out.glob(".*.partial")) and not list(out.rglob("*.tmp"))
+    assert (out / "baseline" / "manifest.json").is_file()  # what finished stays (resuming: the test above)

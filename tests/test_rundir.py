@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from tbpw.errors import TbpwError
 from tbpw.run.rundir import RunDir
 
 
@@ -66,5 +68,117 @@ def test_fingerprints_survive_a_new_rundir(tmp_path: Path):
     src = tmp_path / "in.txt"
     src.write_text("a")
     calls: list = []
-    RunDir(tmp_path / "run").run("s", {"src": src}, {}, _writer(calls, "x"))
+    first = RunDir(tmp_path / "run")
+    first.run("s", {"src": src}, {}, _writer(calls, "x"))
+    first.close()
     assert RunDir(tmp_path / "run").run("s", {"src": src}, {}, _writer(calls, "x")).skipped
+
+
+# ----- the run directory belongs to tbpw, one run at a time -----
+
+
+def test_a_folder_of_the_users_is_never_a_run_directory(tmp_path: Path):
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "model.safetensors").write_bytes(b"weights")
+    (mine / "measure").mkdir()
+    (mine / "measure" / "errors.csv").write_text("mine\n")
+    with pytest.raises(TbpwError, match=r"holds files tbpw did not make \(measure, model\): give a new or empty folder"):
+        RunDir(mine)
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == [
+        "measure", "measure/errors.csv", "model", "model/model.safetensors"]
+    with pytest.raises(TbpwError, match="is a file, not a folder"):
+        RunDir(mine / "measure" / "errors.csv")
+    assert (mine / "model" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_new_empty_and_own_folders_are_run_directories(tmp_path: Path):
+    for root in (tmp_path / "new", tmp_path / "empty"):
+        if root.name == "empty":
+            root.mkdir()
+        run = RunDir(root)
+        run.run("s", {}, {}, _writer([], "x"))
+        run.close()
+        assert RunDir(root).run("s", {}, {}, _writer([], "x")).skipped  # marked as tbpw's: reused
+    legacy = tmp_path / "legacy"  # made before the marker: recognised by tbpw's fingerprint file
+    legacy.mkdir()
+    (legacy / ".fingerprints.json").write_text("{}")
+    RunDir(legacy).close()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path: Path):
+    first = RunDir(tmp_path / "run")
+    with pytest.raises(TbpwError) as err:
+        RunDir(tmp_path / "run")
+    message = str(err.value)
+    assert f"output_dir {tmp_path / 'run'} is in use by pid {os.getpid()} on" in message
+    assert message.endswith("wait for that run to finish, or give this one another output_dir") and "\n" not in message
+    first.close()
+    RunDir(tmp_path / "run").close()  # free again
+
+
+def test_a_stage_name_never_leaves_the_run_directory(tmp_path: Path):
+    run = RunDir(tmp_path / "run")
+    for name in ("../escape", "data-../../x", ".hidden", "a/b"):
+        with pytest.raises(TbpwError, match="is not a plain name"):
+            run.run(name, {}, {}, _writer([], "x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# ----- reuse only what is provably the same -----
+
+
+def test_an_input_replaced_by_one_of_the_same_size_and_mtime_reruns(tmp_path: Path):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"A" * 4096)
+    stat = model.stat()
+    run = RunDir(tmp_path / "run")
+    calls: list = []
+    run.run("s", {"model": model}, {}, _writer(calls, "x"))
+    replacement = tmp_path / "other.gguf"
+    replacement.write_bytes(b"B" * 4096)
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, model)  # same name, size and mtime; other content
+    assert model.stat().st_size == stat.st_size and model.stat().st_mtime_ns == stat.st_mtime_ns
+    assert not run.run("s", {"model": model}, {}, _writer(calls, "y")).skipped
+    with open(model, "r+b") as fh:  # edited in place, mtime put back
+        fh.write(b"C")
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not run.run("s", {"model": model}, {}, _writer(calls, "z")).skipped
+    assert calls == ["x", "y", "z"]
+
+
+def test_a_deleted_or_damaged_stage_output_reruns_the_stage(tmp_path: Path):
+    run = RunDir(tmp_path / "run")
+    calls: list = []
+    first = run.run("s", {}, {}, _writer(calls, "xyz"))
+    first.path("out.txt").unlink()  # deleted
+    assert not run.run("s", {}, {}, _writer(calls, "xyz")).skipped
+    first.path("out.txt").write_text("xy")  # truncated
+    assert not run.run("s", {}, {}, _writer(calls, "xyz")).skipped
+    first.path("out.txt").write_text("abc")  # same size, other content
+    again = run.run("s", {}, {}, _writer(calls, "xyz"))
+    assert not again.skipped and again.path("out.txt").read_text() == "xyz"
+    (first.folder / "manifest.json").write_text("{ not json")  # a damaged manifest is no finished stage
+    assert not run.run("s", {}, {}, _writer(calls, "xyz")).skipped
+    (first.folder / "manifest.json").write_text('{"key": 1}')
+    assert not run.run("s", {}, {}, _writer(calls, "xyz")).skipped
+    assert len(calls) == 6
+    assert run.run("s", {}, {}, _writer(calls, "xyz")).skipped
+
+
+def test_an_interrupted_stage_leaves_nothing_and_a_killed_ones_leftovers_go_next_time(tmp_path: Path):
+    run = RunDir(tmp_path / "run")
+
+    def interrupted(folder: Path) -> dict:
+        (folder / "big.gguf").write_bytes(b"x" * 100)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run.run("s", {}, {}, interrupted)
+    assert not list(run.root.glob(".*.partial"))
+    run.close()
+    (tmp_path / "run" / ".t.partial").mkdir()  # what a SIGKILL leaves behind
+    (tmp_path / "run" / ".t.partial" / "half.gguf").write_bytes(b"half")
+    RunDir(tmp_path / "run").close()
+    assert not list((tmp_path / "run").glob(".*.partial"))

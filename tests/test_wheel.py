@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +56,6 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], Path, list[str]]:
         else:
             shutil.copy2(REPO / name, source / name)
     target = root / "site"
-    start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
                            "--no-compile", "--target", str(target), str(source)],
                           capture_output=True, text=True, timeout=300)
@@ -66,7 +64,6 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], Path, list[str]]:
     noise = [line for line in (done.stdout + done.stderr).splitlines()
              if re.search(r"(?i)deprecat|BuildBackendWarning|SetuptoolsWarning", line)]
     assert noise == [], "\n".join(noise)
-    assert time.monotonic() - start < 120
     deps = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
     env = {k: v for k, v in os.environ.items() if k not in ("TBPW_VENDOR", "PYTHONPATH", "PYTHONHOME")}
     env.update(PYTHONPATH=os.pathsep.join([str(target), *deps]), PYTHONNOUSERSITE="1")
@@ -126,12 +123,9 @@ def test_build_returns_the_cached_build_and_doctor_reports_it(installed):
         pytest.fail(f"no cached build {root}: run `tbpw build` first", pytrace=False)
     stamps = {p: p.stat().st_mtime_ns for p in (root / "build.json", root / "bin" / collector.NAME) if p.exists()}
 
-    start = time.monotonic()
     done = _tbpw(installed, "build")
-    seconds = time.monotonic() - start
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"ready in {root / 'bin'}" in done.stdout
-    assert seconds < 60, f"`tbpw build` took {seconds:.0f} s: it rebuilt instead of using the cache"
     # the same llama.cpp build, and the collector compiled from the same sources: nothing was rebuilt
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 

@@ -26,12 +26,12 @@ class DemoWiki(Source):
         return "text"
 
     def documents(self, context: DatasetContext) -> list[str]:
-        wiki = demo_assets.wiki_split()
+        wiki = demo_assets.wiki_split(offline=context.offline)
         docs = [a.text + "\n\n" for a in wiki.articles(self.options.split)]
         return take(docs, self.options.take_articles, self.options.take_tokens)
 
     def materialize(self, context: DatasetContext) -> DatasetFile:
-        wiki = demo_assets.wiki_split()
+        wiki = demo_assets.wiki_split(offline=context.offline)
         side = self.options.split
         description = f"English Wikipedia, {side} side of tbpw's split by article (disjoint from the {'evaluation' if side == 'calibration' else 'calibration'} side)"
         if self.options.take_articles is None and self.options.take_tokens is None:
@@ -51,7 +51,7 @@ class DemoMmlu(Dataset):
         return "multiple-choice"
 
     def materialize(self, context: DatasetContext) -> DatasetFile:
-        return demo_assets.mmlu_dev()
+        return demo_assets.mmlu_dev(offline=context.offline)
 
 
 def _substitute(preset: str) -> type:
@@ -66,7 +66,7 @@ def _substitute(preset: str) -> type:
             return demo_assets.SUBSTITUTES[preset][1]
 
         def materialize(self, context: DatasetContext) -> DatasetFile:
-            return demo_assets.substitutes()[preset]
+            return demo_assets.substitutes(offline=context.offline)[preset]
 
     Substitute.__name__ = Substitute.__qualname__ = "Substitute_" + preset.split("-", 1)[1]
     return Substitute

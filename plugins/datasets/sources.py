@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import re
 import shutil
 import urllib.error
@@ -27,6 +28,7 @@ from tbpw import (
     TbpwError,
     atomic_path,
     check_task_file,
+    content_sha256,
     extract_member,
     fetch_pinned,
     sha256_file,
@@ -76,18 +78,24 @@ def read_records(path: Path, fmt: Format, field: str | None) -> tuple[list[str],
         suffix = path.suffix.lower()
         fmt = "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "parquet" if suffix == ".parquet" else "text"
     if fmt == "text":
-        try:
-            return [path.read_text(encoding="utf-8")], False
-        except UnicodeDecodeError:
-            raise TbpwError(f"{path} is not UTF-8 text: give format 'jsonl' or 'parquet', or convert it to UTF-8") from None
+        return [_utf8(path, "give format 'jsonl' or 'parquet', or convert it to UTF-8")], False
     if fmt == "jsonl":
         return _jsonl_rows(path, field or "text"), True
     return _parquet_rows(path, field), True
 
 
+def _utf8(path: Path, fix: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TbpwError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): {fix}") from None
+    except OSError as exc:
+        raise TbpwError(f"cannot read {path} ({exc.strerror or exc}): check the file and its permissions") from None
+
+
 def _jsonl_rows(path: Path, field: str) -> list[str]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_utf8(path, "save it as UTF-8 JSON lines").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -238,10 +246,27 @@ class FileDataset(Source):
     options: Options
 
     def fetch(self, context: DatasetContext) -> tuple[Path, str]:
+        path = self._checked_path()
+        return path, content_sha256(path)
+
+    def _checked_path(self) -> Path:
         path = self.options.path.expanduser()
+        if path.is_dir():
+            raise TbpwError(f"dataset file {path} is a folder: give a file in the `path` option")
         if not path.is_file():
             raise TbpwError(f"dataset file {path} does not exist: fix the `path` option")
-        return path, sha256_file(path)
+        if not os.access(path, os.R_OK):
+            raise TbpwError(f"dataset file {path} is not readable: fix its permissions or the `path` option")
+        return path
+
+    def check_ready(self) -> None:
+        """The file is there, readable and of its kind (a task file parses; text decodes and survives the transforms)."""
+        path = self._checked_path()
+        if self.options.kind != "text":
+            self._refuse_text_options()
+            check_task_file(path, self.options.kind)
+        else:
+            self._documents_of(path)
 
     def describe(self) -> tuple[str, str]:
         return f"local file {self.options.path}", ""
@@ -292,8 +317,10 @@ class PackageDataset(Source):
     description = "a file inside a registry package pinned by version and sha256 (downloaded with pip, never installed)"
 
     class Options(SourceOptions):
-        package: str = Field(description="the package's registry name, e.g. exllamav2")
-        version: str = Field(description="its exact version")
+        package: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$",
+                             description="the package's registry name, e.g. exllamav2")
+        version: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9.+!_-]*[A-Za-z0-9])?$",
+                             description="its exact version, e.g. 0.3.2")
         sha256: str = Field(pattern=SHA256, description="sha256 of the archive (wheel or sdist)")
         archive: Literal["wheel", "sdist"] = Field("wheel", description="which archive of that version")
         path: str = Field(description="the file's path inside the archive (relative, no '..')")
@@ -316,7 +343,7 @@ class PackageDataset(Source):
         o = self.options
         target = context.cache_dir / "package" / o.sha256[:16] / o.path
         if not target.is_file():
-            extract_member(fetch_pinned(self._pin()), o.path, target)
+            extract_member(fetch_pinned(self._pin(), offline=context.offline), o.path, target)
         return target, f"{o.sha256}:{o.path}"
 
     def describe(self) -> tuple[str, str]:
@@ -344,21 +371,26 @@ class HubDataset(Source):
         except ImportError:
             raise TbpwError(f"dataset {self.name!r} needs huggingface_hub: pip install 'tbpw[hub]'") from None
 
+    def check_ready(self) -> None:
+        self._hub()
+
     def fetch(self, context: DatasetContext) -> tuple[Path, str]:
         o = self.options
         hub = self._hub()
         files = [o.file] if o.file else self._split_files(hub, context)
         paths = [self._download(hub, f, context) for f in files]
+        # Keyed by content: a branch such as `main` moves, and what it gives then is another dataset.
+        contents = [content_sha256(p) for p in paths]
         if len(paths) == 1:
-            return paths[0], f"{o.repo}@{o.revision}:{files[0]}"
+            return paths[0], contents[0]
         # A split stored in shards: their rows, concatenated, in one parquet-free text cache file.
-        merged = context.cache_dir / "hub" / f"{hashlib.sha256(json.dumps([o.repo, o.revision, files]).encode()).hexdigest()[:16]}.jsonl"
+        merged = context.cache_dir / "hub" / f"{hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:16]}.jsonl"
         if not merged.is_file():
             rows = [r for p in paths for r in read_records(p, "parquet", o.field)[0]]
             write_text(merged, "".join(json.dumps({"text": r}) + "\n" for r in rows))
         # From here on the source is that JSONL file, whatever format the shards had.
         self.options = o.model_copy(update={"format": "jsonl", "field": "text"})
-        return merged, f"{o.repo}@{o.revision}:{','.join(files)}"
+        return merged, hashlib.sha256(json.dumps(contents).encode()).hexdigest()
 
     def _split_files(self, hub, context: DatasetContext) -> list[str]:
         o = self.options

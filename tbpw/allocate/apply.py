@@ -15,6 +15,7 @@ from pathlib import Path
 from tbpw.allocate.plan import Plan
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import atomic_path, write_json, write_text
+from tbpw.files.outputs import refuse_overwriting_inputs
 from tbpw.llamacpp.build import BuildInfo
 from tbpw.llamacpp.quantize import BASE_TYPE, quantize, tensor_type_text
 from tbpw.model.inventory import ModelInventory
@@ -35,6 +36,14 @@ def plan_path_for(out: Path | str) -> Path:
     """`OUT.gguf` -> `OUT.plan.json`."""
     out = Path(out)
     return out.with_name((out.name[:-5] if out.name.endswith(".gguf") else out.name) + ".plan.json")
+
+
+def written_files(out: Path | str, log_path: Path | str | None = None) -> dict[str, Path]:
+    """Every file `apply_plan` writes for the output `out`: the model, its plan, its tensor-type file, its log."""
+    out = Path(out)
+    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
+    return {"output": out, "plan file": plan_path_for(out), "tensor-type file": out.with_name(stem + ".tensor-types.txt"),
+            "log": Path(log_path) if log_path else out.with_name(stem + ".quantize.log")}
 
 
 def check_model(plan: Plan, inventory: ModelInventory) -> None:
@@ -72,17 +81,16 @@ def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: P
     """Write `out` from `model` as `plan` says, verify it, and save the plan as JSON next to it; `kv` are string
     keys the file's metadata records (the plan's `metadata_bytes` should count them)."""
     model, out = Path(model), Path(out)
+    files = written_files(out, log_path)
+    refuse_overwriting_inputs(files, {"model": model, "imatrix": imatrix})
     inventory = ModelInventory.load(model)
     check_model(plan, inventory)
     decided = plan.decided()
     if any(inventory[n].stored_type not in ("F32", "F16", "BF16") for n in decided):
         raise TbpwError(f"{model.name} already has quantized tensors: start from the F16/BF16/F32 model "
                         "(requantizing loses quality and changes what the errors were measured on)")
-    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
-    log_path = Path(log_path) if log_path else out.with_name(stem + ".quantize.log")
-    type_file = out.with_name(stem + ".tensor-types.txt")
+    log_path, type_file, plan_path = files["log"], files["tensor-type file"], files["plan file"]
     write_text(type_file, tensor_type_text(decided))
-    plan_path = plan_path_for(out)
     with atomic_path(out) as tmp:
         run = quantize(model, tmp, imatrix=imatrix, tensor_type_file=type_file, base_type=base_type,
                        threads=threads, kv=kv, log_path=log_path, build=build)

@@ -40,6 +40,8 @@ class Plan:
     tensors: tuple[PlannedTensor, ...]  # every tensor of the model, in file order
     metadata_bytes: int
     alignment: int
+    # Set when the plan leaves budget unused that could have bought a better type (see `shortfall`).
+    shortfall: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -81,6 +83,7 @@ class Plan:
             "total_error": self.total_error,
             "metadata_bytes": self.metadata_bytes,
             "alignment": self.alignment,
+            **({"shortfall": self.shortfall} if self.shortfall else {}),
             "tensors": [t.to_json() for t in self.tensors],
         }
 
@@ -93,7 +96,8 @@ class Plan:
                        n_elements=int(data["n_elements"]), budget_bytes=int(data["budget_bytes"]),
                        tensors=tuple(PlannedTensor(t["name"], t["type"], int(t["bytes"]), t.get("error"), t["source"])
                                      for t in data["tensors"]),
-                       metadata_bytes=int(data["metadata_bytes"]), alignment=int(data["alignment"]))
+                       metadata_bytes=int(data["metadata_bytes"]), alignment=int(data["alignment"]),
+                       shortfall=str(data.get("shortfall") or ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise TbpwError(f"not a tbpw plan ({exc!r} missing or wrong): give a plan JSON written by tbpw quantize") from exc
 
@@ -135,5 +139,29 @@ def make_plan(inventory: ModelInventory, problem: AllocationProblem, choice: Map
     meta = inventory.metadata_bytes if metadata_bytes is None else metadata_bytes
     return Plan(model=str(inventory.path), allocator=allocator, allocator_options=dict(options or {}),
                 target=problem.target, n_elements=inventory.n_elements, budget_bytes=problem.budget,
-                tensors=tuple(tensors), metadata_bytes=meta, alignment=inventory.alignment)
+                tensors=tuple(tensors), metadata_bytes=meta, alignment=inventory.alignment,
+                shortfall=shortfall(problem, choice, used))
+
+
+def shortfall(problem: AllocationProblem, choice: Mapping[str, str], used: int) -> str:
+    """Why the plan lands further below its target than the model's granularity forces, or "".
+
+    A plan may end under its budget by less than the cheapest upgrade of any tensor: no choice could spend
+    that remainder. When some tensor's next candidate with a lower error still fits in what is left, the
+    allocator left budget unused that would have bought quality."""
+    left = problem.budget - used
+    best: tuple[int, str, str] | None = None
+    for unit in problem.tensors:
+        now = unit.candidate(type_name(choice[unit.name]))
+        if now is None:
+            continue  # a choice outside the candidate list has no known error to improve on
+        for c in unit.candidates:
+            step = c.bytes - now.bytes
+            if 0 < step <= left and c.error < now.error and (best is None or step < best[0]):
+                best = (step, unit.name, c.type)
+    if best is None:
+        return ""
+    step, name, better = best
+    return (f"lands {left} bytes ({8.0 * left / problem.n_elements:.4f} bpw) below its target although {name} as "
+            f"{better} (+{step} bytes, a lower error) would have fitted: the allocator left budget unused")
 

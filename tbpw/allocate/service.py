@@ -32,7 +32,8 @@ from tbpw.allocate.constraints import Constraints
 from tbpw.allocate.plan import Plan, make_plan
 from tbpw.allocate.problem import AllocationContext, AllocationProblem, ErrorTableLike, build_problem
 from tbpw.errors import TbpwError
-from tbpw.files.digest import sha256_file
+from tbpw.files.digest import content_sha256
+from tbpw.imatrix.reader import Imatrix, ImatrixMatch
 from tbpw.llamacpp.build import active_build
 from tbpw.llamacpp.quantize import OutputMetadata, output_metadata
 from tbpw.model import provenance as records
@@ -88,7 +89,7 @@ class Planner:
         except TbpwError:
             pass  # planning alone needs no build (a dry run); writing does, and then finds this same one
         if self.imatrix is not None:
-            known["imatrix_sha256"] = sha256_file(self.imatrix)
+            known["imatrix_sha256"] = content_sha256(self.imatrix)
         return {**known, **self.provenance}
 
     def record(self, **fields: str) -> dict[str, str]:
@@ -111,7 +112,16 @@ class Planner:
               records.PREFIX + "allocator_options": widest}
         return self.output_metadata.size(kv)
 
+    @cached_property
+    def imatrix_match(self) -> ImatrixMatch | None:
+        """How the imatrix lines up with the model; an imatrix made for another model (other tensor names,
+        widths or expert counts) or holding impossible values is refused here, before anything is planned."""
+        if self.imatrix is None:
+            return None
+        return Imatrix.load(self.imatrix).check_against(self.inventory)
+
     def problem(self, table: ErrorTableLike, target: Target) -> AllocationProblem:
+        _ = self.imatrix_match
         context = AllocationContext(model=self.model, imatrix=self.imatrix, log_dir=self.log_dir, threads=self.threads)
         return build_problem(self.inventory, table, target, self.constraints,
                              metadata_bytes=self.budget_metadata_bytes(target), context=context)

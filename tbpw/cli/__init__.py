@@ -3,19 +3,24 @@
 Every subcommand, tbpw's own included, comes from a `tbpw_register_commands` hook: tbpw's are internal
 plugins (one module per command in this package), a third party's come through entry points. The group
 asks the plugin manager for them only when it needs a command, so `import tbpw.cli` loads no plugin.
-A `TbpwError` from any command, a plugin's too, becomes one line on stderr and exit status 2, here and
-only here; every command shows the llama.cpp tools' progress on stderr (tbpw.llamacpp.progress).
+A `TbpwError` from any command, a plugin's too, becomes one line on stderr (one per problem when it
+holds several) and exit status 2, here and only here. Ctrl-C and SIGTERM end a command with 130 and
+143 after saying what was kept; an OSError nothing handled still names its file on one line. Every command
+shows the llama.cpp tools' progress on stderr (tbpw.llamacpp.progress).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from tbpw import __version__
-from tbpw.errors import TbpwError
+from tbpw.errors import Interrupted, TbpwError, Terminated, interrupt_exit_status, os_error
 
 EXIT_USER_ERROR = 2
 
@@ -42,10 +47,16 @@ class TbpwGroup(click.Group):
 
         try:
             # every command shows the progress of the llama.cpp tools it runs, on stderr
-            with progress.showing(progress.for_console(console)):
+            with _sigterm_as_interrupt(), progress.showing(progress.for_console(console)):
                 return super().invoke(ctx)
         except TbpwError as exc:
             fail(exc)
+        except KeyboardInterrupt as exc:
+            click.echo("interrupted: no output was left half-written; run the same command again to resume "
+                       "(finished work is reused)", err=True)
+            raise SystemExit(interrupt_exit_status(exc)) from None
+        except OSError as exc:  # the last resort: every known case is handled where it happens
+            fail(os_error(exc, "use"))
 
     @staticmethod
     def _guarded(ctx: click.Context, fn: Callable[[], T]) -> T:
@@ -56,11 +67,34 @@ class TbpwGroup(click.Group):
 
 
 def fail(exc: TbpwError) -> NoReturn:
-    """Print a user error as `error: <one line>` (plus any log tail) and exit with status 2."""
-    click.echo(f"error: {exc}", err=True)
+    """Print a user error as `error: <one line>` per problem (plus any log tail) and exit with status 2;
+    an interruption as what was kept, with status 130 (Ctrl-C) or 143 (SIGTERM)."""
+    if isinstance(exc, Interrupted):
+        click.echo(str(exc), err=True)
+        raise SystemExit(interrupt_exit_status(exc))
+    for problem in exc.problems:
+        click.echo(f"error: {problem}", err=True)
     if exc.details:
         click.echo(exc.details, err=True)
     raise SystemExit(EXIT_USER_ERROR)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt), so a terminated command cleans up as after Ctrl-C:
+    temporary files go, running tools are stopped, finished work stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=TbpwGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -32,18 +32,27 @@ def _existing(path: str, what: str) -> Path:
     return Path(path)
 
 
-def _tables(specs: tuple[str, ...]) -> dict:
-    """NAME=PATH or PATH (named after the file) -> {name: ErrorTable}."""
-    from tbpw.measure.table import ErrorTable
-
-    tables = {}
+def _table_paths(specs: tuple[str, ...]) -> dict[str, Path]:
+    """NAME=PATH or PATH (named after the file) -> {name: path}."""
+    paths: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).stem, spec
-        if name in tables:
+        if name in paths:
             raise TbpwError(f"two error tables are named {name!r}: name them, --error-table NAME=PATH")
-        tables[name] = ErrorTable.read_json(_existing(path, "error table"))
+        paths[name] = _existing(path, "error table")
+    return paths
+
+
+def _tables(paths: dict[str, Path], model: Path) -> dict:
+    """{name: ErrorTable}, each checked to belong to `model`."""
+    from tbpw.measure.table import ErrorTable
+
+    tables = {}
+    for name, path in paths.items():
+        tables[name] = ErrorTable.read_json(path)
+        tables[name].check_model(model, f"error table {path}")
     return tables
 
 
@@ -66,11 +75,15 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("-o", "--output", "out", required=True, help="the calibrated table (JSON)")
     def calibrate(model, imatrix, table_file, text, probes, grouping, strength, ctx, chunks, threads, out):
         """Rescale an error table to the KL divergence each group of tensors measurably costs."""
+        from tbpw.files.outputs import refuse_overwriting_inputs
         from tbpw.measure.table import ErrorTable
         from tbpw.select.calibrate import calibrate as measure_sensitivity
         from tbpw.select.calibrate import calibrated_table
 
+        refuse_overwriting_inputs({"-o": out}, {"model": model, "imatrix": imatrix, "error table": table_file,
+                                                "calibration text": text})
         table = ErrorTable.read_json(_existing(table_file, "error table"))
+        table.check_model(_existing(model, "model"), f"error table {table_file}")
         sens = measure_sensitivity(_existing(model, "model"), _existing(imatrix, "imatrix"), _existing(text, "text"),
                                    table, probe_types=probes, grouping=grouping, ctx=ctx, chunks=chunks,
                                    threads=threads, log=lambda line: console.print(line, highlight=False))
@@ -109,12 +122,19 @@ def tbpw_register_commands(cli: click.Group) -> None:
     def choose(model, imatrix, target_bpw, target_size, tables, allocators, text, ctx, chunks, refine_rounds,
                refine_tries, pins, constraints_file, options, threads, as_json, out):
         """Plan a target with every allocator on every table; write the plan with the lowest calibration KLD."""
+        from tbpw.allocate.apply import plan_path_for
         from tbpw.allocate.budget import Target
         from tbpw.allocate.constraints import Constraints
         from tbpw.allocate.service import Planner
+        from tbpw.files.outputs import refuse_overwriting_inputs
         from tbpw.plugin.manager import get_manager
         from tbpw.select.choose import choose as choose_plan
 
+        table_paths = _table_paths(tables)
+        refuse_overwriting_inputs({"-o": out, "plan file": plan_path_for(out)},
+                                  {"model": model, "imatrix": imatrix, "calibration text": text,
+                                   "constraints file": constraints_file,
+                                   **{f"error table {name}": path for name, path in table_paths.items()}})
         target = Target.parse(bpw=target_bpw, size=target_size)
         registry = get_manager().allocators()
         allocators = allocators or (registry.default_name(),)
@@ -131,7 +151,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
         work = out.with_name((out.name[:-5] if out.name.endswith(".gguf") else out.name) + ".choose")
         planner = Planner(_existing(model, "model"), _existing(imatrix, "imatrix"), Constraints.parse(constraints),
                           log_dir=work, threads=threads)
-        choice = choose_plan(planner, _tables(tables), refs, target, _existing(text, "text"), out, work, ctx=ctx,
+        choice = choose_plan(planner, _tables(table_paths, Path(model)), refs, target, _existing(text, "text"), out, work, ctx=ctx,
                              chunks=chunks, refine_rounds=refine_rounds, refine_tries=refine_tries,
                              log=None if as_json else lambda line: console.print(line, highlight=False))
         result = {**choice.to_json(), "output": str(out), "achieved_bpw": choice.plan.achieved_bpw}

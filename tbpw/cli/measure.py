@@ -38,9 +38,15 @@ def tbpw_register_commands(cli: click.Group) -> None:
     def measure(model, imatrix, metric, metric_options, types, sample_scale, all_rows, threads, out, csv_path,
                 cache_dir, quiet):
         """Measure bytes and error of every candidate type for every quantizable tensor of MODEL."""
+        from tbpw.files.outputs import refuse_overwriting_inputs
         from tbpw.measure.engine import measure as run_measure
         from tbpw.plugin.manager import get_manager
 
+        refuse_overwriting_inputs({"--out": out, "--csv": csv_path}, {"model": model, "imatrix": imatrix})
+        if out is not None and csv_path is not None and Path(out).resolve() == Path(csv_path).resolve():
+            from tbpw.errors import TbpwError
+
+            raise TbpwError(f"--out and --csv are both {out}: give each its own file")
         metric = metric or get_manager().metrics().default_name()
         table = run_measure(model, imatrix, metric=metric,
                             metric_options=key_values(metric_options, flag="--metric-option", example="trim_fraction=0.02"),

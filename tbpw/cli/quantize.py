@@ -66,7 +66,9 @@ def error_table(model: str, imatrix: str, *, fork_state: str | None = None, tabl
     from tbpw.measure.table import ErrorTable
 
     if table_file:
-        return ErrorTable.read_json(table_file)
+        table = ErrorTable.read_json(table_file)
+        table.check_model(model, f"error table {table_file}")
+        return table
     kwargs: dict[str, Any] = {"metric_options": metric_options or {}, "threads": threads, "progress": progress,
                               "cache_dir": cache_dir}
     if metric:
@@ -104,12 +106,13 @@ def tbpw_register_commands(cli: click.Group) -> None:
     def quantize(model, imatrix, target_bpw, target_size, allocator, options, metric, metric_options, types, cache_dir,
                  pins, constraints_file, table_file, fork_state, dry_run, as_json, threads, out):
         """Quantize MODEL to an exact bpw or file-size target with the least measured error."""
-        from tbpw.allocate.apply import plan_path_for
+        from tbpw.allocate.apply import plan_path_for, written_files
         from tbpw.allocate.budget import Target
         from tbpw.allocate.constraints import Constraints
         from tbpw.allocate.service import Planner
         from tbpw.errors import TbpwError
         from tbpw.files.atomic import write_json
+        from tbpw.files.outputs import refuse_overwriting_inputs
         from tbpw.plugin.manager import get_manager
 
         if out is None and not dry_run:
@@ -117,6 +120,10 @@ def tbpw_register_commands(cli: click.Group) -> None:
         for path, what in ((model, "model"), (imatrix, "imatrix")):
             if not Path(path).is_file():
                 raise TbpwError(f"{what} file {path} does not exist: check the path")
+        if out is not None:
+            refuse_overwriting_inputs(written_files(out) if not dry_run else {"plan file": plan_path_for(out)},
+                                      {"model": model, "imatrix": imatrix, "constraints file": constraints_file,
+                                       "error table": table_file, "fork state file": fork_state})
         target = Target.parse(bpw=target_bpw, size=target_size)
         manager = get_manager()
         allocator = allocator or manager.allocators().default_name()
@@ -147,6 +154,8 @@ def tbpw_register_commands(cli: click.Group) -> None:
             click.echo(json.dumps(result))
             return
         _print_plan(plan, planner.inventory)
+        if plan.shortfall:
+            click.echo(f"note: the plan {plan.shortfall}", err=True)
         if not dry_run:
             click.echo(f"wrote {applied.path} ({applied.file_bytes} bytes, {applied.achieved_bpw:.4f} bpw; every "
                        f"tensor verified as planned); plan: {applied.plan_path}")

@@ -18,10 +18,10 @@ def tbpw_register_commands(cli: click.Group) -> None:
                   help="recompute a stage even if finished (repeatable; 'eval' forces every eval-* stage)")
     def run(recipe, overrides, force):
         """Run the whole workflow of a recipe; finished stages are skipped."""
-        from tbpw.run import recipe as recipes
         from tbpw.run.pipeline import Pipeline
+        from tbpw.run.preflight import check
 
-        loaded = recipes.load(recipe, list(overrides))
+        loaded = check(recipe, list(overrides))  # every mistake `validate` finds stops the run before any work
         report = Pipeline(loaded, force=set(force), log=lambda line: click.echo(line, err=True)).run()
         click.echo(str(report))
 
@@ -30,11 +30,11 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
     @click.option("--json", "as_json", is_flag=True, help="print the resolved recipe as JSON")
     def validate(recipe, overrides, as_json):
-        """Check a recipe (fields, plugins and their options, files, what the build can run) without running it."""
-        from tbpw.run import recipe as recipes
+        """Check a recipe (fields, plugins and their options, files, what the build can run, the model's targets,
+        the output folder) without running it; every mistake on its own line."""
+        from tbpw.run.preflight import check
 
-        loaded = recipes.load(recipe, list(overrides))
-        recipes.check_ready(loaded)
+        loaded = check(recipe, list(overrides))
         if as_json:
             click.echo(loaded.model_dump_json(indent=1))
         else:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import random
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from tbpw.data.taskformats import (
 from tbpw.errors import TbpwError
 from tbpw.files import digest, paths, pinned
 from tbpw.files.atomic import publish_folder, write_json, write_text
+from tbpw.files.lock import waiting_lock
 
 ASSETS_FILE = "assets.toml"
 SUBSTITUTE_NOTICE = ("SUBSTITUTE, not the real benchmark: generated offline by tbpw from held-out English Wikipedia "
@@ -81,36 +83,59 @@ def pinned_file(file_id: str, vendor: Path | None = None) -> PinnedFile:
     return PinnedFile(file_id, archive, spec["path"], spec.get("licence", ""), spec.get("attribution", ""))
 
 
-def read_pinned(file_id: str) -> bytes:
+def read_pinned(file_id: str, *, offline: bool = False) -> bytes:
     pin = pinned_file(file_id)
-    return pinned.read_member(pinned.fetch_pinned(pin.archive), pin.path)
+    return pinned.read_member(pinned.fetch_pinned(pin.archive, offline=offline), pin.path)
 
 
 # ---------------------------------------------------------------- cached asset folders
 
 
 def _cached_folder(name: str, version: int | str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
-    """The asset folder `name`, built by `build(staging)` unless a manifest of this version is there."""
+    """The asset folder `name`, built by `build(staging)` unless a manifest of this version is there and every
+    file it lists still has its size (a damaged or emptied folder is built again). One process builds it at a
+    time; the others wait for it and use what it built."""
     folder = paths.assets() / name
     manifest = folder / "manifest.json"
 
     def current() -> dict | None:
-        if manifest.is_file():
-            data = json.loads(manifest.read_text())
-            if data.get("version") == version:
-                return data
-        return None
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("version") != version:
+            return None
+        if not isinstance(data.get("files"), dict):  # made before manifests listed their files: list them now
+            data["files"] = _files_of(folder)
+            try:
+                write_json(manifest, data)
+            except TbpwError:
+                pass  # a read-only cache: checked by its sizes from the next write on
+        for relative, size in data["files"].items():
+            path = folder / relative
+            if not path.is_file() or path.stat().st_size != size:
+                return None
+        return data
 
     if (data := current()) is not None:
         return folder, data
 
     def make(staging: Path) -> dict:
         made = {"version": version, **build(staging)}
+        made["files"] = _files_of(staging)
         write_json(staging / "manifest.json", made)
         return made
 
-    made = publish_folder(folder, make, keep_existing=lambda: current() is not None)
-    return folder, current() or made
+    with waiting_lock(paths.assets() / f".{name}.lock", note=lambda line: print(f"note: {line}", file=sys.stderr)):
+        if (data := current()) is not None:
+            return folder, data
+        made = publish_folder(folder, make)
+    return folder, made
+
+
+def _files_of(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
 
 
 # ---------------------------------------------------------------- Wikipedia
@@ -165,11 +190,11 @@ class WikiSplit:
         return [Article(e["id"], e["url"], e["title"], e["text"]) for e in index]
 
 
-def wiki_split() -> WikiSplit:
+def wiki_split(*, offline: bool = False) -> WikiSplit:
     pin = pinned_file("wiki")
 
     def build(folder: Path) -> dict:
-        parsed = parse_wiki(read_pinned("wiki").decode("utf-8"))
+        parsed = parse_wiki(read_pinned("wiki", offline=offline).decode("utf-8"))
         # More than half the entries are redirects that hold only their title: they carry no text.
         articles = [a for a in parsed if "\n" in a.text]
         calibration, evaluation = split_articles(articles)
@@ -217,11 +242,11 @@ def parse_mmlu_cot_prompts(prompts: dict[str, str]) -> list[tuple[str, MultipleC
     return tasks
 
 
-def mmlu_dev() -> DatasetFile:
+def mmlu_dev(*, offline: bool = False) -> DatasetFile:
     pin = pinned_file("mmlu-cot-prompts")
 
     def build(folder: Path) -> dict:
-        parsed = parse_mmlu_cot_prompts(json.loads(read_pinned("mmlu-cot-prompts")))
+        parsed = parse_mmlu_cot_prompts(json.loads(read_pinned("mmlu-cot-prompts", offline=offline)))
         taskformats.write_multiple_choice([t for _, t in parsed], folder / "mmlu-dev.bin")
         write_text(folder / "ATTRIBUTION.txt", pin.attribution + "\n")
         return {"source": f"{pin.archive.requirement}:{pin.path}", "sha256": pin.archive.sha256,
@@ -392,9 +417,9 @@ WRITERS: dict[str, Callable[[Any, Path], Path]] = {"hellaswag": taskformats.writ
            "multiple-choice": taskformats.write_multiple_choice}
 
 
-def substitutes() -> dict[str, DatasetFile]:
+def substitutes(*, offline: bool = False) -> dict[str, DatasetFile]:
     """The four offline substitutes, built from the evaluation side of the Wikipedia split."""
-    wiki = wiki_split()
+    wiki = wiki_split(offline=offline)
 
     def build(folder: Path) -> dict:
         held_out = wiki.articles("evaluation")

@@ -25,6 +25,10 @@ from tbpw.files.digest import sha256_file
 
 ArchiveKind = Literal["wheel", "sdist"]
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# What pip's requirements file may hold for a pin: a name and a version, nothing that could start another
+# line or option (a version of "1.0\n-r FILE" would make pip read FILE).
+NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.+!_-]*[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,16 @@ class PinnedArchive:
     pinned_in: str = "the pin"  # where the pin is written, for error messages
 
     def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise TbpwError(f"package name {self.name!r} in {self.pinned_in} is not a registry name (letters, digits, "
+                            ". _ -): fix the pin")
+        if not VERSION_RE.match(self.version):
+            raise TbpwError(f"version {self.version!r} of {self.name} in {self.pinned_in} is not a version number "
+                            "(such as 1.2.3): fix the pin")
+        if self.archive not in ("wheel", "sdist"):
+            raise TbpwError(f"archive {self.archive!r} of {self.name} in {self.pinned_in} is neither wheel nor sdist: fix the pin")
+        if self.filename and not NAME_RE.match(self.filename.replace("+", "_")):
+            raise TbpwError(f"file name {self.filename!r} of {self.name} in {self.pinned_in} is not a plain file name: fix the pin")
         if not SHA256_RE.match(self.sha256):
             raise TbpwError(f"{self.name}=={self.version}: sha256 {self.sha256!r} in {self.pinned_in} is not 64 lower-case hex digits: copy the value from the registry")
 
@@ -68,12 +82,17 @@ def cached_archive(pin: PinnedArchive, downloads: Path | None = None) -> Path | 
     return None
 
 
-def fetch_pinned(pin: PinnedArchive, downloads: Path | None = None) -> Path:
-    """The pinned archive in the downloads cache, downloaded with pip the first time; sha256 verified."""
+def fetch_pinned(pin: PinnedArchive, downloads: Path | None = None, *, offline: bool = False) -> Path:
+    """The pinned archive in the downloads cache, downloaded with pip the first time; sha256 verified.
+    `offline`: never download (a missing archive is an error saying where to put it)."""
     folder = downloads or paths.downloads()
     found = cached_archive(pin, folder)
     if found is not None:
         return found
+    if offline:
+        what = pin.filename or f"the {pin.archive} of {pin.requirement}"
+        raise TbpwError(f"{pin.requirement} is not in the download cache and tbpw runs offline: place {what} "
+                        f"(sha256 {pin.sha256}) in {folder}, or run without --offline")
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=folder) as tmp:
         got = _pip_download(pin, Path(tmp))

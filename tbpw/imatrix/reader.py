@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tbpw.errors import TbpwError
-from tbpw.files.digest import sha256_file
+from tbpw.errors import TbpwError, os_error
+from tbpw.files.digest import content_sha256
 
 if TYPE_CHECKING:
     from tbpw.model.inventory import ModelInventory
@@ -76,13 +76,18 @@ class Imatrix:
     @classmethod
     def load(cls, path: Path | str) -> Imatrix:
         path = Path(path)
+        if path.is_dir():
+            raise TbpwError(f"imatrix file {path} is a folder: give the imatrix file")
         if not path.is_file():
             raise TbpwError(f"imatrix file {path} does not exist: check the path or make one with llama-imatrix")
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-        if magic == b"GGUF":
-            return _load_gguf(path)
-        return _load_dat(path)
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(4)
+        except OSError as exc:
+            raise os_error(exc, "read the imatrix", path) from None
+        loaded = _load_gguf(path) if magic == b"GGUF" else _load_dat(path)
+        _check_values(loaded)
+        return loaded
 
     # ----- queries -----
 
@@ -151,7 +156,7 @@ class Imatrix:
 
     def content_hash(self) -> str:
         """sha256 of the file: what a cache of measurements keys on (any change to the data invalidates it)."""
-        return sha256_file(self.path)
+        return content_sha256(self.path)
 
     # ----- matching a model -----
 
@@ -183,6 +188,28 @@ class Imatrix:
             raise TbpwError(f"imatrix {self.path.name} names none of the tensors of {inventory.path.name}: "
                             "it belongs to another model; make one for this model")
         return ImatrixMatch(used=used, missing=missing, extra=extra)
+
+
+def _check_values(imx: Imatrix) -> None:
+    """Refuse data no collector writes: negative or non-finite sums or counts, a tensor whose squared
+    activations are all zero although it saw tokens, a file in which no tensor saw any token."""
+    fix = "the imatrix is damaged or was not made by llama-imatrix; make it again"
+    for name, e in imx.entries.items():
+        for what, values in (("in_sum2", e.in_sum2), ("counts", e.counts), ("in_sum", e.in_sum)):
+            if values is None:
+                continue
+            if not np.all(np.isfinite(values)):
+                raise TbpwError(f"imatrix {imx.path.name}: {name}.{what} holds NaN or infinite values: {fix}")
+            if what != "in_sum" and np.any(values < 0):
+                raise TbpwError(f"imatrix {imx.path.name}: {name}.{what} holds negative values, which a sum of squares "
+                                f"or a count cannot be: {fix}")
+        seen = e.counts.reshape(-1) > 0
+        if seen.any() and not np.any(e.in_sum2[seen]):
+            raise TbpwError(f"imatrix {imx.path.name}: every E[a^2] of {name} is zero although it saw tokens, which "
+                            f"would give its quantization no importance to go by: {fix}")
+    if imx.entries and not any(np.any(e.counts > 0) for e in imx.entries.values()):
+        raise TbpwError(f"imatrix {imx.path.name}: no tensor saw any token (every count is zero): make it again "
+                        "from calibration text with llama-imatrix")
 
 
 def _rounded(counts: np.ndarray) -> np.ndarray:

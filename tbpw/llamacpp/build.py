@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from tbpw.errors import TbpwError
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
+from tbpw.files.lock import waiting_lock
 from tbpw.llamacpp import progress, sources
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
@@ -68,10 +70,15 @@ class BuildInfo:
 
     @classmethod
     def load(cls, root: Path) -> BuildInfo:
-        data = json.loads((root / "build.json").read_text())
-        return cls(key=data["key"], root=root, source_name=data["source_name"], source_identity=data["source_identity"],
-                   build_number=data["build_number"], build_commit=data["build_commit"], backend=data["backend"],
-                   cmake_flags=tuple(data["cmake_flags"]), seconds=data.get("seconds", 0.0))
+        try:
+            data = json.loads((root / "build.json").read_text(encoding="utf-8"))
+            return cls(key=data["key"], root=root, source_name=data["source_name"],
+                       source_identity=data["source_identity"], build_number=data["build_number"],
+                       build_commit=data["build_commit"], backend=data["backend"],
+                       cmake_flags=tuple(data["cmake_flags"]), seconds=data.get("seconds", 0.0))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TbpwError(f"the build record {root / 'build.json'} is damaged ({type(exc).__name__}): "
+                            "run `tbpw build --force` to rebuild it") from None
 
 
 def find_cmake() -> str:
@@ -159,7 +166,13 @@ def active_build() -> BuildInfo:
     pointer = paths.builds() / ACTIVE_FILE
     if not pointer.is_file():
         raise TbpwError("llama.cpp is not built yet: run `tbpw build` first")
-    root = paths.builds() / json.loads(pointer.read_text())["key"]
+    try:
+        key = json.loads(pointer.read_text(encoding="utf-8"))["key"]
+        if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]+", key):
+            raise ValueError(key)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TbpwError(f"{pointer}, which names the active build, is damaged: run `tbpw build` again") from None
+    root = paths.builds() / key
     if not (root / "build.json").is_file():
         raise TbpwError(f"the active build {root} is gone: run `tbpw build` again")
     return BuildInfo.load(root)
@@ -178,8 +191,21 @@ def build(source: str | None = None, backend: str = "auto", jobs: int | None = N
         info = BuildInfo.load(root)
         _activate(info)
         return info
-    cmake = find_cmake()
+    cmake = find_cmake()  # before anything is written: a missing tool says so at once
     cc, cxx = find_compilers()
+    # One build of a key at a time; whoever waited finds the other's finished build.
+    with waiting_lock(paths.builds() / f".{key}.lock",
+                      note=lambda line: print(f"note: {line}", file=sys.stderr)):
+        if not force and (root / "build.json").is_file():
+            info = BuildInfo.load(root)
+            _activate(info)
+            return info
+        return _build(src, backend, flags, key, root, jobs, (cmake, cc, cxx))
+
+
+def _build(src: sources.Source, backend: str, flags: list[str], key: str, root: Path, jobs: int | None,
+           tools: tuple[str, str, str]) -> BuildInfo:
+    cmake, cc, cxx = tools
     tree = sources.prepare(src)
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / "build.log"

@@ -22,6 +22,7 @@ from pathlib import Path
 from tbpw.errors import TbpwError
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
+from tbpw.files.lock import waiting_lock
 from tbpw.llamacpp import progress
 from tbpw.llamacpp.build import BuildInfo, active_build, build, find_compilers
 from tbpw.llamacpp.tools import ToolRun, run_tool
@@ -68,6 +69,15 @@ def ensure_built(info: BuildInfo | None = None, tree: Path | None = None) -> Pat
     exe = info.bin_dir / NAME
     if is_current(info):
         return exe
+    # one compile at a time: whoever waited finds the collector the other one compiled
+    with waiting_lock(info.root / f".{NAME}.lock", note=lambda line: print(f"note: {line}", file=sys.stderr)):
+        if is_current(info):
+            return exe
+        return _compile(info, tree)
+
+
+def _compile(info: BuildInfo, tree: Path | None) -> Path:
+    exe = info.bin_dir / NAME
     if platform.system() == "Windows":
         raise TbpwError("the tbpw collector is not built on Windows yet: use --collector stock")
     include = _headers(info, tree)

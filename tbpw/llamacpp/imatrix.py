@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tbpw.errors import TbpwError
+from tbpw.files.atomic import temporary_folder
+from tbpw.files.outputs import refuse_overwriting_inputs
 from tbpw.llamacpp import progress
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.collector import run_collector
@@ -55,21 +56,20 @@ def make_imatrix(model: Path | str, text: Path | str, out: Path | str, collector
     for what, path in (("model", model), ("calibration text", Path(text))):
         if not path.is_file():
             raise TbpwError(f"the {what} {path} does not exist: check the path")
+    log_path = Path(log_path) if log_path is not None else out.with_name(out.name + ".log")
+    refuse_overwriting_inputs({"output": out, "log": log_path}, {"model": model, "calibration text": text})
     if ctx < 1:
         raise TbpwError(f"ctx must be a positive number of tokens, got {ctx}")
     if chunks is not None and chunks < 1:
         raise TbpwError(f"chunks must be at least 1, got {chunks} (leave it out to use the whole text)")
     build = build or active_build()
-    out.parent.mkdir(parents=True, exist_ok=True)
     # llama-imatrix rewrites its output every few chunks: let it write inside a private folder, and
     # move the finished file into place.
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = temporary_folder(out)
     try:
         partial = work / (out.stem + ".gguf")
         args = imatrix_args(model, text, partial, ctx=ctx, chunks=chunks, threads=threads, build=build, ngl=ngl,
                             extra_args=extra_args)
-        if log_path is None:
-            log_path = out.with_name(out.name + ".log")
         if collector == "stock":
             run = run_tool("llama-imatrix", args, log_path=log_path, build=build, timeout=timeout,
                            meter=progress.IMATRIX.expecting(chunks))

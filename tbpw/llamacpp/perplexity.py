@@ -11,12 +11,15 @@ Every run offloads the model to the GPU when the build has one (`offload.gpu_lay
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
 
 from tbpw.errors import TbpwError
+from tbpw.files.atomic import write_json
+from tbpw.files.digest import content_sha256
 from tbpw.llamacpp import parsers, progress
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.offload import offload_args
@@ -54,15 +57,23 @@ def _common(model: Path | str, ctx: int, chunks: int | None, threads: int | None
 def base_logits(model: Path | str, text: Path | str, out: Path | str, *, ctx: int = 512, chunks: int | None = None,
                 threads: int | None = None, ngl: int | None = None, log_path: Path | str | None = None,
                 build: BuildInfo | None = None) -> BaseLogits:
-    """Save the baseline's logits over `text` to `out` (reused when `out` and its log exist)."""
+    """Save the baseline's logits over `text` to `out`; reused when `out`, its log and the record of what made
+    them (`out.source.json`: the model's and the text's content, ctx, chunks, the build) are there and match."""
     out, text = Path(out), Path(text)
     if not text.is_file():
         raise TbpwError(f"the text {text} does not exist: check the path")
     log_path = Path(log_path) if log_path else out.with_name(out.name + ".log")
-    if out.is_file() and log_path.is_file():
-        result = parsers.parse_perplexity(log_path.read_text(encoding="utf-8", errors="replace"))
-        return BaseLogits(out, text, ctx, chunks, result.ppl.value, result.ppl.error, 0.0)
     build = build or active_build()
+    source = {"model": content_sha256(model), "text": content_sha256(text), "ctx": ctx, "chunks": chunks,
+              "build": build.key, "ngl": ngl}
+    record = out.with_name(out.name + ".source.json")
+    if out.is_file() and log_path.is_file() and _recorded(record) == source:
+        try:
+            result = parsers.parse_perplexity(log_path.read_text(encoding="utf-8", errors="replace"))
+            return BaseLogits(out, text, ctx, chunks, result.ppl.value, result.ppl.error, 0.0)
+        except parsers.ParseError:
+            pass  # a damaged log: make the logits again
+    record.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     run = run_tool("llama-perplexity", [*_common(model, ctx, chunks, threads, ngl, build), "-f", str(text),
@@ -70,7 +81,15 @@ def base_logits(model: Path | str, text: Path | str, out: Path | str, *, ctx: in
                    meter=progress.PERPLEXITY.expecting(chunks))
     result = parsers.parse_run(parsers.parse_perplexity, run)
     partial.replace(out)
+    write_json(record, source)
     return BaseLogits(out, text, ctx, chunks, result.ppl.value, result.ppl.error, run.seconds)
+
+
+def _recorded(record: Path) -> dict | None:
+    try:
+        return json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def calibration_base(model: Path | str, calibration_text: Path | str, work_dir: Path | str, *, ctx: int, chunks: int,

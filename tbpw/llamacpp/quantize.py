@@ -191,7 +191,8 @@ def fork_target_types(model: Path | str, imatrix: Path | str, target: Target, *,
     work = Path(tempfile.mkdtemp(prefix="tbpw-fork-"))
     try:
         out = work / "fork-native.gguf"
-        log = Path(log_dir) / "fork-native.log" if log_dir else work / "fork-native.log"
+        # outside `work`, which goes: a failure's message names the log, so it must stay
+        log = Path(log_dir) / "fork-native.log" if log_dir else None
         quantize(model, out, imatrix=imatrix, base_type=BASE_TYPE, threads=threads, extra=extra, log_path=log, build=build)
         written = ModelInventory.load(out)
         return {t.name: t.stored_type for t in written.tensors}

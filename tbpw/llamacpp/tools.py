@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tbpw.errors import TbpwError
+from tbpw.errors import TbpwError, os_error
 from tbpw.llamacpp import logflush, progress
 from tbpw.llamacpp.build import BuildInfo, active_build
 
@@ -78,8 +78,11 @@ def run_tool(tool: str, args: Sequence[str | os.PathLike], *, log_path: Path | s
             tracker.ok = returncode == 0
     seconds = time.monotonic() - start
     ending = f"exit {returncode}" if returncode is not None else "killed"
-    log_path.write_text(f"$ {' '.join(argv)}\n===== stdout =====\n{stdout}\n===== stderr =====\n{stderr}\n"
-                        f"===== {ending} after {seconds:.2f} s =====\n", encoding="utf-8")
+    try:
+        log_path.write_text(f"$ {' '.join(argv)}\n===== stdout =====\n{stdout}\n===== stderr =====\n{stderr}\n"
+                            f"===== {ending} after {seconds:.2f} s =====\n", encoding="utf-8")
+    except OSError as exc:  # a full or read-only disk: say so, naming the log
+        raise os_error(exc, f"write the log of {tool}", log_path) from None
     if returncode is None:
         raise TbpwError(f"{tool} did not finish within {timeout:.0f} s: raise the timeout or give it less work "
                         f"(log: {log_path})")

@@ -5,10 +5,12 @@ llama-quantize runs, with the imatrix's E[a^2] as importance) and scored by an e
 Bytes come from the inventory (stock fallbacks applied), never from nominal bpw.
 
 The table is cached under $TBPW_HOME/measure/<key>/, the key covering everything it depends on:
-the model (a fingerprint of its metadata and data), the imatrix content, the metric and its options,
-the sampling, the candidate set, the llama.cpp build. Finished tensors are appended to `partial.jsonl`
-as they complete (one whole line each, flushed), so Ctrl-C / SIGTERM loses at most the tensors in
-flight and the next run resumes; the finished table is written atomically to `table.json`.
+the model (the sha256 of the whole file, every weight included), the imatrix content, the metric and its
+options, the sampling, the candidate set, the llama.cpp build. Finished tensors are appended to
+`partial.jsonl` as they complete (one whole line each, flushed), so Ctrl-C / SIGTERM loses at most the
+tensors in flight and the next run resumes; the finished table is written atomically to `table.json`.
+One process measures an entry at a time (`.lock`): a second one waits and then takes the finished table.
+A cached table that does not parse or does not match the model is discarded and measured again.
 
     table = measure("model.gguf", "model.imatrix.gguf")  # the default metric; metric="NAME" for another
     for t in table.tensors: print(t.name, [(c.type, c.bytes, c.error) for c in t.candidates])
@@ -32,11 +34,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
-from tbpw.errors import TbpwError
+from tbpw.errors import Interrupted, TbpwError, Terminated, os_error
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
+from tbpw.files.digest import content_sha256
+from tbpw.files.lock import waiting_lock
 from tbpw.imatrix.reader import Imatrix
 from tbpw.measure import candidates as cand
+from tbpw.measure.cache import cached_table, mismatch, note
 from tbpw.measure.sampling import SamplingOptions, rows_per_slice, sample_rows
 from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
@@ -67,30 +72,20 @@ def plan_tensor(info: TensorInfo, has_mean: bool, sampling: SamplingOptions | No
     return [SlicePlan(e, sample_rows(info.name, e, info.rows_per_expert, count)) for e in range(info.n_experts)]
 
 
-def model_fingerprint(inventory: ModelInventory, window: int = 4096) -> str:
-    """sha256 over the file size, all metadata bytes and three windows of every tensor's data.
+def model_fingerprint(inventory: ModelInventory) -> str:
+    """sha256 of the whole model file, so that any edited weight makes another cache entry.
 
-    Hashing a multi-GB model whole would cost more than measuring it; metadata plus data windows catches
-    a re-converted or edited model while staying cheap.
+    Remembered while the file's device, inode, size, mtime and ctime stay the same (tbpw.files.digest), so a
+    model is read once, not at every measurement.
     """
-    h = hashlib.sha256()
-    path = inventory.path
-    size = path.stat().st_size
-    h.update(f"{size}:{inventory.metadata_bytes}".encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(inventory.metadata_bytes))
-        for t in inventory.tensors:
-            for start in (0, max(0, t.stored_bytes // 2 - window // 2), max(0, t.stored_bytes - window)):
-                fh.seek(t.data_offset + start)
-                h.update(fh.read(min(window, t.stored_bytes)))
-    return h.hexdigest()
+    return content_sha256(inventory.path)
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-class MeasurementInterrupted(TbpwError):
+class MeasurementInterrupted(Interrupted):
     """Ctrl-C or SIGTERM stopped a measurement; the finished tensors are saved and the next run resumes."""
 
 
@@ -106,7 +101,6 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
     measurement to some tensors (default: every quantizable one). `on_tensor` is called (in the calling
     thread) with each tensor as it finishes.
     """
-    from tbpw.llamacpp import ggml as ggml_bridge
     from tbpw.llamacpp.build import active_build
     from tbpw.plugin.manager import get_manager
 
@@ -135,21 +129,32 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
     key = cache_key(parts)
     folder = Path(cache_dir) if cache_dir is not None else paths.measure_cache()
     folder = folder / key
-    meta = {**parts, "key": key, "model_path": str(inventory.path),
+    meta = {**parts, "key": key, "model_path": str(inventory.path), "model_sha256": parts["model"],
             "imatrix_path": str(imatrix.path) if imatrix is not None else None,
             "imatrix_missing": match.missing if match is not None else None}
 
     final = folder / "table.json"
-    if final.is_file():
-        table = ErrorTable.read_json(final)
-        table.meta["cached"] = True
-        return table
+    if (cached := cached_table(final, inventory, names)) is not None:
+        return cached
+    with waiting_lock(folder / ".lock", note=note):
+        # whoever held the lock may have finished this very table
+        if (cached := cached_table(final, inventory, names)) is not None:
+            return cached
+        return _measure_entry(folder, meta, inventory, imatrix, names, registry, metric, metric_opts, build,
+                              candidate_set, sampling_opts, threads, progress, on_tensor)
 
-    folder.mkdir(parents=True, exist_ok=True)
+
+def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix: Imatrix | None, names: list[str],
+                   registry, metric: str, metric_opts, build, candidate_set: Sequence[str],
+                   sampling_opts: SamplingOptions, threads: int | None, progress: bool,
+                   on_tensor: Callable[[TensorErrors], None] | None) -> ErrorTable:
+    from tbpw.llamacpp import ggml as ggml_bridge
+
+    final = folder / "table.json"
     write_json(folder / "meta.json", meta)
     partial = folder / "partial.jsonl"
     done = _read_partial(partial)
-    done = {n: t for n, t in done.items() if n in names}
+    done = {n: t for n, t in done.items() if n in names and not mismatch([t], inventory)}
 
     metric_obj = registry.create(metric, metric_opts)
     setup = getattr(metric_obj, "setup", None)
@@ -171,9 +176,9 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
                 bar.advance(engine.cost(result.name), result.name)
                 if on_tensor is not None:
                     on_tensor(result)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         raise MeasurementInterrupted(f"measurement interrupted: {len(results)} of {len(names)} tensors are saved in "
-                                     f"{folder}; run the same command again to resume") from None
+                                     f"{folder}; run the same command again to resume", cause=exc) from None
     table = ErrorTable([results[n] for n in names], dict(meta, seconds=round(time.monotonic() - start, 3),
                                                          resumed_tensors=len(done)))
     table.write_json(final)
@@ -296,10 +301,13 @@ class _Engine:
 
 def _append_partial(path: Path, result: TensorErrors) -> None:
     line = json.dumps(result.to_json()) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise os_error(exc, "write", path) from None
 
 
 def _read_partial(path: Path) -> dict[str, TensorErrors]:
@@ -324,7 +332,7 @@ def _sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

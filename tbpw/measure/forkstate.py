@@ -26,7 +26,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
-from tbpw.errors import TbpwError
+from tbpw.errors import TbpwError, os_error
 from tbpw.files.atomic import write_bytes
 
 # The fork writes the constant 0x4250572D5632 ("BPW-V2" read big-endian) as a little-endian u64,
@@ -64,7 +64,12 @@ class ForkState:
 
 
 def read(path: Path | str) -> ForkState:
-    data = Path(path).read_bytes()
+    if Path(path).is_dir():
+        raise TbpwError(f"{path} is a folder: give the fork's state file")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise os_error(exc, "read the state file", path) from None
     if len(data) < 24 or int.from_bytes(data[:8], "little") != MAGIC:
         raise TbpwError(f"{path} is not a target-bpw state file (no BPW-V2 magic)")
     try:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tbpw.errors import TbpwError
+from tbpw.errors import TbpwError, os_error
 from tbpw.files.atomic import write_json, write_text
+from tbpw.files.digest import content_sha256
 from tbpw.measure import candidates as cand
 
 TABLE_FORMAT = "tbpw-error-table"
@@ -60,19 +61,39 @@ class ErrorTable:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ErrorTable:
-        if not isinstance(data, Mapping) or "tensors" not in data:
+        if not isinstance(data, Mapping) or not isinstance(data.get("tensors"), list):
             raise TbpwError("not an error table (no `tensors` list): give a file written by `tbpw measure --out`")
-        return cls(tensors=[TensorErrors.from_json(t) for t in data["tensors"]], meta=dict(data.get("meta", {})))
+        try:
+            return cls(tensors=[TensorErrors.from_json(t) for t in data["tensors"]], meta=dict(data.get("meta") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TbpwError(f"a damaged error table ({type(exc).__name__}: {exc} in a tensor entry): give a file "
+                            "written by `tbpw measure --out`, or measure again") from None
 
     def write_json(self, path: Path | str) -> None:
         write_json(path, self.to_json())
 
     @classmethod
     def read_json(cls, path: Path | str) -> ErrorTable:
+        path = Path(path)
+        if path.is_dir():
+            raise TbpwError(f"error table {path} is a folder: give the JSON file `tbpw measure --out` wrote")
         try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TbpwError(f"cannot read error table {path} ({exc})") from exc
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except OSError as exc:
+            raise os_error(exc, "read the error table", path) from None
+        except ValueError as exc:  # not JSON, or not text at all
+            raise TbpwError(f"error table {path} is not JSON ({exc}): give a file written by `tbpw measure --out`") from None
+        except TbpwError as exc:
+            raise TbpwError(f"error table {path}: {exc}") from None
+
+    def check_model(self, model: Path | str, source: str = "the error table") -> None:
+        """Refuse a table measured on another model, even one whose tensors have the same names and shapes:
+        tables written by `tbpw measure` record the sha256 of the model file they measured."""
+        recorded = self.meta.get("model_sha256")
+        if recorded and recorded != content_sha256(model):
+            raise TbpwError(f"{source} was measured on another model than {model} (its recorded model sha256 "
+                            f"{str(recorded)[:12]}... differs), though its tensors may have the same shapes: measure "
+                            f"{Path(model).name} with `tbpw measure`")
 
     def to_csv(self) -> str:
         out = io.StringIO()

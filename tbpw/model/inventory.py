@@ -112,6 +112,9 @@ class ModelInventory:
     @classmethod
     def load(cls, path: Path | str) -> ModelInventory:
         path = Path(path)
+        if path.is_dir():
+            raise TbpwError(f"model file {path} is a folder: give the GGUF file (convert a Hugging Face folder "
+                            "with a recipe's model.path)")
         if not path.is_file():
             raise TbpwError(f"model file {path} does not exist: check the path")
         # gguf_layout steps over metadata arrays: GGUFReader needs tens of seconds for a 262k-token vocabulary

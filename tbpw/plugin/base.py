@@ -50,7 +50,8 @@ class Plugin(ABC):
 
     def check_ready(self) -> None:
         """Raise ``TbpwError`` (one line: the cause and the fix) when this plugin cannot run here, e.g.
-        because the active llama.cpp build lacks a tool option it needs. Called before a run's first stage."""
+        because the active llama.cpp build lacks a tool option it needs, or a file it reads is missing or not
+        of its kind. Called by ``tbpw validate`` and before a run's first stage, so cheap checks only."""
 
 
 class Allocator(Plugin):

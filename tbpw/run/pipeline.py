@@ -6,8 +6,9 @@ Other people's GGUFs of the same model (`compare_files`) are checked against the
 made, then evaluated and benched like the run's own quants. Every GGUF the run writes records its provenance
 (tbpw.model.provenance), and the report folder gets a Hugging Face model card with the kept quants beside it.
 
-Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input reruns only what
-depends on it, and a killed run resumes. Nothing here knows a particular allocator, metric, dataset or
+Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input (or a damaged
+output) reruns only what depends on it, and a killed run resumes. The pipeline holds its run directory
+from start to end: a second run on it is refused. Nothing here knows a particular allocator, metric, dataset or
 evaluator: they come from the recipe and the plugin registries.
 """
 
@@ -22,7 +23,7 @@ from tbpw import __version__
 from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
 from tbpw.data.files import DatasetContext, DatasetFile
-from tbpw.errors import TbpwError
+from tbpw.errors import Interrupted, TbpwError
 from tbpw.evaluate.context import EvalContext
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
@@ -73,6 +74,10 @@ class Pipeline:
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
         # what every GGUF the run writes records besides what the Planner knows (tbpw.model.provenance)
         self.provenance: dict[str, str] = {}
+
+    def close(self) -> None:
+        """Release the run directory (`run` does at its end) for the next run."""
+        self.run_dir.close()
 
     # ---------------------------------------------------------------------------------- plumbing
 
@@ -153,18 +158,19 @@ class Pipeline:
 
     def datasets(self) -> dict[str, DatasetFile]:
         files = {}
+        context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
         for role, ref in self.recipe.datasets.items():
-            dataset = self.manager.datasets().create(ref.name, ref.options)
+            # Materialized every time (cheap once cached): the stage is keyed by the content the dataset gives
+            # now, so a source file edited in place is noticed.
+            made = self.manager.datasets().create(ref.name, ref.options).materialize(context)
 
-            def materialize(folder: Path, dataset=dataset) -> dict:
-                context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
-                made = dataset.materialize(context)
+            def keep(folder: Path, made=made) -> dict:
                 target = folder / Path(made.path).name
                 shutil.copyfile(made.path, target)
                 return {"file": target.name, "kind": made.kind, "description": made.description,
                         "attribution": made.attribution}
 
-            out = self._stage(f"data-{role}", {}, ref, materialize)
+            out = self._stage(f"data-{role}", {"source": Path(made.path)}, ref, keep)
             files[role] = DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
                                       out.result["attribution"])
         return files
@@ -249,15 +255,18 @@ class Pipeline:
             plan = planner.plan(ErrorTable.read_json(table), budget, allocator.name, allocator.options)
             applied = planner.write(plan, folder / "model.gguf", log_path=folder / "quantize.log")
             written = ModelInventory.load(applied.path)
+            if plan.shortfall:
+                self.log(f"  note: {name} {plan.shortfall}")
             return {"model": "model.gguf", "plan": applied.plan_path.name, "bpw": applied.achieved_bpw,
-                    "size_bytes": applied.file_bytes, "types": written.types()}
+                    "size_bytes": applied.file_bytes, "types": written.types(), "shortfall": plan.shortfall}
 
         name = f"quant-{target.label}-{allocator.name}"
         out = self._stage(name, {"model": model, "imatrix": imatrix, "table": table},
                           {"target": budget.to_json(), "allocator": allocator, "constraints": self.recipe.constraints},
                           body)
         return Quant(name, "tbpw", out.path("model.gguf"), out.result["bpw"], out.result["size_bytes"],
-                     target=target.label, allocator=allocator.name, types=out.result["types"])
+                     target=target.label, allocator=allocator.name, types=out.result["types"],
+                     note=out.result.get("shortfall") or "")
 
     def calibrate(self, model: Path, imatrix: Path, table: Path, text: DatasetFile) -> dict[str, Path]:
         """The measured table scaled to KL divergence, one table per strength: {"<metric>+kld<s>": path}."""
@@ -367,6 +376,18 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- the whole run
 
     def run(self) -> Path:
+        """Every stage of the recipe, then the report; the run directory is released at the end."""
+        try:
+            return self._run()
+        except (KeyboardInterrupt, Interrupted) as exc:
+            kept = self.run_dir.finished()
+            raise Interrupted(f"interrupted: {len(kept)} finished stage(s) are kept in {self.run_dir.root}; run the "
+                              "same command again to resume (finished stages are reused, nothing is redone)",
+                              cause=exc) from None
+        finally:
+            self.close()
+
+    def _run(self) -> Path:
         r = self.recipe
         assert r.measure.metric is not None and r.allocators is not None
         check_ready(r)  # a plugin that cannot run with this build says so before any work

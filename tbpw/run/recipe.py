@@ -1,7 +1,9 @@
 """Recipes: the pydantic model of a tbpw run, read from YAML with `include:` and `--set` overrides.
 
 Every mistake names the field and, where the YAML has it, the line: unknown keys, wrong types,
-unknown plugin names (with "did you mean"), impossible targets, missing files.
+unknown plugin names (with "did you mean"), impossible targets, missing files. A recipe with several
+mistakes gets all of them, one line each (`read` collects them; `load` raises them as one `Problems`).
+What needs the model, the build or the disk is checked next, by `tbpw.run.preflight`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,7 +27,7 @@ from pydantic import (
 )
 
 from tbpw.allocate.constraints import Constraints
-from tbpw.errors import TbpwError
+from tbpw.errors import Problems, TbpwError, os_error
 from tbpw.measure.sampling import SamplingOptions
 from tbpw.run.overrides import parse_assignment
 
@@ -197,10 +201,13 @@ class CompareFile(Strict):
 
 
 CORE_DATASET_ROLES = ("calibration", "evaluation")  # the imatrix's text, the baseline's (and KLD's) text
+# A plain name: it names a folder (runs/<name>, data-<role>), so no path, no leading dot, no "..".
+PLAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_PLAIN = re.compile(PLAIN_NAME)
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(pattern=PLAIN_NAME)
     description: str = ""
     model: ModelSource
     # role -> dataset; `calibration` and `evaluation` always, other roles as the evaluators declare them
@@ -224,6 +231,10 @@ class Recipe(Strict):
     @field_validator("datasets")
     @classmethod
     def _core_roles(cls, value: dict[str, PluginRef]) -> dict[str, PluginRef]:
+        odd = [role for role in value if not _PLAIN.match(role)]
+        if odd:
+            raise ValueError(f"dataset role {odd[0]!r} is not a plain name (letters, digits, . _ -, not starting "
+                             "with a dot): it names a folder of the run")
         missing = [role for role in CORE_DATASET_ROLES if role not in value]
         if missing:
             raise ValueError(f"datasets.{missing[0]} is required: a recipe names its calibration text (for the "
@@ -282,10 +293,19 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise TbpwError(f"recipe {path} is a folder: give the recipe's YAML file")
     if not path.is_file():
         raise TbpwError(f"recipe {path} does not exist: check the path")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TbpwError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                        "save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise os_error(exc, "read the recipe", path) from None
+    try:
+        data = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -313,11 +333,15 @@ def _resolve_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise TbpwError(f"{path}: include cycle ({' -> '.join(p.name for p in (*seen, path))}): remove one include")
     data = _read_yaml(path)
     includes = data.pop("include", None)
-    data.get("__lines__", {}).pop("include", None)
+    line = data.get("__lines__", {}).pop("include", None)
     if includes is None:
         return _rebase_paths(data, path.parent)
+    listed = [includes] if isinstance(includes, str) else includes
+    if not isinstance(listed, list) or not listed or not all(isinstance(i, str) and i.strip() for i in listed):
+        where = f"{path}:{line}" if line else str(path)
+        raise TbpwError(f"{where}: include: give a recipe file name or a list of them (got {_strip_lines(includes)!r})")
     merged: dict = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
+    for inc in listed:
         merged = _merge(merged, _resolve_includes(path.parent / inc, (*seen, path)))
     return _merge(merged, _rebase_paths(data, path.parent))
 
@@ -412,24 +436,126 @@ def _fields_at(loc: tuple) -> dict:
     return getattr(model, "model_fields", {}) or {}
 
 
+class Findings:
+    """Mistakes found in one recipe, each as `<file>:<line>: <what>` (the line where the YAML has one)."""
+
+    def __init__(self, path: Path, raw: dict):
+        self.path, self.raw = path, raw
+        self.problems: list[str] = []
+
+    def where(self, loc: tuple) -> str:
+        line = _line_of(self.raw, loc)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+    def add(self, loc: tuple, message: str) -> None:
+        self.problems.append(f"{self.where(loc)}: {message}")
+
+
 def load(path: Path | str, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe, resolving `include:` and `--set`, and validate it (plugins included)."""
+    """Read a recipe, resolving `include:` and `--set`, and validate it (plugins included); every mistake
+    found is raised at once (`tbpw.errors.Problems`, one line each)."""
+    recipe, problems = read(path, overrides)
+    if problems:
+        raise Problems(problems)
+    assert recipe is not None  # a recipe without mistakes validates
+    return recipe
+
+
+def read(path: Path | str, overrides: list[str] | None = None) -> tuple[Recipe | None, list[str]]:
+    """The recipe and every mistake found in it, one line each.
+
+    With mistakes in some fields, the recipe returned is the rest of it (the faulty fields at their defaults),
+    so that what needs the build, the model or the disk can still be checked (`tbpw.run.preflight`); None when
+    too little of it is valid. A file that cannot be read as a recipe at all (missing, not UTF-8, not YAML, a
+    bad include or --set) raises at once: nothing else can be checked."""
     path = Path(path)
     raw = apply_overrides(_resolve_includes(path), overrides or [])
     clean = _strip_lines(raw)
+    found = Findings(path, raw)
+    recipe: Recipe | None = None
+    named = True
     try:
         recipe = Recipe.model_validate(clean)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        line = _line_of(raw, tuple(first["loc"]))
-        where = f"{path}:{line}" if line else str(path)
-        raise TbpwError(f"{where}: {_describe(first, _fields_at(tuple(first['loc'])))}") from exc
-    if recipe.output_dir is None:
-        recipe.output_dir = path.resolve().parent.parent / "runs" / recipe.name if path.resolve().parent.name == "recipes" \
-            else path.resolve().parent / "runs" / recipe.name
-    check_plugins(recipe, raw, path)
-    check_files(recipe, raw, path)
-    return recipe
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            found.add(loc, _describe(error, _fields_at(loc)))
+        recipe, named = _rest_of(clean, exc)
+    refs_ok = _check_plugin_refs(clean, found)
+    _check_files(clean, found)
+    if recipe is not None:
+        if recipe.output_dir is None and named:
+            recipe.output_dir = default_output_dir(path, recipe.name)
+        try:
+            if refs_ok:
+                _check_plugin_roles(recipe, found)
+            else:
+                fill_defaults(recipe)
+        except TbpwError as exc:
+            found.problems.append(str(exc))
+    return recipe, found.problems
+
+
+def _rest_of(clean: dict, exc: ValidationError) -> tuple[Recipe | None, bool]:
+    """The recipe without the top-level fields that failed (and whether its name is its own), or None when a
+    field it cannot do without failed."""
+    failed = {error["loc"][0] if error["loc"] else None for error in exc.errors()}
+    if failed & {"model", "datasets", "targets", None}:
+        return None, False
+    rest = {k: v for k, v in clean.items() if k not in failed}
+    if "name" in failed or "name" not in rest:
+        rest["name"] = "recipe"
+    try:
+        return Recipe.model_validate(rest), "name" not in failed
+    except ValidationError:
+        return None, False
+
+
+def default_output_dir(path: Path, name: str) -> Path:
+    """runs/<name> beside the recipe (beside its recipes/ folder, for a recipe kept in one)."""
+    folder = path.resolve().parent
+    return (folder.parent if folder.name == "recipes" else folder) / "runs" / name
+
+
+_PLUGIN_PLACES = (("metric", ("measure", "metric")), ("allocator", ("allocators",)), ("evaluator", ("evaluators",)),
+                  ("dataset", ("datasets",)))
+
+
+def _raw_refs(clean: dict) -> list[tuple[str, tuple, dict]]:
+    """(kind, location, {name, options}) of every plugin the recipe names, read from the YAML as written (so
+    that a plugin mistake is found even when another field fails validation)."""
+    refs: list[tuple[str, tuple, dict]] = []
+    for kind, loc in _PLUGIN_PLACES:
+        node: Any = clean
+        for key in loc:
+            node = node.get(key) if isinstance(node, dict) else None
+        if kind == "metric":
+            items: list[tuple[Any, Any]] = [((), node)] if node is not None else []
+        elif isinstance(node, list):
+            items = [((i,), ref) for i, ref in enumerate(node)]
+        elif isinstance(node, dict):
+            items = [((role,), ref) for role, ref in node.items()]
+        else:
+            items = []
+        for sub, ref in items:
+            if isinstance(ref, dict) and isinstance(ref.get("name"), str) and isinstance(ref.get("options", {}), dict):
+                refs.append((kind, (*loc, *sub), ref))
+    return refs
+
+
+def _check_plugin_refs(clean: dict, found: Findings) -> bool:
+    """Every plugin named exists and takes its options; True when all of them do."""
+    from tbpw.plugin.manager import get_manager
+
+    manager = get_manager()
+    ok = True
+    for kind, loc, ref in _raw_refs(clean):
+        try:
+            manager.registry(kind).validate_options(ref["name"], ref.get("options") or {})
+        except TbpwError as exc:
+            found.add(loc, f"{'.'.join(map(str, loc))}: {exc}")
+            ok = False
+    return ok
 
 
 def _plugin_refs(recipe: Recipe) -> list[tuple[str, tuple, PluginRef]]:
@@ -454,23 +580,13 @@ def fill_defaults(recipe: Recipe) -> None:
         recipe.evaluators = [PluginRef(name=manager.evaluators().default_name())]
 
 
-def check_plugins(recipe: Recipe, raw: dict, path: Path) -> None:
-    """Every plugin exists and takes its options; the evaluators find the datasets they read, every dataset
-    role is read by someone, and the selection ranks by columns the evaluators report."""
+def _check_plugin_roles(recipe: Recipe, found: Findings) -> None:
+    """The evaluators find the datasets they read, every dataset role is read by someone, and the selection
+    ranks by columns the evaluators report (the plugins themselves are known to be valid)."""
     from tbpw.plugin.manager import get_manager
 
     manager = get_manager()
     fill_defaults(recipe)
-
-    def where(loc: tuple) -> str:
-        line = _line_of(raw, loc)
-        return f"{path}:{line}" if line else str(path)
-
-    for kind, loc, ref in _plugin_refs(recipe):
-        try:
-            manager.registry(kind).validate_options(ref.name, ref.options)
-        except TbpwError as exc:
-            raise TbpwError(f"{where(loc)}: {'.'.join(map(str, loc))}: {exc}") from exc
     evaluators = evaluator_instances(recipe)
     wanted: dict[str, tuple[str, str]] = {}  # role -> (kind, evaluator)
     for (ref, evaluator) in evaluators:
@@ -478,35 +594,53 @@ def check_plugins(recipe: Recipe, raw: dict, path: Path) -> None:
             wanted[role] = (kind, ref.name)
     for role, (kind, evaluator_name) in wanted.items():
         if role not in recipe.datasets:
-            raise TbpwError(f"{where(('evaluators',))}: evaluator {evaluator_name!r} reads datasets.{role}: "
-                            f"add a {kind} dataset as datasets.{role}, or drop the evaluator")
+            found.add(("evaluators",), f"evaluator {evaluator_name!r} reads datasets.{role}: "
+                                       f"add a {kind} dataset as datasets.{role}, or drop the evaluator")
+            continue
         given = manager.datasets().create(recipe.datasets[role].name, recipe.datasets[role].options).kind()
         if given is not None and given != kind:
-            raise TbpwError(f"{where(('datasets', role))}: datasets.{role} gives a {given} file, but evaluator "
-                            f"{evaluator_name!r} reads {kind}: pick a {kind} dataset")
+            found.add(("datasets", role), f"datasets.{role} gives a {given} file, but evaluator "
+                                          f"{evaluator_name!r} reads {kind}: pick a {kind} dataset")
     for role in recipe.datasets:
         if role not in CORE_DATASET_ROLES and role not in wanted:
             readers = ", ".join(sorted(wanted)) or "none"
-            raise TbpwError(f"{where(('datasets', role))}: datasets.{role} is read by no evaluator (roles the "
-                            f"evaluators read: {readers}): remove it or add the evaluator that reads it")
+            found.add(("datasets", role), f"datasets.{role} is read by no evaluator (roles the evaluators read: "
+                                          f"{readers}): remove it or add the evaluator that reads it")
     rankable = {c.key: c for _, e in evaluators for c in e.output_columns() if c.rankable}
     for i, key in enumerate(recipe.select.by):
         if key not in rankable:
             close = difflib.get_close_matches(key, list(rankable), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TbpwError(f"{where(('select', 'by'))}: select.by.{i}: {key!r} is no column the evaluators rank "
-                            f"by{hint}; they rank by: {', '.join(rankable) or 'nothing'}")
+            found.add(("select", "by"), f"select.by.{i}: {key!r} is no column the evaluators rank by{hint}; "
+                                        f"they rank by: {', '.join(rankable) or 'nothing'}")
     if not recipe.select.by:
         recipe.select.by = list(evaluators[0][1].ranking())
 
 
-def check_ready(recipe: Recipe) -> None:
-    """Every plugin the recipe names can run with the active llama.cpp build (before any work starts)."""
+def readiness_problems(recipe: Recipe) -> list[str]:
+    """Why a plugin the recipe names cannot run here (with the active llama.cpp build, with its files), one
+    line per plugin; empty when all can."""
     from tbpw.plugin.manager import get_manager
 
     manager = get_manager()
-    for kind, _, ref in _plugin_refs(recipe):
-        manager.registry(kind).create(ref.name, ref.options).check_ready()
+    problems = []
+    for kind, loc, ref in _plugin_refs(recipe):
+        registry = manager.registry(kind)
+        try:
+            options = registry.validate_options(ref.name, ref.options)
+        except TbpwError:
+            continue  # an unknown plugin or bad options: `read` says so
+        try:
+            registry.create(ref.name, options).check_ready()
+        except TbpwError as exc:
+            problems.append(f"{'.'.join(map(str, loc))}: {exc}")
+    return problems
+
+
+def check_ready(recipe: Recipe) -> None:
+    """Every plugin the recipe names can run with the active llama.cpp build (before any work starts)."""
+    if problems := readiness_problems(recipe):
+        raise Problems(problems)
 
 
 def evaluator_instances(recipe: Recipe) -> list[tuple[PluginRef, Any]]:
@@ -516,14 +650,30 @@ def evaluator_instances(recipe: Recipe) -> list[tuple[PluginRef, Any]]:
     return [(ref, registry.create(ref.name, ref.options)) for ref in recipe.evaluators or []]
 
 
-def check_files(recipe: Recipe, raw: dict, path: Path) -> None:
-    files: list[tuple[tuple, Path | None]] = [(("model", "path"), recipe.model.path), (("model", "gguf"), recipe.model.gguf)]
-    files += [(("compare_files", i, "path"), ref.path) for i, ref in enumerate(recipe.compare_files)]
-    for loc, value in files:
-        if value is not None and not Path(value).exists():
-            line = _line_of(raw, loc)
-            where = f"{path}:{line}" if line else str(path)
-            raise TbpwError(f"{where}: {'.'.join(map(str, loc))}: {value} does not exist: fix the path")
+def _check_files(clean: dict, found: Findings) -> None:
+    model = clean.get("model")
+    if not isinstance(model, dict):
+        return
+    for key, want in (("path", "a Hugging Face model folder"), ("gguf", "a GGUF file")):
+        value = model.get(key)
+        if not isinstance(value, str):
+            continue
+        where = ("model", key)
+        target = Path(value)
+        if not target.exists():
+            found.add(where, f"model.{key}: {value} does not exist: fix the path")
+        elif (key == "gguf") != target.is_file():
+            found.add(where, f"model.{key}: {value} is not {want}: fix the path")
+        elif not os.access(target, os.R_OK):
+            found.add(where, f"model.{key}: {value} is not readable: fix its permissions")
+    for i, ref in enumerate(clean.get("compare_files") or []):
+        value = ref.get("path") if isinstance(ref, dict) else None
+        if not isinstance(value, str):
+            continue
+        target = Path(value)
+        if not target.is_file():
+            what = "does not exist" if not target.exists() else "is not a GGUF file"
+            found.add(("compare_files", i, "path"), f"compare_files[{i}].path: {value} {what}: fix the path")
 
 
 def recipe_sha256(recipe: Recipe) -> str:

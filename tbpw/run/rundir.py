@@ -1,10 +1,15 @@
-"""The run directory: one folder per stage, each with a manifest of what produced it.
+"""The run directory: one folder per stage, each with a manifest of what produced it and what it holds.
 
-A stage is a function that writes its outputs into a fresh folder and returns a JSON-able result.
-Its key hashes the stage name, its options, the content of its input files and the llama.cpp build;
-a finished stage whose key matches is skipped, a changed input reruns it, and a killed stage leaves
-only a `.partial` folder that the next run discards. The manifest is written last, so a folder without
-one never counts as finished.
+A run directory belongs to tbpw: `tbpw run` writes only into a folder that is absent, empty, or marked by
+`.tbpw-run.json` as one it made, so it never replaces a user's files; and one run at a time holds it
+(`.tbpw-run.lock`: a second run is refused with the first one's pid).
+
+A stage is a function that writes its outputs into a fresh folder and returns a JSON-able result. Its key
+hashes the stage name, its options, the content of its input files and the llama.cpp build. A finished
+stage is skipped only when its key matches AND every output its manifest recorded is still there with the
+same size and content; otherwise it runs again (a deleted or truncated output is recomputed, not an
+error). A killed stage leaves only a `.partial` folder that the next run discards. The manifest is written
+last, so a folder without one never counts as finished.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -19,10 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tbpw import __version__
+from tbpw.errors import TbpwError, os_error
 from tbpw.files.atomic import write_json
+from tbpw.files.digest import content_sha256
+from tbpw.files.lock import FileLock, refuse_if_locked
 
 MANIFEST = "manifest.json"
-FINGERPRINTS = ".fingerprints.json"
+MARKER = ".tbpw-run.json"  # this folder is a tbpw run directory
+LOCK = ".tbpw-run.lock"
+LEGACY_MARKER = ".fingerprints.json"  # what run directories made before the marker held
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
 
 def _canonical(obj: Any) -> Any:
@@ -35,6 +48,37 @@ def _canonical(obj: Any) -> Any:
     if hasattr(obj, "model_dump"):
         return _canonical(obj.model_dump(mode="json"))
     return obj
+
+
+def is_run_dir(root: Path) -> bool:
+    return (root / MARKER).is_file() or (root / LEGACY_MARKER).is_file()
+
+
+def ownership_problem(root: Path | str) -> str | None:
+    """Why tbpw may not write its run into `root`, or None: it must be absent, empty or a tbpw run directory,
+    and writable (or creatable)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        return f"output_dir {root} is a file, not a folder: give a folder for the run"
+    if root.is_dir():
+        if not is_run_dir(root):
+            try:
+                found = sorted(p.name for p in root.iterdir())
+            except OSError as exc:
+                return str(os_error(exc, "read the output_dir", root))
+            if found:
+                shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+                return (f"output_dir {root} holds files tbpw did not make ({shown}): give a new or empty folder "
+                        "(tbpw writes a run only into a folder it made, so that it never replaces your files)")
+        if not os.access(root, os.W_OK | os.X_OK):
+            return f"output_dir {root} is not writable: choose a writable folder or fix its permissions"
+        return None
+    parent = root.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create output_dir {root}: {parent} is not a writable folder; choose another output_dir"
+    return None
 
 
 @dataclass(frozen=True)
@@ -50,49 +94,65 @@ class StageOutcome:
 
 
 class RunDir:
+    """A run directory claimed by this process: marked as tbpw's, locked until `close()`."""
+
     def __init__(self, root: Path | str):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._fingerprints: dict[str, list] = {}
-        fp_file = self.root / FINGERPRINTS
-        if fp_file.is_file():
-            try:
-                self._fingerprints = json.loads(fp_file.read_text())
-            except json.JSONDecodeError:
-                self._fingerprints = {}
+        if problem := ownership_problem(self.root):
+            raise TbpwError(problem)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, "create the output_dir", self.root) from None
+        self._lock = FileLock(self.root / LOCK)
+        refuse_if_locked(self._lock, f"output_dir {self.root}",
+                         "wait for that run to finish, or give this one another output_dir")
+        if not (self.root / MARKER).is_file():
+            write_json(self.root / MARKER, {"tbpw": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self._discard_leftovers()
+
+    def close(self) -> None:
+        """Release the run directory for the next run."""
+        self._lock.release()
+
+    def _discard_leftovers(self) -> None:
+        # Stages killed before they finished (ours: we hold the lock, nobody else writes here).
+        for leftover in [*self.root.glob(".*.partial"), *self.root.glob(".*.old")]:
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def folder(self, stage: str) -> Path:
+        if not STAGE_NAME.match(stage):
+            raise TbpwError(f"stage name {stage!r} is not a plain name: use letters, digits and . _ + = - "
+                            "(it names a folder of the run directory)")
         return self.root / stage
 
     def manifest(self, stage: str) -> dict | None:
+        """The stage's manifest, or None when there is none or it is damaged (the stage then runs again)."""
         path = self.folder(stage) / MANIFEST
-        if not path.is_file():
-            return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return None
+        if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
+            return None
+        return data
+
+    def finished(self) -> list[str]:
+        """The stages with a manifest, in name order."""
+        return sorted(p.parent.name for p in self.root.glob(f"*/{MANIFEST}"))
 
     def fingerprint(self, path: Path) -> str:
-        """sha256 of a file's content (of every file, for a folder), memoised by (size, mtime)."""
+        """sha256 of a file's content (of every file, for a folder), re-hashed whenever the file may have changed."""
         path = Path(path)
-        if path.is_dir():
-            digest = hashlib.sha256()
-            for item in sorted(p for p in path.rglob("*") if p.is_file()):
-                digest.update(f"{item.relative_to(path)}:{self.fingerprint(item)}\n".encode())
-            return digest.hexdigest()
-        st = path.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
-        cached = self._fingerprints.get(str(path.resolve()))
-        if cached and cached[:2] == stamp:
-            return cached[2]
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        self._fingerprints[str(path.resolve())] = [*stamp, digest.hexdigest()]
-        write_json(self.root / FINGERPRINTS, self._fingerprints)
-        return digest.hexdigest()
+        try:
+            if path.is_dir():
+                digest = hashlib.sha256()
+                for item in sorted(p for p in path.rglob("*") if p.is_file()):
+                    digest.update(f"{item.relative_to(path)}:{content_sha256(item)}\n".encode())
+                return digest.hexdigest()
+            return content_sha256(path)
+        except OSError as exc:
+            raise os_error(exc, "read the stage input", path) from None
 
     def key(self, stage: str, inputs: Mapping[str, Path], options: Any) -> str:
         blob = json.dumps({"stage": stage, "options": _canonical(options),
@@ -100,30 +160,61 @@ class RunDir:
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def _outputs(self, folder: Path) -> dict[str, dict[str, Any]]:
+        return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": content_sha256(p)}
+                for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+    def _intact(self, folder: Path, manifest: dict) -> bool:
+        """Every output the manifest recorded is there, with its size and content."""
+        recorded = manifest.get("outputs")
+        if not isinstance(recorded, dict):
+            return False  # made before outputs were recorded: nothing proves they are the same
+        for relative, expected in recorded.items():
+            path = folder / relative
+            try:
+                if (not path.is_file() or path.stat().st_size != expected["bytes"]
+                        or content_sha256(path) != expected["sha256"]):
+                    return False
+            except (OSError, KeyError, TypeError):
+                return False
+        return True
+
     def run(self, stage: str, inputs: Mapping[str, Path], options: Any, body: Callable[[Path], dict],
             force: bool = False) -> StageOutcome:
-        """Run `body(folder)` unless a finished stage with the same key exists; returns its result."""
-        key = self.key(stage, inputs, options)
+        """Run `body(folder)` unless a finished, intact stage with the same key exists; returns its result."""
         folder = self.folder(stage)
+        key = self.key(stage, inputs, options)
         manifest = self.manifest(stage)
-        if manifest and manifest.get("key") == key and not force:
+        if manifest and manifest.get("key") == key and not force and self._intact(folder, manifest):
             return StageOutcome(stage, folder, manifest["result"], True, 0.0)
         partial = self.root / f".{stage}.partial"
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        try:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        except OSError as exc:
+            raise os_error(exc, "write", partial) from None
         start = time.monotonic()
-        result = body(partial)
+        try:
+            result = body(partial)
+        except KeyboardInterrupt:
+            shutil.rmtree(partial, ignore_errors=True)  # a failure keeps its logs there; an interruption, nothing
+            raise
         seconds = time.monotonic() - start
-        write_json(partial / MANIFEST, {"stage": stage, "key": key, "options": _canonical(options),
-                                        "inputs": {n: str(p) for n, p in sorted(inputs.items())},
-                                        "result": _canonical(result), "seconds": round(seconds, 2),
-                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         old = self.root / f".{stage}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(partial, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            if old.exists():
+                shutil.rmtree(old)
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(partial, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            raise os_error(exc, "write", folder) from None
+        # The manifest goes in last, after the folder is in place: the outputs it records are hashed where they stay.
+        write_json(folder / MANIFEST, {"stage": stage, "key": key, "options": _canonical(options),
+                                       "inputs": {n: str(p) for n, p in sorted(inputs.items())},
+                                       "outputs": self._outputs(folder),
+                                       "result": _canonical(result), "seconds": round(seconds, 2),
+                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return StageOutcome(stage, folder, _canonical(result), False, seconds)

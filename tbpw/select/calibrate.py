@@ -14,7 +14,8 @@ probe types, the log-scale is interpolated in bits per weight between them (and 
 an estimate of the summed KLD increase instead of the summed proxy.
 
 Results are cached like error tables (under the cache's sensitivity/, keyed by model, imatrix, text,
-table, probes, grouping, ctx, chunks and build).
+table, probes, grouping, ctx, chunks and build), one process per entry at a time; a cached result that does
+not parse or does not cover the model is measured again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,9 @@ from typing import Any, Literal
 
 from tbpw.errors import TbpwError
 from tbpw.files import paths
-from tbpw.files.atomic import write_json, write_text
-from tbpw.files.digest import sha256_file
+from tbpw.files.atomic import temporary_folder, write_json, write_text
+from tbpw.files.digest import content_sha256
+from tbpw.files.lock import waiting_lock
 from tbpw.llamacpp.perplexity import base_logits, kld
 from tbpw.measure.engine import cache_key, model_fingerprint
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
@@ -160,7 +162,6 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
               log: Callable[[str], None] | None = None) -> Sensitivity:
     """Measure (or load from the cache) the sensitivity of every group of `model` (see the module doc)."""
     from tbpw.llamacpp.build import active_build
-    from tbpw.llamacpp.quantize import quantize, tensor_type_text
 
     model, calibration_text = Path(model), Path(calibration_text)
     inventory = ModelInventory.load(model)
@@ -169,16 +170,47 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
     entries = table.by_name()
     build = active_build()
     parts = {"version": SENSITIVITY_VERSION, "model": model_fingerprint(inventory),
-             "imatrix": sha256_file(Path(imatrix)) if imatrix else None, "text": sha256_file(calibration_text),
+             "imatrix": content_sha256(Path(imatrix)) if imatrix else None, "text": content_sha256(calibration_text),
              "table": _table_hash(table), "probes": list(probes), "grouping": grouping, "ctx": ctx, "chunks": chunks,
              "build": build.key}
     key = cache_key(parts)
     folder = (Path(cache_dir) if cache_dir else paths.sensitivity_cache()) / key
     final = folder / "sensitivity.json"
-    if final.is_file():
-        sens = Sensitivity.from_json(json.loads(final.read_text()))
-        sens.meta["cached"] = True
-        return sens
+    if (cached := _cached(final, groups)) is not None:
+        return cached
+    with waiting_lock(folder / ".lock", note=lambda line: (log or print)(f"note: {line}")):
+        if (cached := _cached(final, groups)) is not None:
+            return cached
+        return _calibrate(model, imatrix, calibration_text, inventory, entries, groups, probes, grouping, parts, key,
+                          folder, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl, log=log)
+
+
+def _cached(final: Path, groups: Mapping[str, list[str]]) -> Sensitivity | None:
+    """A finished measurement of the cache, or None; a damaged one (or one of other groups) is dropped."""
+    if not final.is_file():
+        return None
+    try:
+        sens = Sensitivity.from_json(json.loads(final.read_text(encoding="utf-8")))
+        ok = sens.groups == dict(groups) and all(g in sens.measured and g in sens.proxy for g in groups)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        print(f"note: discarding the damaged cached sensitivity {final}; measuring again", file=sys.stderr)
+        final.unlink(missing_ok=True)
+        return None
+    sens.meta["cached"] = True
+    return sens
+
+
+def _calibrate(model: Path, imatrix: Path | str | None, calibration_text: Path, inventory: ModelInventory,
+               entries: Mapping[str, TensorErrors], groups: dict[str, list[str]], probes: tuple[str, ...],
+               grouping: Grouping, parts: dict, key: str, folder: Path, *, ctx: int, chunks: int,
+               threads: int | None, ngl: int | None, log: Callable[[str], None] | None) -> Sensitivity:
+    from tbpw.llamacpp.build import active_build
+    from tbpw.llamacpp.quantize import quantize, tensor_type_text
+
+    build = active_build()
+    final = folder / "sensitivity.json"
 
     probe_bpw: dict[str, dict[str, float]] = {}
     proxy: dict[str, dict[str, float]] = {g: {} for g in groups}
@@ -195,8 +227,7 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
                 probe_bpw.setdefault(name, {})[t] = bpw
             proxy[group][t] = total
 
-    folder.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="work-", dir=folder))
+    work = temporary_folder(folder / "work")
     say = log or (lambda line: None)
     try:
         base = base_logits(model, calibration_text, work / "base.logits", ctx=ctx, chunks=chunks, threads=threads,
@@ -220,8 +251,15 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
             for t in probes:
                 types = dict(floats, **{n: inventory[n].effective_type(t) for n in names})
                 measured[group][t] = delta(types, f"{group} as {t}") - floor
-    finally:
+    except TbpwError:
+        # the tools' logs stay for the message that names them; the large files go
+        for big in [*work.glob("*.gguf"), *work.glob("*.logits")]:
+            big.unlink(missing_ok=True)
+        raise
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     sens = Sensitivity(probes, grouping, groups, measured, proxy, probe_bpw, floor,
                        {"key": key, **parts, "model_path": str(model), "text_path": str(calibration_text)})
     sens.group_scales()  # fails now, not later, when nothing was measurable

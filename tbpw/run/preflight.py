@@ -1,0 +1,320 @@
+"""Everything about a recipe that can be known without running it, checked before any work, all at once.
+
+`tbpw validate` and the start of `tbpw run` call `check`: it reads the recipe (fields, plugins and their
+options: `tbpw.run.recipe.read`), then checks what needs the build, the model or the disk:
+
+- every plugin can run here (the build has the tool options it needs; dataset files exist, are readable
+  and of the right kind);
+- types: stock types the build's llama-quantize knows, measured candidates, calibration probes;
+- constraints: patterns that compile, types that exist, and (with a GGUF model) patterns and roles that
+  match a tensor of it;
+- targets: no duplicates, and (with a GGUF model) each reachable with these candidates and constraints and
+  none closer to another than the model's smallest type step;
+- the output: a folder tbpw may write its run into (absent, empty or a tbpw run directory, writable) with
+  enough free space for what the run will write, and writable caches.
+
+Each mistake is one line; `check` raises them together (`tbpw.errors.Problems`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from tbpw.allocate.budget import Target, format_size, parse_size
+from tbpw.allocate.problem import build_problem
+from tbpw.errors import Problems, TbpwError
+from tbpw.files import paths
+from tbpw.measure import candidates as cand
+from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
+from tbpw.model.ggml_types import FLOAT_TYPES, nominal_bpw, type_name
+from tbpw.model.inventory import ModelInventory
+from tbpw.run.recipe import Recipe, read, readiness_problems
+from tbpw.run.rundir import ownership_problem
+
+MIN_STOCK_BPW = 1.5  # a lower bound of any stock type's size, for the free-space estimate
+
+
+def check(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    """The recipe, or every mistake in it and in what it asks of this machine (raised as `Problems`)."""
+    recipe, problems = read(path, overrides)
+    if recipe is not None:
+        problems += [f"{path}: {problem}" for problem in preflight(recipe)]
+    if problems:
+        raise Problems(problems)
+    assert recipe is not None  # a recipe without mistakes validates
+    return recipe
+
+
+def preflight(recipe: Recipe) -> list[str]:
+    """The problems of a recipe (the valid part of one) that need the build, the model or the disk, one line each."""
+    problems: list[str] = []
+    stock_types = _build_problems(problems)
+    problems += readiness_problems(recipe)
+    types = _type_problems(recipe, stock_types)
+    constraints = _constraint_problems(recipe)
+    problems += types + constraints + _duplicate_targets(recipe) + _source_problems(recipe)
+    inventory = _model_inventory(recipe)
+    if inventory is not None:
+        problems += _model_problems(recipe, inventory, sound=not constraints and not any(
+            p.startswith("measure.candidates") for p in types))
+    problems += _output_problems(recipe, inventory)
+    return problems
+
+
+def _build_problems(problems: list[str]) -> list[str] | None:
+    """The stock types the active build's llama-quantize accepts (None when there is no usable build)."""
+    from tbpw.llamacpp.build import active_build
+    from tbpw.llamacpp.features import detect
+
+    try:
+        return detect(active_build()).quantize_types or None
+    except TbpwError as exc:
+        problems.append(str(exc))
+        return None
+
+
+def _type_problems(recipe: Recipe, stock_types: list[str] | None) -> list[str]:
+    problems = []
+    wanted = [(f"compare_stock.{i}", t) for i, t in enumerate(recipe.compare_stock)]
+    wanted += [(f"targets.{i}.stock", t.stock.upper()) for i, t in enumerate(recipe.targets) if t.stock]
+    if stock_types is not None:
+        for where, t in wanted:
+            if t not in stock_types:
+                problems.append(f"{where}: {t!r} is not a type this build's llama-quantize writes: use one of "
+                                f"{', '.join(x for x in stock_types if x != 'COPY')}")
+    if recipe.measure.candidates is not None:
+        try:
+            cand.normalize_types(recipe.measure.candidates)
+        except TbpwError as exc:
+            problems.append(f"measure.candidates: {exc}")
+    if recipe.calibrate is not None:
+        for i, t in enumerate(recipe.calibrate.probes):
+            if t in FLOAT_TYPES:
+                problems.append(f"calibrate.probes.{i}: {t} is a float type, which costs no measurable KL divergence: "
+                                "probe with a quantized type such as Q3_K")
+    return problems
+
+
+def _constraint_problems(recipe: Recipe) -> list[str]:
+    """Patterns that do not compile and types that do not exist (the model is not needed for these)."""
+    c = recipe.constraints
+    problems = []
+    for pattern, t in c.pins.items():
+        problems += _pattern_problem(f"constraints.pins[{pattern!r}]", pattern)
+        problems += _type_problem(f"constraints.pins[{pattern!r}]", t)
+    for field, rules in (("allowed_types", c.allowed_types), ("min_bpw", c.min_bpw), ("max_bpw", c.max_bpw)):
+        for pattern in rules:
+            problems += _pattern_problem(f"constraints.{field}[{pattern!r}]", pattern)
+    for pattern, types in c.allowed_types.items():
+        for t in types:
+            problems += _type_problem(f"constraints.allowed_types[{pattern!r}]", t)
+    seen: set[str] = set()
+    for group in c.share_type:
+        for role in group:
+            if role in seen:
+                problems.append(f"constraints.share_type: role {role!r} is listed more than once: list each role "
+                                "once, in one group")
+            seen.add(role)
+    return problems
+
+
+def _pattern_problem(where: str, pattern: str) -> list[str]:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return [f"{where}: {pattern!r} is not a regular expression ({exc}): fix the pattern"]
+    return []
+
+
+def _type_problem(where: str, t: str) -> list[str]:
+    try:
+        type_name(str(t))
+    except (KeyError, ValueError):
+        return [f"{where}: {t!r} is not a ggml type; use names such as Q4_K, IQ3_S, Q8_0, BF16"]
+    return []
+
+
+def _duplicate_targets(recipe: Recipe) -> list[str]:
+    problems = []
+    seen: dict[tuple, int] = {}
+    for i, t in enumerate(recipe.targets):
+        same = ("bpw", t.bpw) if t.bpw is not None else ("size", parse_size(t.size)) if t.size is not None \
+            else ("stock", (t.stock or "").upper())
+        if same in seen:
+            problems.append(f"targets.{i} ({t.label}) repeats targets.{seen[same]}: each target makes its own quants; "
+                            "remove one")
+        else:
+            seen[same] = i
+    return problems
+
+
+def _source_problems(recipe: Recipe) -> list[str]:
+    """What the model stage would stop at before converting or downloading anything."""
+    import importlib.util
+
+    from tbpw.llamacpp import convert
+
+    src = recipe.model
+    if src.hub is not None and importlib.util.find_spec("huggingface_hub") is None:
+        return ["model.hub needs huggingface_hub: pip install 'tbpw[hub]'"]
+    if src.path is not None:
+        if Path(src.path).is_dir() and not (Path(src.path) / "config.json").is_file():
+            return [f"model.path: {src.path} is not a Hugging Face model folder (no config.json): give the folder "
+                    "holding config.json and the weights"]
+        if missing := convert.missing_modules():
+            return [f"model.path: converting a Hugging Face model needs {', '.join(missing)}: pip install 'tbpw[convert]'"]
+    return []
+
+
+def _model_inventory(recipe: Recipe) -> ModelInventory | None:
+    """The model's tensors when they can be known before the run: a GGUF source (None otherwise)."""
+    if recipe.model.gguf is None:
+        return None
+    try:
+        return ModelInventory.load(recipe.model.gguf)
+    except TbpwError:
+        return None  # reported by the file checks, or by the model stage with its own message
+
+
+def _zero_table(inventory: ModelInventory, types: Iterable[str] | None) -> ErrorTable:
+    """Every quantizable tensor with every candidate type (IQ types included) at no error: what bounds the
+    sizes a plan can have, before anything is measured."""
+    tensors = []
+    for info in inventory.tensors:
+        if info.quantizable:
+            found = cand.for_tensor(info, list(types) if types is not None else None, has_imatrix=True)
+            tensors.append(TensorErrors(info.name, info.n_elements,
+                                        [CandidateError(t, info.bytes_as(t), 0.0) for t in found]))
+    return ErrorTable(tensors)
+
+
+def _model_problems(recipe: Recipe, inventory: ModelInventory, *, sound: bool) -> list[str]:
+    """Constraints that match nothing in the model, unreachable and near-duplicate targets (`sound`: the
+    constraints and candidates themselves are valid, so that sizes can be worked out)."""
+    if not sound:
+        return []
+    problems = []
+    c = recipe.constraints
+    names = [t.name for t in inventory.tensors]
+    roles = {t.role for t in inventory.tensors if t.quantizable}
+    for pattern in c.pins:
+        if not any(re.search(pattern, n) for n in names):
+            problems.append(f"constraints.pins[{pattern!r}] matches no tensor of {inventory.path.name}: check the pattern")
+    for field, rules in (("allowed_types", c.allowed_types), ("min_bpw", c.min_bpw), ("max_bpw", c.max_bpw)):
+        for pattern in rules:
+            if not any(re.fullmatch(pattern, r) for r in roles):
+                problems.append(f"constraints.{field}[{pattern!r}] matches no role of {inventory.path.name} "
+                                f"(its roles: {', '.join(sorted(roles))}): check the pattern")
+    for group in c.share_type:
+        for role in group:
+            if role not in roles:
+                problems.append(f"constraints.share_type: {role!r} is no role of {inventory.path.name}: check the name")
+    if problems:
+        return problems
+    table = _zero_table(inventory, recipe.measure.candidates)
+    for i, target in enumerate(recipe.targets):
+        if target.stock:
+            continue  # its size is the stock file's, known once that is written
+        try:
+            build_problem(inventory, table, Target.parse(bpw=target.bpw, size=target.size), c)
+        except TbpwError as exc:
+            problems.append(f"targets.{i} ({target.label}): {exc}")
+    problems += _near_duplicate_targets(recipe, inventory, table)
+    return problems
+
+
+def _near_duplicate_targets(recipe: Recipe, inventory: ModelInventory, table: ErrorTable) -> list[str]:
+    """Targets closer to each other than the model's smallest step between two types of one tensor."""
+    steps = [b - a for t in table.tensors for a, b in zip(sorted({c.bytes for c in t.candidates}),
+                                                          sorted({c.bytes for c in t.candidates})[1:])]
+    if not steps:
+        return []
+    step = min(steps)
+    budgets = []
+    for i, t in enumerate(recipe.targets):
+        if t.bpw is not None:
+            budgets.append((i, t.label, "bpw", math.floor(t.bpw * inventory.n_elements / 8)))
+        elif t.size is not None:
+            budgets.append((i, t.label, "size", parse_size(t.size)))
+    problems = []
+    for k, (i, label, kind, budget) in enumerate(budgets):
+        for j, other, other_kind, other_budget in budgets[:k]:
+            if kind == other_kind and 0 < abs(budget - other_budget) < step:
+                problems.append(f"targets.{i} ({label}) is {abs(budget - other_budget)} bytes from targets.{j} ({other}), "
+                                f"less than this model's smallest type step ({step} bytes): the two plans can differ by "
+                                "at most one step; remove one or move it further")
+                break
+    return problems
+
+
+def _output_problems(recipe: Recipe, inventory: ModelInventory | None) -> list[str]:
+    if recipe.output_dir is None:
+        return []  # no folder to check without a valid name
+    out = Path(recipe.output_dir)
+    if problem := ownership_problem(out):
+        return [problem]
+    problems = []
+    for what, folder in (("the measurement cache", paths.measure_cache()), ("the asset cache", paths.assets())):
+        if not _creatable(folder):
+            problems.append(f"{what} {folder} is not writable: set TBPW_HOME (or TBPW_MEASURE_CACHE) to a writable "
+                            "folder")
+    if inventory is not None:
+        need = max(0, _bytes_written(recipe, inventory) - _bytes_in(out))
+        free = shutil.disk_usage(_existing(out)).free
+        if need > free:
+            problems.append(f"output_dir {out}: the run writes at least {format_size(need)} more, and its disk has "
+                            f"{format_size(free)} free: free space or choose another output_dir")
+    return problems
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _creatable(folder: Path) -> bool:
+    found = _existing(folder)
+    return found.is_dir() and os.access(found, os.W_OK | os.X_OK)
+
+
+def _bytes_in(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _bytes_written(recipe: Recipe, inventory: ModelInventory) -> int:
+    """A lower bound of what the run writes into its folder: a float copy of a quantized source, every
+    quant, the baseline's logits."""
+    n = inventory.n_elements
+    total = 0
+    if any(t.stored_type not in FLOAT_TYPES for t in inventory.tensors):
+        total += 2 * n  # requantized to F16/BF16
+    plans_per_target = len(recipe.allocators or [None]) + (1 if recipe.choose is not None else 0)
+    for t in recipe.targets:
+        size = (t.bpw * n / 8 if t.bpw is not None else parse_size(t.size) if t.size is not None
+                else _stock_bpw(t.stock or "") * n / 8)
+        total += int(size) * plans_per_target
+    for stock in {*recipe.compare_stock, *(t.stock.upper() for t in recipe.targets if t.stock)}:
+        total += int(_stock_bpw(stock) * n / 8)
+    ev = recipe.evaluation
+    if ev.chunks is not None:
+        vocab = max((t.shape[1] for t in inventory.tensors if t.name == "token_embd.weight"), default=0)
+        total += ev.chunks * (ev.ctx // 2) * vocab * 2  # llama-perplexity keeps the second half of each chunk
+    return total
+
+
+def _stock_bpw(name: str) -> float:
+    """The nominal bpw of a stock type's main ggml type (Q4_K_M -> Q4_K: 4.5), a lower bound of its size."""
+    for base in (name.upper(), re.sub(r"_(?:XXS|XS|S|M|L|XL)$", "", name.upper())):
+        try:
+            return nominal_bpw(type_name(base))
+        except (KeyError, ValueError):
+            continue
+    return MIN_STOCK_BPW
