@@ -11,6 +11,12 @@ table (each metric's proxy table and, unless --no-calibrated, its KLD-calibrated
 by KL divergence on calibration text (`tbpw-select`, unless --no-select). Every quant is then scored with
 llama-perplexity --kl-divergence against the float model's logits on the held-out EVALUATION side, which
 nothing but that final scoring ever reads. Times are given as multiples of one plain stock Q4_K_M quantization.
+
+It runs tbpw's own path as `tbpw run` does: quants assembled from the tensor store (`--no-store`: llama-quantize
+writes each), the measurement's default sampling, one set of float logits on the calibration text shared by the
+calibration and every level's choice (a plan two levels share is scored once), and the choice's screening
+(`--screen-chunks`, `--finalists`; defaults: the recipe's). `--json` keeps every candidate's calibration scores,
+per chunk, for studying the choice's rules.
 """
 
 from __future__ import annotations
@@ -36,9 +42,12 @@ from tbpw.llamacpp.quantize import quantize  # noqa: E402
 from tbpw.measure.engine import measure  # noqa: E402
 from tbpw.measure.table import ErrorTable  # noqa: E402
 from tbpw.model.inventory import ModelInventory  # noqa: E402
+from tbpw.quantize.store import TensorStore  # noqa: E402
+from tbpw.run.recipe import CalibrateOptions, ChooseOptions  # noqa: E402
 from tbpw.select.calibrate import calibrate, calibrated_table  # noqa: E402
 from tbpw.select.choose import PlanCandidate, candidate_name, select_plan  # noqa: E402
 from tbpw.select.refine import refine_plan  # noqa: E402
+from tbpw.select.scoring import Scorer  # noqa: E402
 
 DEFAULT_LEVELS = ("IQ3_XXS", "Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
 DEQUANTIZED_MAX_BPW = 4.5
@@ -63,6 +72,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
     selected: dict[str, str] = field(default_factory=dict)  # level -> chosen variant
     reused: list[str] = field(default_factory=list)  # one-off steps taken from an earlier run (--reuse)
+    selections: dict[str, dict] = field(default_factory=dict)  # level -> select_plan's record
 
 
 def log(line: str) -> None:
@@ -143,19 +153,24 @@ def run_benchmark(args: argparse.Namespace) -> Run:
     log(f"float model: PPL {eval_base.ppl:.3f} on {args.chunks} x {ctx} tokens of held-out text")
     run.notes.append(f"float model PPL {eval_base.ppl:.3f} on {args.chunks} x {ctx} held-out tokens")
 
+    store = TensorStore(work / "store", threads=threads) if args.store else None
+    source = store.source(model, imatrix) if store is not None else None
+    scorer = Scorer(model, calibration, imatrix=imatrix, ctx=ctx, chunks=args.cal_chunks, threads=threads,
+                    cache_dir=work / "scores", log=log if args.verbose else None)
     tables: dict[str, ErrorTable] = {}
     for metric in args.metrics:
         t = time.monotonic()
         tables[metric] = measure(model, imatrix, metric=metric, threads=threads, progress=False,
                                  sampling={"scale": args.sampling_scale} if args.sampling_scale != 1.0 else None,
-                                 cache_dir=work / "measure-cache")
+                                 cache_dir=work / "measure-cache", store=source)
         run.steps[f"measure {metric}"] = time.monotonic() - t
         if tables[metric].meta.get("cached"):
             run.reused.append(f"measure {metric}")
         if args.calibrated:
             t = time.monotonic()
             sens = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes, grouping=args.grouping,
-                             ctx=ctx, chunks=args.cal_chunks, threads=threads, cache_dir=work / "sensitivity-cache",
+                             ctx=ctx, chunks=args.cal_chunks, background=args.background, threads=threads,
+                             cache_dir=work / "sensitivity-cache", scorer=scorer, store=store,
                              log=log if args.verbose else None)
             run.steps[f"calibrate {metric}"] = time.monotonic() - t
             if sens.meta.get("cached"):
@@ -164,7 +179,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 suffix = "" if strength == 1.0 else f"{strength:g}"
                 tables[f"{metric}+kld{suffix}"] = calibrated_table(tables[metric], sens, strength)
 
-    planner = Planner(model, imatrix, threads=threads)
+    planner = Planner(model, imatrix, threads=threads, store=store)
     for level in args.levels:
         lw = work / level
         lw.mkdir(exist_ok=True)
@@ -203,10 +218,20 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 candidates.append(PlanCandidate(key, plan))
                 problems[key], written[key], labels[key] = problem, out, name
                 log(f"{level}: {name} {applied.achieved_bpw:.4f} bpw KLD {s.kld_mean:.6f}")
-        if args.select and len(candidates) > 1:
+        if args.select_tables == "calibrated" and args.calibrated:
+            picked = [c for c in candidates if "+kld" in labels[c.name]]
+        else:
+            picked = candidates
+        if args.select and len(picked) > 1:
             t = time.monotonic()
-            sel = select_plan(candidates, planner, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
-                              written=written, log=log if args.verbose else None)
+            sel = select_plan(picked, planner, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
+                              screen_chunks=args.screen_chunks, finalists=args.finalists, written=written,
+                              scorer=scorer, log=log if args.verbose else None)
+            # every candidate's full calibration score, for studying the choice's rules (kept scores cost nothing)
+            full = {name: scorer.score(written[name], c.plan.types(), args.cal_chunks).to_json()
+                    for c in candidates for name in [c.name]} if args.json else {}
+            run.selections[level] = {"best": labels[sel.best], "labels": labels, **sel.to_json(), "all_scores": full,
+                                     "kld_runs": sel.runs}
             seconds = time.monotonic() - t
             chosen = labels[sel.best]
             bpw_c, s_c, sec_c = made[chosen]
@@ -219,7 +244,7 @@ def run_benchmark(args: argparse.Namespace) -> Run:
                 t = time.monotonic()
                 ref = refine_plan(planner, problems[sel.best], sel.plan, calibration, work / "select",
                                   rounds=args.refine_rounds, tries=args.refine_tries, ctx=ctx, chunks=args.cal_chunks,
-                                  start_score=sel.scores[sel.best], log=log if args.verbose else None)
+                                  start_score=sel.scores[sel.best] if sel.chunks == args.cal_chunks else None, scorer=scorer, log=log if args.verbose else None)
                 out = lw / "refined.gguf"
                 applied = planner.write(ref.plan, out, log_path=lw / "refined.quantize.log")
                 seconds = total + time.monotonic() - t
@@ -257,6 +282,12 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
     stock = {r.level: r for r in run.rows if r.variant == "stock"}
     fork = {r.level: r for r in run.rows if r.variant.startswith("fork")}
     ref = run.stock_seconds or float("nan")
+    sampling = f" at scale {args.sampling_scale}" if args.sampling_scale != 1.0 else ""
+    writer = "assembled from the tensor store" if args.store else "written by llama-quantize"
+    screening = (f"screens every plan on {args.screen_chunks} calibration chunks first (at most {args.finalists} "
+                 "finalists go on)" if args.screen_chunks else "scores every plan on every calibration chunk")
+    path_note = (f"- error tables measured with the default row sampling{sampling}; quants {writer}; calibration "
+                 f"probes keep the other tensors {args.background}; tbpw-select {screening}")
     lines = [f"### {run.model}", ""]
     lines += [f"- {n}" for n in run.notes]
     lines += [f"- llama.cpp build {build.build_number} ({build.backend}); imatrix: stock llama-imatrix on "
@@ -265,12 +296,12 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
               f"- tbpw variants: allocator/table for allocators {', '.join(args.allocators)} and tables "
               f"{', '.join(args.metrics)}" + (f" (+kld: calibrated on {args.cal_chunks} calibration chunks, probes "
                                               f"{', '.join(args.probes)}, per {args.grouping})" if args.calibrated else "")
-              + ("; tbpw-select: the variant with the lowest KLD on calibration chunks (never the evaluation text)"
-                 if args.select else "")
+              + ("; tbpw-select: the " + ("calibrated " if args.select_tables == "calibrated" and args.calibrated else "")
+                 + "variant with the lowest KLD on calibration chunks (never the evaluation text)" if args.select else "")
               + (f"; tbpw-refine: tbpw-select's plan improved by up to {args.refine_rounds} rounds of "
                  f"{args.refine_tries} type swaps, each kept only when calibration KLD confirms it"
                  if args.select and args.refine_rounds > 0 else ""),
-              f"- error tables measured with row sampling scale {args.sampling_scale}",
+              path_note,
               f"- time: multiples of one plain stock Q4_K_M quantization ({ref:.2f} s, best of 2, wall clock on a 2-core machine); "
               "a variant's time is allocation + writing; tbpw-select's is all candidates + scoring them on calibration "
               "text; one-off steps (imatrix, measurement, calibration) are listed below the table", ""]
@@ -331,6 +362,14 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=0, help="context (default 256 for bench, 512 otherwise)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sampling-scale", type=float, default=1.0, help="row sampling of the error measurement")
+    p.add_argument("--no-store", dest="store", action="store_false", help="write every quant with llama-quantize")
+    p.add_argument("--background", default=CalibrateOptions().background,
+                   help="the type of the tensors a calibration probe leaves alone (float or e.g. Q8_0)")
+    p.add_argument("--screen-chunks", type=int, default=ChooseOptions().screen_chunks,
+                   help="the choice screens every plan on this many chunks first (0: none)")
+    p.add_argument("--finalists", type=int, default=ChooseOptions().finalists)
+    p.add_argument("--select-tables", choices=["all", "calibrated"], default=ChooseOptions().tables,
+                   help="the tables whose plans tbpw-select chooses among (every variant is still evaluated)")
     p.add_argument("--work", default="/tmp/tbpw-quality")
     p.add_argument("--reuse", action="store_true",
                    help="keep the imatrix, logits and tables of an earlier run in --work (their times then read 'reused')")
@@ -353,7 +392,7 @@ def main() -> None:
         from tbpw.files.atomic import write_json
 
         write_json(args.json, {"model": run.model, "stock_seconds": run.stock_seconds, "steps": run.steps,
-                               "notes": run.notes, "selected": run.selected,
+                               "notes": run.notes, "selected": run.selected, "selections": run.selections,
                                "rows": [{"level": r.level, "variant": r.variant, "bpw": r.bpw, "seconds": r.seconds,
                                          "note": r.note, **{k if k != "seconds" else "kld_seconds": v for k, v in r.score.to_json().items()}}
                                         for r in run.rows]})

@@ -73,6 +73,20 @@ def active_build():
         pytest.fail(f"no usable llama.cpp build ({exc})", pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_store_and_scores(tmp_path_factory: pytest.TempPathFactory):
+    """The tensor store and the kept calibration scores of a test session live in its own folder, not the user's."""
+    folder = tmp_path_factory.mktemp("caches")
+    saved = {key: os.environ.get(key) for key in ("TBPW_STORE", "TBPW_CALIBRATION_CACHE")}
+    os.environ["TBPW_STORE"], os.environ["TBPW_CALIBRATION_CACHE"] = str(folder / "store"), str(folder / "calibration")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _tools_need_a_build(request: pytest.FixtureRequest) -> None:
     # Marked tests get the build check even when they do not ask for `active_build` themselves.

@@ -21,6 +21,7 @@ from tbpw.measure.engine import MeasurementInterrupted, measure, plan_tensor
 from tbpw.measure.sampling import (
     HASH_MAGIC,
     MT19937,
+    SamplingOptions,
     djb2,
     normal_float32,
     rows_per_slice,
@@ -56,14 +57,23 @@ def test_random_streams_equal_libstdcxx():
 
 
 def test_rows_per_slice_follows_the_fork_budget():
-    assert rows_per_slice(4096, 4096, 1, True) == 512  # 1 Mi / 4096 = 256, raised to 512
-    assert rows_per_slice(256, 4096, 1, True) == 4096  # 1 Mi / 256 = 4096 rows
-    assert rows_per_slice(256, 4096, 1, False) == 2048  # half the budget without E[a]
-    assert rows_per_slice(2048, 14336, 1, True) == 958  # x sqrt(14336 / 4096) = 1.87
-    assert rows_per_slice(4096, 1000, 1, True) == 1000  # at most 2 x 512 rows: all of them
-    assert rows_per_slice(256, 4096, 8, True) == 512  # experts split the budget
-    assert rows_per_slice(256, 4096, 8, True, _opts(scale=0.25)) == 128
+    fork = _opts(sampled_share=1)
+    assert rows_per_slice(4096, 4096, 1, True, fork) == 512  # 1 Mi / 4096 = 256, raised to 512
+    assert rows_per_slice(256, 4096, 1, True, fork) == 4096  # 1 Mi / 256 = 4096 rows
+    assert rows_per_slice(256, 4096, 1, False, fork) == 2048  # half the budget without E[a]
+    assert rows_per_slice(2048, 14336, 1, True, fork) == 958  # x sqrt(14336 / 4096) = 1.87
+    assert rows_per_slice(4096, 1000, 1, True, fork) == 1000  # at most 2 x 512 rows: all of them
+    assert rows_per_slice(256, 4096, 8, True, fork) == 512  # experts split the budget
+    assert rows_per_slice(256, 4096, 8, True, _opts(scale=0.25, sampled_share=1)) == 128
     assert rows_per_slice(256, 4096, 8, True, _opts(all_rows=True)) == 4096
+
+
+def test_the_default_is_exact_where_the_fork_is_and_a_fifth_where_it_samples():
+    assert rows_per_slice(256, 4096, 1, True) == 4096  # the fork's budget covers every row: all of them
+    assert rows_per_slice(4096, 1000, 1, True) == 1000  # small slices stay whole
+    assert rows_per_slice(4096, 4096, 1, True) == 102  # the fork samples 512 of 4096: a fifth of that
+    assert rows_per_slice(2048, 14336, 1, True) == 192  # 958 / 5
+    assert rows_per_slice(256, 4096, 1, False) == 410  # 2048 / 5
 
 
 def _opts(**kw):
@@ -95,10 +105,12 @@ def test_expert_tensor_is_sampled_and_measured_per_expert(tmp_path, plugin_manag
     inv, imx = ModelInventory.load(model), Imatrix.load(imx_path)
     info = inv[name]
 
+    fork = plan_tensor(info, has_mean=True, sampling=SamplingOptions(sampled_share=1))
+    assert all(len(sl.rows) == 512 for sl in fork)  # the fork: 1 Mi over 8 experts -> 256-column rows: 512 each
     plan = plan_tensor(info, has_mean=True)
     assert [sl.expert for sl in plan] == list(range(n_experts))
-    assert all(len(sl.rows) == 512 for sl in plan)  # 1 Mi over 8 experts -> 256-column rows: 512 each
-    assert all(np.array_equal(sl.rows, sample_rows(name, sl.expert, n_rows, 512)) for sl in plan)
+    assert all(len(sl.rows) == 102 for sl in plan)  # tbpw's default: a fifth of the fork's where it samples
+    assert all(np.array_equal(sl.rows, sample_rows(name, sl.expert, n_rows, 102)) for sl in plan)
     assert len({int(sl.rows[0]) for sl in plan}) > 1  # each expert has its own seeded offset
 
     table = measure(model, imx_path, metric="wmse", candidates=["Q4_K", "IQ4_XS"], cache_dir=tmp_path / "cache",

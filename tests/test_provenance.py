@@ -85,6 +85,22 @@ def test_every_planned_file_records_how_it_was_made(planned, stock_imatrix, acti
 
 
 @pytest.mark.tools
+def test_a_file_assembled_from_the_store_records_the_same_keys_as_llama_quantize(tiny_model, stock_imatrix,
+                                                                                  fork_error_table, tmp_path):
+    from tbpw.quantize.store import TensorStore
+
+    planner = Planner(tiny_model, stock_imatrix, threads=2, provenance={"metric": "fork"},
+                      store=TensorStore(tmp_path / "store", threads=2))
+    plan = planner.plan(fork_error_table, Target(bpw=4.5), "knapsack")
+    applied = planner.write(plan, tmp_path / "assembled.gguf")
+    assert applied.assembled
+    kv = planner.provenance_kv(plan.target, plan.allocator, plan.allocator_options)
+    stock = tmp_path / "stock.gguf"
+    quantize(tiny_model, stock, imatrix=stock_imatrix, tensor_type_file=applied.tensor_type_file, kv=kv, threads=2)
+    assert applied.path.read_bytes() == stock.read_bytes()
+
+
+@pytest.mark.tools
 def test_inspect_prints_a_tbpw_quants_provenance_type_mix_and_bpw(planned):
     plan, applied, _ = planned
     result = CliRunner().invoke(main, ["inspect", str(applied.path)])

@@ -87,6 +87,11 @@ BAD = [
     ("calibration strength out of range", "calibrate: {strengths: [2]}\nchoose: {}\n", ["calibrate.strengths", "(0, 1]"]),
     ("unknown probe type", "calibrate: {probes: [Q3_X]}\nchoose: {}\n", ["calibrate.probes", "unknown probe type"]),
     ("choose with no chunks", "choose: {chunks: 0}\n", ["choose.chunks", "greater than or equal"]),
+    ("screening on one chunk", "choose: {screen_chunks: 1}\n", ["choose", "at least 2: the tie rule"]),
+    ("no finalist", "choose: {finalists: 0}\n", ["choose.finalists", "greater than or equal"]),
+    ("unknown calibration background", "calibrate: {background: Q9_9}\nchoose: {}\n",
+     ["calibrate.background", "unknown background type"]),
+    ("store that is no switch", "store: sometimes\n", ["store", "bool"]),
     ("allocator listed twice", "allocators: [{name: knapsack}, {name: knapsack, options: {}}]\n",
      ["allocators", "knapsack listed more than once"]),
     # a recipe name is a plain name: it names the run's folder

@@ -1,9 +1,13 @@
-"""Apply a plan with stock llama-quantize and prove the file is the plan.
+"""Apply a plan with stock llama-quantize (or assemble its file from the tensor store) and prove the file is the plan.
 
 Every decided tensor (allocated or pinned) is named in a `--tensor-type-file` by an anchored, escaped
 pattern, llama-quantize runs with the imatrix and a quantized base type, and the file it wrote is read
 back: each tensor must have its planned type and the achieved bpw must be the planned one. Any
 difference is an error and no output file appears; the model is renamed into place only once checked.
+
+With a tensor store (`tbpw.quantize.store`), the same file is assembled from tensors quantized once each
+(byte-identical to llama-quantize's, tests/test_store.py) and checked the same way; llama-quantize stays the
+path for a type the libggml bridge cannot write.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tbpw.allocate.plan import Plan
 from tbpw.errors import TbpwError
@@ -19,6 +24,9 @@ from tbpw.files.outputs import refuse_overwriting_inputs
 from tbpw.llamacpp.build import BuildInfo
 from tbpw.llamacpp.quantize import BASE_TYPE, quantize, tensor_type_text
 from tbpw.model.inventory import ModelInventory
+
+if TYPE_CHECKING:
+    from tbpw.quantize.store import StoreSource
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,9 @@ class Applied:
     log_path: Path
     achieved_bpw: float
     file_bytes: int
-    seconds: float  # llama-quantize's run time
+    seconds: float  # llama-quantize's run time, or the assembly's
+    assembled: bool = False  # True: written from the tensor store, not by llama-quantize
+    quantized: int = 0  # tensors the store quantized for this file (assembled files only)
 
 
 def plan_path_for(out: Path | str) -> Path:
@@ -77,9 +87,13 @@ def verify_output(plan: Plan, path: Path | str) -> ModelInventory:
 
 def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: Path | str, *,
                threads: int | None = None, log_path: Path | str | None = None, base_type: str = BASE_TYPE,
-               build: BuildInfo | None = None, kv: Mapping[str, str] | None = None) -> Applied:
+               build: BuildInfo | None = None, kv: Mapping[str, str] | None = None,
+               store: StoreSource | None = None) -> Applied:
     """Write `out` from `model` as `plan` says, verify it, and save the plan as JSON next to it; `kv` are string
-    keys the file's metadata records (the plan's `metadata_bytes` should count them)."""
+    keys the file's metadata records (the plan's `metadata_bytes` should count them).
+
+    With `store` (bound to this model and imatrix), the file is assembled from quantized tensors instead of
+    running llama-quantize, unless a planned type is one the store cannot write."""
     model, out = Path(model), Path(out)
     files = written_files(out, log_path)
     refuse_overwriting_inputs(files, {"model": model, "imatrix": imatrix})
@@ -91,14 +105,32 @@ def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: P
                         "(requantizing loses quality and changes what the errors were measured on)")
     log_path, type_file, plan_path = files["log"], files["tensor-type file"], files["plan file"]
     write_text(type_file, tensor_type_text(decided))
+    assembled = None
+    if store is not None:
+        from tbpw.quantize.assemble import assemble, unsupported
+
+        if store.inventory.path.resolve() != model.resolve() or \
+                (store.imatrix_path.resolve() if store.imatrix_path else None) != (Path(imatrix).resolve() if imatrix else None):
+            raise TbpwError("the tensor store was opened for another model or imatrix than the plan's: open it for this one")
+        if unsupported(store, plan.types(), base_type) is not None:
+            store = None
     with atomic_path(out) as tmp:
-        run = quantize(model, tmp, imatrix=imatrix, tensor_type_file=type_file, base_type=base_type,
-                       threads=threads, kv=kv, log_path=log_path, build=build)
+        if store is not None:
+            assembled = assemble(store, plan.types(), tmp, base_type=base_type,
+                                 overrides=[f"{key}=str:{value}" for key, value in (kv or {}).items()])
+            write_text(log_path, f"assembled from the tensor store {store.folder}: {assembled.quantized} tensor(s) "
+                                 f"quantized now, the rest found or copied, {assembled.seconds:.2f} s\n")
+            seconds = assembled.seconds
+        else:
+            run = quantize(model, tmp, imatrix=imatrix, tensor_type_file=type_file, base_type=base_type,
+                           threads=threads, kv=kv, log_path=log_path, build=build)
+            seconds = run.seconds
         written = verify_output(plan, tmp)
         if plan.target.size is not None and tmp.stat().st_size > plan.target.size:
             raise TbpwError(f"the output has {tmp.stat().st_size} bytes, over the target of {plan.target.size}: "
                             "its metadata grew more than tbpw expected; report it")
         write_json(plan_path, {**plan.to_json(), "file_bytes": tmp.stat().st_size})
         file_bytes = tmp.stat().st_size
-    return Applied(path=out, plan_path=plan_path, tensor_type_file=type_file, log_path=Path(run.log_path),
-                   achieved_bpw=written.bpw(), file_bytes=file_bytes, seconds=run.seconds)
+    return Applied(path=out, plan_path=plan_path, tensor_type_file=type_file, log_path=Path(log_path),
+                   achieved_bpw=written.bpw(), file_bytes=file_bytes, seconds=seconds, assembled=assembled is not None,
+                   quantized=assembled.quantized if assembled is not None else 0)

@@ -13,6 +13,8 @@ benchmarks, so they cannot drift apart. For one model and imatrix it
   allocator and its options, the imatrix's sha256, and what the caller adds (`provenance`: the metric, the
   recipe's hash, the calibration data). A plan's metadata bytes are those of exactly these keys; a problem's
   budget reserves the longest allocator values, so that every allocator's plan fits a size target.
+- with a `store` (tbpw.quantize.store.TensorStore), writes each plan by assembling tensors quantized once
+  (the file llama-quantize would write, in I/O time) instead of running llama-quantize.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -39,6 +41,9 @@ from tbpw.llamacpp.quantize import OutputMetadata, output_metadata
 from tbpw.model import provenance as records
 from tbpw.model.inventory import ModelInventory
 from tbpw.plugin.manager import PluginManager, get_manager
+
+if TYPE_CHECKING:
+    from tbpw.quantize.store import StoreSource, TensorStore
 
 
 def allocate(inventory: ModelInventory, problem: AllocationProblem, name: str,
@@ -64,6 +69,7 @@ class Planner:
     manager: PluginManager | None = None
     # provenance fields the caller knows (metric, recipe_sha256, calibration, ...: tbpw.model.provenance.FIELDS)
     provenance: Mapping[str, str] = field(default_factory=dict)
+    store: TensorStore | None = None  # None: every plan is written by llama-quantize
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -135,8 +141,14 @@ class Planner:
                         manager=self.manager,
                         metadata_bytes=self.metadata_bytes(target, allocator, validated.model_dump(mode="json")))
 
+    @cached_property
+    def store_source(self) -> StoreSource | None:
+        """The store's blobs of this model and imatrix (None without a store)."""
+        return self.store.source(self.model, self.imatrix) if self.store is not None else None
+
     def write(self, plan: Plan, out: Path | str, *, log_path: Path | str | None = None) -> Applied:
-        """Quantize the model as `plan` says with stock llama-quantize, verify it, and save the plan beside it;
-        the file records its provenance."""
+        """Quantize the model as `plan` says (assembled from the store, else with stock llama-quantize), verify
+        it, and save the plan beside it; the file records its provenance."""
         return apply_plan(plan, self.model, self.imatrix, out, threads=self.threads, log_path=log_path,
-                          kv=self.provenance_kv(plan.target, plan.allocator, plan.allocator_options))
+                          kv=self.provenance_kv(plan.target, plan.allocator, plan.allocator_options),
+                          store=self.store_source)

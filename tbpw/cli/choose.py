@@ -1,15 +1,19 @@
 """`tbpw calibrate` and `tbpw choose`: the quality levers of docs/quality.md, step by step.
 
     tbpw calibrate MODEL.gguf --imatrix I.gguf --error-table T.json -f CALIBRATION.txt [--probe Q3_K ...]
-                   [--grouping role|tensor] [--strength 1.0] [--ctx 512] [--chunks 8] -o CALIBRATED.json
+                   [--grouping role|tensor] [--strength 1.0] [--ctx 512] [--chunks 8] [--background float|Q8_0]
+                   [--no-store] -o CALIBRATED.json
     tbpw choose MODEL.gguf --imatrix I.gguf (--target-bpw X | --target-size N) --error-table T.json ...
-                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--refine-rounds N]
-                [--pin REGEX=TYPE ...] [--constraints FILE] [--json] -o OUT.gguf
+                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--screen-chunks 4]
+                [--finalists 2] [--refine-rounds N] [--pin REGEX=TYPE ...] [--constraints FILE] [--no-store] [--json]
+                -o OUT.gguf
 
 `calibrate` writes an error table rescaled to measured KL divergence (tbpw.select.calibrate), usable wherever a
 table is (`tbpw quantize --error-table`, `tbpw choose`). `choose` plans the target with every allocator on
 every table, scores each plan against the float model on the calibration text and writes the best one
-(tbpw.select.choose.choose); the tools' logs stay in OUT's `<name>.choose/` folder.
+(tbpw.select.choose.choose); the tools' logs stay in OUT's `<name>.choose/` folder. Both write their models
+from the tensor store (tbpw.quantize.store) unless `--no-store`, and keep the float logits and the scores in
+the calibration cache (tbpw.select.scoring), so a second target or a rerun scores only what is new.
 """
 
 from __future__ import annotations
@@ -71,22 +75,32 @@ def tbpw_register_commands(cli: click.Group) -> None:
                   help="scale ** strength: 1 trusts the measured scales, 0.5 hedges against their noise")
     @click.option("--ctx", type=click.IntRange(min=32), default=512, show_default=True)
     @click.option("--chunks", type=click.IntRange(min=1), default=8, show_default=True)
+    @click.option("--background", default="float", show_default=True,
+                  help="the type the tensors outside the probed group keep: float, or e.g. Q8_0")
+    @click.option("--store/--no-store", default=True, show_default=True,
+                  help="write the probes from the tensor store (else llama-quantize writes each)")
     @click.option("--threads", "-t", type=click.IntRange(min=1), default=None)
     @click.option("-o", "--output", "out", required=True, help="the calibrated table (JSON)")
-    def calibrate(model, imatrix, table_file, text, probes, grouping, strength, ctx, chunks, threads, out):
+    def calibrate(model, imatrix, table_file, text, probes, grouping, strength, ctx, chunks, background, store, threads,
+                  out):
         """Rescale an error table to the KL divergence each group of tensors measurably costs."""
         from tbpw.files.outputs import refuse_overwriting_inputs
         from tbpw.measure.table import ErrorTable
+        from tbpw.quantize.store import TensorStore
         from tbpw.select.calibrate import calibrate as measure_sensitivity
         from tbpw.select.calibrate import calibrated_table
+        from tbpw.select.scoring import Scorer
 
         refuse_overwriting_inputs({"-o": out}, {"model": model, "imatrix": imatrix, "error table": table_file,
                                                 "calibration text": text})
         table = ErrorTable.read_json(_existing(table_file, "error table"))
-        table.check_model(_existing(model, "model"), f"error table {table_file}")
-        sens = measure_sensitivity(_existing(model, "model"), _existing(imatrix, "imatrix"), _existing(text, "text"),
-                                   table, probe_types=probes, grouping=grouping, ctx=ctx, chunks=chunks,
-                                   threads=threads, log=lambda line: console.print(line, highlight=False))
+        model, imatrix, text = _existing(model, "model"), _existing(imatrix, "imatrix"), _existing(text, "text")
+        table.check_model(model, f"error table {table_file}")
+        sens = measure_sensitivity(model, imatrix, text, table, probe_types=probes, grouping=grouping, ctx=ctx,
+                                   chunks=chunks, background=background, threads=threads,
+                                   scorer=Scorer(model, text, imatrix=imatrix, ctx=ctx, chunks=chunks, threads=threads),
+                                   store=TensorStore(threads=threads) if store else None,
+                                   log=lambda line: console.print(line, highlight=False))
         calibrated_table(table, sens, strength).write_json(out)
         scales = sens.group_scales()
         for group in sens.groups:
@@ -109,6 +123,11 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("-f", "--file", "text", required=True, help="CALIBRATION text the plans are scored on")
     @click.option("--ctx", type=click.IntRange(min=32), default=512, show_default=True)
     @click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True)
+    @click.option("--screen-chunks", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="score every plan on this many chunks first, and only the leader and the plans tied with it "
+                       "on all of them (0: every plan on every chunk)")
+    @click.option("--finalists", type=click.IntRange(min=1), default=2, show_default=True,
+                  help="at most this many plans go on from the screening")
     @click.option("--refine-rounds", type=click.IntRange(min=0), default=0, show_default=True,
                   help="then rounds of measured type swaps, each kept only when the calibration KLD drops")
     @click.option("--refine-tries", type=click.IntRange(min=1), default=4, show_default=True)
@@ -117,10 +136,12 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--option", "-O", "options", multiple=True, metavar="ALLOCATOR.KEY=VALUE",
                   help="an allocator's option (repeatable)")
     @click.option("--threads", "-t", type=click.IntRange(min=1), default=None)
+    @click.option("--store/--no-store", default=True, show_default=True,
+                  help="write the plans from the tensor store (else llama-quantize writes each)")
     @click.option("--json", "as_json", is_flag=True, help="print the scores and the choice as one JSON object")
     @click.option("-o", "--output", "out", required=True, help="the GGUF to write")
-    def choose(model, imatrix, target_bpw, target_size, tables, allocators, text, ctx, chunks, refine_rounds,
-               refine_tries, pins, constraints_file, options, threads, as_json, out):
+    def choose(model, imatrix, target_bpw, target_size, tables, allocators, text, ctx, chunks, screen_chunks, finalists,
+               refine_rounds, refine_tries, pins, constraints_file, options, threads, store, as_json, out):
         """Plan a target with every allocator on every table; write the plan with the lowest calibration KLD."""
         from tbpw.allocate.apply import plan_path_for
         from tbpw.allocate.budget import Target
@@ -149,11 +170,20 @@ def tbpw_register_commands(cli: click.Group) -> None:
         constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
         out = Path(out)
         work = out.with_name((out.name[:-5] if out.name.endswith(".gguf") else out.name) + ".choose")
+        from tbpw.quantize.store import TensorStore
+        from tbpw.select.scoring import Scorer
+
+        if screen_chunks == 1:
+            raise TbpwError("--screen-chunks is 0 (no screening) or at least 2: the tie rule needs two chunks")
         planner = Planner(_existing(model, "model"), _existing(imatrix, "imatrix"), Constraints.parse(constraints),
-                          log_dir=work, threads=threads)
-        choice = choose_plan(planner, _tables(table_paths, Path(model)), refs, target, _existing(text, "text"), out, work, ctx=ctx,
-                             chunks=chunks, refine_rounds=refine_rounds, refine_tries=refine_tries,
-                             log=None if as_json else lambda line: console.print(line, highlight=False))
+                          log_dir=work, threads=threads, store=TensorStore(threads=threads) if store else None)
+        text = _existing(text, "text")
+        say = None if as_json else lambda line: console.print(line, highlight=False)
+        choice = choose_plan(planner, _tables(table_paths, Path(model)), refs, target, text, out, work, ctx=ctx, chunks=chunks,
+                             screen_chunks=screen_chunks, finalists=finalists, refine_rounds=refine_rounds,
+                             refine_tries=refine_tries, log=say,
+                             scorer=Scorer(planner.model, text, imatrix=planner.imatrix, ctx=ctx, chunks=chunks,
+                                           threads=threads, log=say))
         result = {**choice.to_json(), "output": str(out), "achieved_bpw": choice.plan.achieved_bpw}
         if as_json:
             click.echo(json.dumps(result))

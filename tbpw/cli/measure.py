@@ -28,6 +28,8 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--types", default=None, help="comma-separated candidate types (default: the fork's 20)")
     @click.option("--sample-scale", type=float, default=1.0, show_default=True,
                   help="rows measured relative to the fork's sampling (0.25: a quarter)")
+    @click.option("--fork-sampling", is_flag=True,
+                  help="the fork's rows where it samples a slice (default: a fifth of them; exact slices stay exact)")
     @click.option("--all-rows", is_flag=True, help="measure every row of every tensor (exact, slow)")
     @click.option("--threads", "-t", type=int, default=None, help="worker threads (default: all cores)")
     @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the table as JSON here")
@@ -35,8 +37,8 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                   help="where measurements are cached (default: $TBPW_HOME/measure)")
     @click.option("--quiet", "-q", is_flag=True, help="no progress bar and no summary table")
-    def measure(model, imatrix, metric, metric_options, types, sample_scale, all_rows, threads, out, csv_path,
-                cache_dir, quiet):
+    def measure(model, imatrix, metric, metric_options, types, sample_scale, fork_sampling, all_rows, threads, out,
+                csv_path, cache_dir, quiet):
         """Measure bytes and error of every candidate type for every quantizable tensor of MODEL."""
         from tbpw.files.outputs import refuse_overwriting_inputs
         from tbpw.measure.engine import measure as run_measure
@@ -51,7 +53,8 @@ def tbpw_register_commands(cli: click.Group) -> None:
         table = run_measure(model, imatrix, metric=metric,
                             metric_options=key_values(metric_options, flag="--metric-option", example="trim_fraction=0.02"),
                             candidates=[t for t in types.split(",") if t.strip()] if types else None,
-                            sampling={"scale": sample_scale, "all_rows": all_rows}, threads=threads,
+                            sampling={"scale": sample_scale, "all_rows": all_rows,
+                                      **({"sampled_share": 1.0} if fork_sampling else {})}, threads=threads,
                             cache_dir=cache_dir, progress=not quiet)
         if out is not None:
             table.write_json(out)

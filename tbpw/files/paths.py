@@ -45,6 +45,13 @@ def sensitivity_cache() -> Path:
     return Path(env).expanduser() if env else home() / "sensitivity"
 
 
+def calibration_cache() -> Path:
+    """Float-model logits on calibration text and the KLD scores of plans against them (tbpw.select.scoring):
+    $TBPW_CALIBRATION_CACHE, else <home>/calibration."""
+    env = os.environ.get("TBPW_CALIBRATION_CACHE")
+    return Path(env).expanduser() if env else home() / "calibration"
+
+
 def vendor_dir() -> Path:
     """The pins and tbpw's own native sources: $TBPW_VENDOR, else the repository's vendor/ folder, which
     installs as the data package `tbpw_vendor` (a checkout and a wheel find it the same way)."""

@@ -28,6 +28,13 @@ QUANTIZABLE = (
     "MXFP4",
 )
 
+# Types whose lookup grids ggml_quantize_init builds on first use (seconds each; IQ1_M shares IQ1_S's). It builds
+# them under ggml's one global mutex, which every ggml_quantize_chunk call also takes: while a grid is being
+# built, no other thread can quantize through ggml_quantize_chunk. The other quantized types are called through
+# their own exported quantize_<type> functions (what ggml_quantize_chunk dispatches to: the same bytes), which
+# take no lock, so they run on while a grid is being built.
+GRID_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_S")
+
 # Types stock llama-quantize refuses to write without importance data (tensor_requires_imatrix, b11312;
 # token_embd and output are exempt there). libggml itself only insists for IQ1_S, IQ2_XXS and IQ2_XS.
 STOCK_REQUIRES_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS")
@@ -102,6 +109,18 @@ class Ggml:
         self._to_float: dict[str, Callable[..., None]] = {}  # _TO_FLOAT instances
         self._init_lock = threading.Lock()
         self._initialised: set[str] = set()
+        # quantize_<type>(src, dst, nrows, n_per_row, imatrix) -> bytes written, for the types without grids
+        self._direct: dict[str, Callable[..., int]] = {}
+        for name in QUANTIZABLE:
+            if name in GRID_TYPES or name in ("F32", "F16", "BF16"):
+                continue
+            # ggml's names: quantize_q4_K, quantize_iq4_xs, quantize_q8_0, ...
+            symbol = "quantize_" + (name[:-2].lower() + "_K" if name.endswith("_K") else name.lower())
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype = ctypes.c_size_t
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+                self._direct[name] = fn
 
     # ----- types -----
 
@@ -160,6 +179,16 @@ class Ggml:
                     self._lib.ggml_quantize_init(t.id)
                     self._initialised.add(t.name)
 
+    def needs_grid(self, type_name: str) -> bool:
+        """True while `type_name` still has a lookup grid to build before it can quantize."""
+        return type_name.upper() in GRID_TYPES and type_name.upper() not in self._initialised
+
+    def prepare(self, type_names: list[str] | tuple[str, ...]) -> None:
+        """Build the grids these types need now (one after the other; other types keep quantizing meanwhile)."""
+        for name in type_names:
+            if name.upper() in self.types:
+                self._ensure_init(self.traits(name))
+
     def quantize(self, type_name: str, rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """Quantize float32 rows [n_rows, n_per_row] to `type_name`; returns uint8 [n_rows, row_bytes].
 
@@ -181,9 +210,13 @@ class Ggml:
         out = np.empty((n_rows, row_bytes), dtype=np.uint8)
         if n_rows == 0:
             return out
-        self._ensure_init(t)
-        written = self._lib.ggml_quantize_chunk(t.id, rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row,
-                                                None if weights is None else weights.ctypes.data)
+        imatrix = None if weights is None else weights.ctypes.data
+        direct = self._direct.get(t.name)
+        if direct is not None:
+            written = direct(rows.ctypes.data, out.ctypes.data, n_rows, n_per_row, imatrix)
+        else:
+            self._ensure_init(t)
+            written = self._lib.ggml_quantize_chunk(t.id, rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, imatrix)
         if written != out.nbytes:
             raise TbpwError(f"ggml_quantize_chunk wrote {written} bytes for {t.name}, expected {out.nbytes}")
         return out

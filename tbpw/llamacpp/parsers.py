@@ -210,6 +210,27 @@ def parse_kl_divergence(text: str) -> KldResult:
     )
 
 
+_KLD_CHUNK_ROW = re.compile(rf"^\s*(\d+)\s+{NUM}\s*±\s*{NUM}\s+{NUM}\s*±\s*{NUM}\s+({NUM})\s*±\s*{NUM}\s", re.M)
+KLD_CHUNK_DECIMALS = 5  # the running KLD mean of each chunk row is printed with %10.5lf
+
+
+def parse_kld_chunks(text: str) -> list[float]:
+    """The mean KL divergence of each chunk of a KLD run, from the running means its chunk rows print
+    (`chunk  PPL  ln(PPL(Q)/PPL(base))  KL Divergence ...`): chunk i's mean is i*M_i - (i-1)*M_(i-1).
+
+    Every chunk scores the same number of tokens, so this is exact up to the printed precision: each value
+    is within (2i - 1) * 0.5e-5 of the true one (KLD_CHUNK_DECIMALS)."""
+    running = [(int(i), _num(m)) for i, m in _KLD_CHUNK_ROW.findall(text)]
+    if not running or [i for i, _ in running] != list(range(1, len(running) + 1)):
+        raise ParseError("llama-perplexity printed no numbered chunk rows (`   1    PPL ± e  ...  KLD ± e ...`): "
+                         "the run failed before its first chunk, or the format changed")
+    out, previous = [], 0.0
+    for i, mean in running:
+        out.append(i * mean - (i - 1) * previous)
+        previous = mean
+    return out
+
+
 # ---------------------------------------------------------------- task scores
 
 

@@ -100,6 +100,43 @@ def calibration_base(model: Path | str, calibration_text: Path | str, work_dir: 
                        threads=threads, ngl=ngl, log_path=work / "calibration-base.log")
 
 
+def truncate_base(base: BaseLogits, chunks: int, out: Path | str) -> BaseLogits:
+    """The first `chunks` chunks of saved base logits, as their own file (reused when it exists).
+
+    llama-perplexity --kl-divergence scores every chunk of the logits file it is given (its --chunks has no
+    effect there), so scoring on fewer chunks needs a shorter file. The format: `_logits_`, u32 n_ctx,
+    i32 n_vocab, i32 n_chunk, i32 tokens[n_chunk * n_ctx], then per chunk (n_ctx - 1 - n_ctx / 2) x
+    (2 * ((n_vocab + 1) / 2) + 4) u16 log-probabilities."""
+    import struct
+
+    from tbpw.files.atomic import atomic_path
+
+    out = Path(out)
+    with open(base.path, "rb") as src:
+        head = src.read(20)
+        if len(head) != 20 or head[:8] != b"_logits_":
+            raise TbpwError(f"{base.path} is not a llama-perplexity logits file: make it again")
+        n_ctx, n_vocab, n_chunk = struct.unpack_from("<Iii", head, 8)
+        if not 0 < chunks <= n_chunk:
+            raise TbpwError(f"{base.path} holds {n_chunk} chunks, {chunks} were asked for: save the base logits "
+                            "with more chunks")
+        if chunks == n_chunk:
+            return base
+        if not out.is_file():
+            per_chunk = (n_ctx - 1 - n_ctx // 2) * (2 * ((n_vocab + 1) // 2) + 4) * 2
+            with atomic_path(out) as tmp, open(tmp, "wb") as dst:
+                dst.write(head[:16] + struct.pack("<i", chunks))
+                dst.write(src.read(4 * n_chunk * n_ctx)[:4 * chunks * n_ctx])
+                left = per_chunk * chunks
+                while left:
+                    block = src.read(min(left, 16 << 20))
+                    if not block:
+                        raise TbpwError(f"{base.path} is cut short: save the base logits again")
+                    dst.write(block)
+                    left -= len(block)
+    return BaseLogits(out, base.text, base.ctx, chunks, base.ppl, base.ppl_error, 0.0)
+
+
 def kl_divergence(model: Path | str, logits: Path | str, *, ctx: int, chunks: int | None = None,
                   threads: int | None = None, ngl: int | None = None, log_path: Path | str | None = None,
                   build: BuildInfo | None = None) -> tuple[parsers.KldResult, ToolRun]:
@@ -119,10 +156,17 @@ class KldScore:
     rho_ppl: float
     ppl: float
     seconds: float
+    chunk_kld: tuple[float, ...] = ()  # the mean KLD of each chunk (parsers.parse_kld_chunks), when printed
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict:
         return {"kld_mean": self.kld_mean, "kld_p99": self.kld_p99, "same_top_p": self.same_top_p,
-                "rho_ppl": self.rho_ppl, "ppl": self.ppl, "seconds": round(self.seconds, 3)}
+                "rho_ppl": self.rho_ppl, "ppl": self.ppl, "seconds": round(self.seconds, 3),
+                **({"chunk_kld": list(self.chunk_kld)} if self.chunk_kld else {})}
+
+    @classmethod
+    def from_json(cls, data: dict) -> KldScore:
+        return cls(float(data["kld_mean"]), float(data["kld_p99"]), float(data["same_top_p"]), float(data["rho_ppl"]),
+                   float(data["ppl"]), float(data.get("seconds", 0.0)), tuple(data.get("chunk_kld", ())))
 
 
 def kld(model: Path | str, base: BaseLogits, *, threads: int | None = None, ngl: int | None = None,
@@ -130,9 +174,13 @@ def kld(model: Path | str, base: BaseLogits, *, threads: int | None = None, ngl:
     """Score `model` against the saved baseline logits (same ctx and chunks as they were made with)."""
     r, run = kl_divergence(model, base.path, ctx=base.ctx, chunks=base.chunks, threads=threads, ngl=ngl,
                            log_path=log_path)
+    try:
+        chunks = tuple(parsers.parse_kld_chunks(run.output))
+    except parsers.ParseError:
+        chunks = ()
     return KldScore(kld_mean=r.kld.mean.value, kld_p99=r.kld.percentiles.get(99.0, float("nan")),
                     same_top_p=r.same_top_p_pct.value, rho_ppl=r.ln_ppl_correlation_pct, ppl=r.ppl_q.value,
-                    seconds=run.seconds)
+                    seconds=run.seconds, chunk_kld=chunks)
 
 
 @overload

@@ -37,7 +37,6 @@ from pydantic import ValidationError
 from tbpw.errors import Interrupted, TbpwError, Terminated, os_error
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
-from tbpw.files.digest import content_sha256
 from tbpw.files.lock import waiting_lock
 from tbpw.imatrix.reader import Imatrix
 from tbpw.measure import candidates as cand
@@ -47,15 +46,16 @@ from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, Tensor
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
 from tbpw.model.ggml_types import nominal_bpw
 from tbpw.model.inventory import ModelInventory, TensorInfo
+from tbpw.model.inventory import fingerprint as model_fingerprint
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from tbpw.quantize.store import BlobWriter, StoreSource
+
 # Bump when a change to this module changes the numbers it produces.
 ENGINE_VERSION = 1
 
-
-KEEP_SAMPLE_BYTES = 256 << 20  # sampled rows of one tensor kept in memory up to this size
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,6 @@ def plan_tensor(info: TensorInfo, has_mean: bool, sampling: SamplingOptions | No
     return [SlicePlan(e, sample_rows(info.name, e, info.rows_per_expert, count)) for e in range(info.n_experts)]
 
 
-def model_fingerprint(inventory: ModelInventory) -> str:
-    """sha256 of the whole model file, so that any edited weight makes another cache entry.
-
-    Remembered while the file's device, inode, size, mtime and ctime stay the same (tbpw.files.digest), so a
-    model is read once, not at every measurement.
-    """
-    return content_sha256(inventory.path)
-
-
 def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -93,13 +84,15 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
             metric_options: Mapping[str, Any] | None = None, candidates: Sequence[str] | None = None,
             sampling: SamplingOptions | Mapping[str, Any] | None = None, threads: int | None = None,
             cache_dir: Path | str | None = None, progress: bool = True, tensors: Iterable[str] | None = None,
-            on_tensor: Callable[[TensorErrors], None] | None = None) -> ErrorTable:
+            on_tensor: Callable[[TensorErrors], None] | None = None, store: StoreSource | None = None) -> ErrorTable:
     """Measure (or load from the cache) the error table of a model.
 
     `metric` names an error-metric plugin (default: the registry's default), `metric_options` its options; `candidates` the ggml types to
     try (default: the fork's 20); `sampling` the row sampling (default: the fork's); `tensors` limits the
     measurement to some tensors (default: every quantizable one). `on_tensor` is called (in the calling
-    thread) with each tensor as it finishes.
+    thread) with each tensor as it finishes. With `store` (tbpw.quantize.store, bound to this model and imatrix),
+    a tensor whose every row is measured leaves its quantized data there for each candidate type: exactly the
+    bytes llama-quantize writes, so plans need no quantization of it later.
     """
     from tbpw.llamacpp.build import active_build
     from tbpw.plugin.manager import get_manager
@@ -114,6 +107,10 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
     candidate_set = cand.normalize_types(candidates)
     names = _select(inventory, tensors)
     build = active_build()
+    if store is not None and (store.inventory.path.resolve() != inventory.path.resolve() or
+                              (store.imatrix_path.resolve() if store.imatrix_path is not None else None) !=
+                              (Path(imatrix_path).resolve() if imatrix_path is not None else None)):
+        raise TbpwError("the tensor store was opened for another model or imatrix than the measurement's")
 
     parts = {
         "engine": ENGINE_VERSION,
@@ -141,13 +138,13 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
         if (cached := cached_table(final, inventory, names)) is not None:
             return cached
         return _measure_entry(folder, meta, inventory, imatrix, names, registry, metric, metric_opts, build,
-                              candidate_set, sampling_opts, threads, progress, on_tensor)
+                              candidate_set, sampling_opts, threads, progress, on_tensor, store)
 
 
 def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix: Imatrix | None, names: list[str],
                    registry, metric: str, metric_opts, build, candidate_set: Sequence[str],
                    sampling_opts: SamplingOptions, threads: int | None, progress: bool,
-                   on_tensor: Callable[[TensorErrors], None] | None) -> ErrorTable:
+                   on_tensor: Callable[[TensorErrors], None] | None, store: StoreSource | None) -> ErrorTable:
     from tbpw.llamacpp import ggml as ggml_bridge
 
     final = folder / "table.json"
@@ -161,7 +158,7 @@ def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix:
     if setup is not None:
         setup(MeasureSetup(inventory=inventory, imatrix=imatrix, tensors=tuple(names)))
     lib = ggml_bridge.load(build.library("ggml-base"))
-    engine = _Engine(inventory, imatrix, metric_obj, lib, candidate_set, sampling_opts)
+    engine = _Engine(inventory, imatrix, metric_obj, lib, candidate_set, sampling_opts, store)
     todo = [n for n in names if n not in done]
     # Longest jobs first, so one big tensor does not finish alone at the end.
     todo.sort(key=lambda n: -engine.cost(n))
@@ -212,7 +209,7 @@ def _select(inventory: ModelInventory, tensors: Iterable[str] | None) -> list[st
 
 class _Engine:
     def __init__(self, inventory: ModelInventory, imatrix: Imatrix | None, metric, lib, types: Sequence[str],
-                 sampling: SamplingOptions):
+                 sampling: SamplingOptions, store: StoreSource | None = None):
         self.inventory = inventory
         self.imatrix = imatrix
         self.metric = metric
@@ -223,6 +220,7 @@ class _Engine:
         self.stop = threading.Event()
         self._cost: dict[str, float] = {}
         self.prepare = getattr(metric, "prepare_rows", None)  # optional for a plugin: rows as sampled otherwise
+        self.store = store
 
     def candidates(self, info: TensorInfo) -> list[str]:
         has_data = self.imatrix is not None and info.name in self.imatrix
@@ -236,16 +234,32 @@ class _Engine:
         return self._cost[name]
 
     def run(self, names: Sequence[str], threads: int) -> Iterator[TensorErrors]:
-        """Measure `names` on `threads` threads, yielding each tensor as it finishes (in the calling thread)."""
+        """Measure `names` on `threads` threads, yielding each tensor as it finishes (in the calling thread).
+
+        libggml builds the grids of the very-low-bit IQ types on first use, under a lock no other quantization
+        can pass through (GRID_TYPES). So each tensor is measured in two parts: first every tensor's types without
+        a grid, while one thread builds the grids; then the grid types. The cores stay busy meanwhile."""
         if not names:
             return
+        grids = [t for t in self.types if self.lib.needs_grid(t)]
+        if grids:
+            threading.Thread(target=self.lib.prepare, args=(grids,), name="tbpw-grids", daemon=True).start()
+        jobs: list[tuple[str, bool]] = []  # (tensor, its grid types?)
+        self._parts: dict[str, list] = {}
+        for name in names:
+            types = self.candidates(self.inventory[name])
+            split = [flag for flag in (False, True) if any((t in grids) == flag for t in types)]
+            self._parts[name] = [len(split), np.zeros(len(types)), threading.Lock()]
+            jobs += [(name, flag) for flag in split]
+        jobs.sort(key=lambda job: job[1])  # every tensor's first part before any grid part (stable: largest first)
         pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tbpw-measure")
         pending: set[Future] = set()
-        queue = list(names)
         try:
-            while queue or pending:
-                while queue and len(pending) < 2 * max(1, threads):
-                    pending.add(pool.submit(self.tensor, queue.pop(0)))
+            while jobs or pending:
+                while jobs and len(pending) < 2 * max(1, threads):
+                    name, grid_part = jobs.pop(0)
+                    pending.add(pool.submit(self.tensor, name, frozenset(grids) if grid_part else None,
+                                            frozenset(grids)))
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     result = fut.result()
@@ -257,43 +271,78 @@ class _Engine:
                 fut.cancel()
             pool.shutdown(wait=True)
 
-    def tensor(self, name: str) -> TensorErrors | None:
+    def tensor(self, name: str, only: frozenset[str] | None = None,
+               skip: frozenset[str] = frozenset()) -> TensorErrors | None:
+        """Measure the candidate types of `name` that are in `only` (None: those not in `skip`); the part that
+        finishes a tensor returns its errors (parts: see `run`), the others None."""
         info = self.inventory[name]
         types = self.candidates(info)
+        mine = [k for k, t in enumerate(types) if (t in only if only is not None else t not in skip)]
         plan = plan_tensor(info, self.has_mean, self.sampling)
         imatrix = self.imatrix if self.imatrix is not None and name in self.imatrix else None
         importance = imatrix.importance(name) if imatrix is not None else None
         means = imatrix.mean(name) if imatrix is not None else None
         sums = np.zeros(len(types))
-        # Sampled rows stay in memory for the metric's per-tensor pass unless they are large (MoE samples).
-        keep = sum(len(sl.rows) for sl in plan) * info.row_length * 4 <= KEEP_SAMPLE_BYTES
-        kept: list[np.ndarray] = []
-        for sl in plan:
-            e = sl.expert or 0
-            rows = self._rows(info, sl)
-            if keep:
-                kept.append(rows)
-            imp = importance[e] if importance is not None else None
-            stats = ColumnStats(sq=imp, mean=means[e] if means is not None else None)
-            for k, t in enumerate(types):
-                if self.stop.is_set():
+        blobs = self._blobs(info, plan, [types[k] for k in mine])
+        try:
+            for sl in plan:
+                e = sl.expert or 0
+                rows = self._rows(info, sl)
+                imp = importance[e] if importance is not None else None
+                stats = ColumnStats(sq=imp, mean=means[e] if means is not None else None)
+                for k in mine:
+                    t = types[k]
+                    if self.stop.is_set():
+                        return None
+                    ctx = MetricContext(tensor=name, role=info.role, type=t, nominal_bpw=nominal_bpw(t),
+                                        slice_rows=info.rows_per_expert, expert=sl.expert)
+                    prepared = self.prepare(rows, ctx) if self.prepare is not None else rows
+                    quantized = self.lib.quantize(t, prepared, imp)
+                    if t in blobs:
+                        if prepared is rows:  # the stored rows as llama-quantize reads them: its very bytes
+                            blobs[t].write(quantized)
+                        else:
+                            blobs.pop(t).discard()
+                    reconstructed = self.lib.dequantize(t, quantized, info.row_length)
+                    sums[k] += float(self.metric.slice_error(rows, reconstructed, stats, ctx))
+            for blob in blobs.values():
+                blob.commit()
+        finally:
+            for blob in blobs.values():
+                blob.discard()
+        parts = getattr(self, "_parts", {}).get(name)
+        if parts is not None:
+            with parts[2]:
+                parts[1] += sums
+                parts[0] -= 1
+                if parts[0] > 0:
                     return None
-                ctx = MetricContext(tensor=name, role=info.role, type=t, nominal_bpw=nominal_bpw(t),
-                                    slice_rows=info.rows_per_expert, expert=sl.expert)
-                prepared = self.prepare(rows, ctx) if self.prepare is not None else rows
-                reconstructed = self.lib.roundtrip(t, prepared, imp)
-                sums[k] += float(self.metric.slice_error(rows, reconstructed, stats, ctx))
+                sums = parts[1]
         factor = 1.0
         tensor_factor = getattr(self.metric, "tensor_factor", None)
         if tensor_factor is not None:
+            # the sampled rows, read again (and only) if the metric's per-tensor pass asks for them
             sample = TensorSample(tensor=name, role=info.role, n_cols=info.row_length,
                                   n_rows=sum(len(sl.rows) for sl in plan),
-                                  blocks=(lambda: iter(kept)) if keep else (lambda: (self._rows(info, sl) for sl in plan)))
+                                  blocks=lambda: (self._rows(info, sl) for sl in plan))
             ctx = MetricContext(tensor=name, role=info.role, type=info.stored_type,
                                 nominal_bpw=nominal_bpw(info.stored_type), slice_rows=info.rows_per_expert)
             factor = float(tensor_factor(sample, ctx))
         return TensorErrors(name, info.n_elements,
                             [CandidateError(t, info.bytes_as(t), float(sums[k] * factor)) for k, t in enumerate(types)])
+
+    def _blobs(self, info: TensorInfo, plan: list[SlicePlan], types: Sequence[str]) -> dict[str, BlobWriter]:
+        """Store blobs to fill while measuring: when every row of every slice is measured, in order."""
+        if self.store is None or any(len(sl.rows) != info.rows_per_expert for sl in plan):
+            return {}
+        out = {}
+        for t in types:
+            if self.store.supports(t) and t != info.stored_type and not self.store.has(info.name, t):
+                try:
+                    out[t] = self.store.open_blob(info.name, t)
+                except TbpwError:  # a type llama-quantize would refuse here: nothing to keep
+                    continue
+        return out
 
     def _rows(self, info: TensorInfo, sl: SlicePlan) -> np.ndarray:
         return np.ascontiguousarray(self.inventory.rows(info.name, sl.rows, expert=sl.expert), dtype=np.float32)

@@ -9,7 +9,7 @@ and string values, then memory-maps the tensor data: opening any model takes mil
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,15 @@ class GgufLayout:
     tensors: list[TensorLayout]
     data_offset: int
     alignment: int
+    # byte range [start, end) of each key/value entry (key, type and value) in the file, in file order
+    kv_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def kv_bytes(self, key: str) -> bytes:
+        """The raw bytes of one key/value entry, as the file stores it."""
+        start, end = self.kv_spans[key]
+        with open(self.path, "rb") as fh:
+            fh.seek(start)
+            return fh.read(end - start)
 
     @property
     def architecture(self) -> str:
@@ -109,9 +118,12 @@ def read(path: Path | str) -> GgufLayout:
             raise TbpwError(f"{path} is GGUF version {version}; tbpw reads versions 2 and 3 (little-endian): re-convert the model")
         n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
         fields: dict[str, Any] = {}
+        spans: dict[str, tuple[int, int]] = {}
         for _ in range(n_kv):
+            start = cur.pos
             key = cur.string()
             fields[key] = cur.value(cur.unpack("<I"))
+            spans[key] = (start, cur.pos)
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
@@ -145,4 +157,4 @@ def read(path: Path | str) -> GgufLayout:
             data = raw.reshape(*np_shape[:-1], np_shape[-1] // blck * size)
         tensors.append(TensorLayout(name, dims, qtype, start, n_bytes, data))
     return GgufLayout(path=path, version=version, fields=fields, tensors=tensors, data_offset=data_offset,
-                      alignment=alignment)
+                      alignment=alignment, kv_spans=spans)

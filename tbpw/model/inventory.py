@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from tbpw.errors import TbpwError
+from tbpw.files.digest import content_sha256
 from tbpw.model import gguf_layout
 from tbpw.model.ggml_types import effective_type, row_bytes
 
@@ -180,4 +181,13 @@ class ModelInventory:
             return np.asarray(picked, dtype=np.float32)
         out = dequantize(np.asarray(picked), GGMLQuantizationType[info.stored_type])
         return np.asarray(out, dtype=np.float32).reshape(-1, info.row_length)
+
+
+def fingerprint(inventory: ModelInventory) -> str:
+    """sha256 of the whole model file, so that any edited weight makes another cache entry.
+
+    Remembered while the file's device, inode, size, mtime and ctime stay the same (tbpw.files.digest), so a
+    model is read once, not at every measurement.
+    """
+    return content_sha256(inventory.path)
 

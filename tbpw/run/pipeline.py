@@ -17,7 +17,9 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tbpw import __version__
 from tbpw.allocate.budget import Target
@@ -41,6 +43,10 @@ from tbpw.plugin.manager import get_manager
 from tbpw.run import compare
 from tbpw.run.recipe import PluginRef, Recipe, RecipeTarget, check_ready, evaluator_instances, recipe_sha256
 from tbpw.run.rundir import RunDir, StageOutcome
+
+if TYPE_CHECKING:
+    from tbpw.quantize.store import TensorStore
+    from tbpw.select.scoring import Scorer
 
 
 @dataclass
@@ -74,6 +80,28 @@ class Pipeline:
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
         # what every GGUF the run writes records besides what the Planner knows (tbpw.model.provenance)
         self.provenance: dict[str, str] = {}
+        self._scorers: dict[int, Scorer] = {}
+
+    @cached_property
+    def store(self) -> TensorStore | None:
+        """The tensor store every quant of the run is assembled from (None: llama-quantize writes each)."""
+        if not self.recipe.store:
+            return None
+        from tbpw.quantize.store import TensorStore
+
+        return TensorStore(threads=self.recipe.measure.threads)
+
+    def scorer(self, model: Path, imatrix: Path, text: DatasetFile, ctx: int) -> Scorer:
+        """One set of float logits on the calibration text (per ctx) and its kept scores, shared by calibrate and
+        every target's choice; it holds as many chunks as either of them asks for."""
+        if ctx not in self._scorers:
+            from tbpw.select.scoring import Scorer
+
+            wanted = [o.chunks for o in (self.recipe.calibrate, self.recipe.choose) if o is not None and o.ctx == ctx]
+            self._scorers[ctx] = Scorer(model, text.path, imatrix=imatrix, ctx=ctx, chunks=max(wanted, default=0),
+                                        threads=self.recipe.measure.threads, ngl=self.recipe.ngl,
+                                        log=lambda line: self.log(f"  scoring{line}"))
+        return self._scorers[ctx]
 
     def close(self) -> None:
         """Release the run directory (`run` does at its end) for the next run."""
@@ -209,7 +237,8 @@ class Pipeline:
 
             assert opts.metric is not None  # load_recipe fills in the registry's default
             table = measure(model, imatrix, metric=opts.metric.name, metric_options=opts.metric.options,
-                            candidates=opts.candidates, sampling=opts.sampling, threads=opts.threads)
+                            candidates=opts.candidates, sampling=opts.sampling, threads=opts.threads,
+                            store=self.store.source(model, imatrix) if self.store is not None else None)
             table.write_json(folder / "errors.json")
             return {"table": "errors.json", "tensors": len(table.tensors)}
 
@@ -232,7 +261,7 @@ class Pipeline:
 
     def _planner(self, model: Path, imatrix: Path, log_dir: Path) -> Planner:
         return Planner(model, imatrix, self.recipe.constraints, log_dir=log_dir, manager=self.manager,
-                       provenance=self.provenance)
+                       provenance=self.provenance, store=self.store)
 
     def compare_files(self, model: Path) -> list[Quant]:
         """The recipe's `compare_files`, each found and checked to be a quant of `model` (before any work on it)."""
@@ -279,8 +308,10 @@ class Pipeline:
 
             measured = ErrorTable.read_json(table)
             sens = calibrate(model, imatrix, text.path, measured, probe_types=opts.probes, grouping=opts.grouping,
-                             ctx=opts.ctx, chunks=opts.chunks, threads=self.recipe.measure.threads,
-                             ngl=self.recipe.ngl, log=lambda line: self.log(f"  calibrate{line}"))
+                             ctx=opts.ctx, chunks=opts.chunks, background=opts.background,
+                             threads=self.recipe.measure.threads, ngl=self.recipe.ngl,
+                             scorer=self.scorer(model, imatrix, text, opts.ctx), store=self.store,
+                             log=lambda line: self.log(f"  calibrate{line}"))
             write_json(folder / "sensitivity.json", sens.to_json())
             tables = {}
             for strength in opts.strengths:
@@ -305,6 +336,10 @@ class Pipeline:
         metric = self.recipe.measure.metric.name
         allocators = self.recipe.allocators
 
+        if opts.tables == "calibrated" and len(tables) > 1:  # the measured table is the first; calibrated ones follow
+            tables = dict(list(tables.items())[1:])
+            written = {}
+
         def body(folder: Path) -> dict:
             from tbpw.select.choose import candidate_name, choose
 
@@ -312,8 +347,10 @@ class Pipeline:
                             [(a.name, a.options) for a in allocators], budget, text.path,
                             folder / "model.gguf", folder / "work",
                             written={candidate_name(a, metric): q.path for a, q in written.items()},
-                            ctx=opts.ctx, chunks=opts.chunks, refine_rounds=opts.refine_rounds,
+                            ctx=opts.ctx, chunks=opts.chunks, screen_chunks=opts.screen_chunks,
+                            finalists=opts.finalists, refine_rounds=opts.refine_rounds,
                             refine_tries=opts.refine_tries, ngl=self.recipe.ngl,
+                            scorer=self.scorer(model, imatrix, text, opts.ctx),
                             log=lambda line: self.log(f"  choose{line}"))
             inventory = ModelInventory.load(folder / "model.gguf")
             return {"model": "model.gguf", "bpw": inventory.bpw(), "size_bytes": (folder / "model.gguf").stat().st_size,

@@ -144,6 +144,20 @@ class CalibrateOptions(Strict):
     strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5], min_length=1)  # one calibrated table each
     ctx: int = Field(512, ge=32)
     chunks: int = Field(8, ge=1)
+    # the type every tensor outside the probed group keeps: float (its stored type) or a near-lossless type
+    background: str = "float"
+
+    @field_validator("background")
+    @classmethod
+    def _background(cls, value: str) -> str:
+        if value.lower() == "float":
+            return "float"
+        from tbpw.model.ggml_types import type_name
+
+        try:
+            return type_name(value)
+        except (KeyError, ValueError, TbpwError) as exc:
+            raise ValueError(f"unknown background type ({exc}): use float or a type such as Q8_0") from None
 
     @field_validator("strengths")
     @classmethod
@@ -169,8 +183,21 @@ class ChooseOptions(Strict):
 
     ctx: int = Field(512, ge=32)
     chunks: int = Field(16, ge=1)
+    # the error tables whose plans are candidates: all (the measured one and the calibrated ones), or only the
+    # calibrated ones (the measured table's quants are still written and evaluated, just not scored here)
+    tables: Literal["all", "calibrated"] = "calibrated"
+    # score every distinct plan on this many chunks first, and only the leader and the plans tied with it
+    # (tbpw.select.scoring.tied_with_leader) on all `chunks`; 0: every plan on all of them
+    screen_chunks: int = Field(4, ge=0)
+    finalists: int = Field(2, ge=1)  # at most this many plans go on from the screening
     refine_rounds: int = Field(0, ge=0)  # then improve the winner by type swaps that calibration KLD confirms
     refine_tries: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _screening(self) -> ChooseOptions:
+        if self.screen_chunks == 1:
+            raise ValueError("screen_chunks is 0 (no screening) or at least 2: the tie rule needs two chunks")
+        return self
 
 
 class CompareFile(Strict):
@@ -221,6 +248,9 @@ class Recipe(Strict):
     choose: ChooseOptions | None = None
     compare_stock: list[str] = Field(default_factory=list)
     compare_files: list[CompareFile] = Field(default_factory=list)  # other people's quants of the same model
+    # quantize each (tensor, type) once into the tensor store and assemble every quant from it (the file
+    # llama-quantize would write, in I/O time); false: llama-quantize writes each quant
+    store: bool = True
     evaluators: list[PluginRef] | None = Field(None, min_length=1)  # None: the registry's default evaluator
     ngl: int | None = Field(None, ge=0)  # GPU layers of every llama.cpp run that loads a model; None: all on a GPU build
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)

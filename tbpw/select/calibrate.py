@@ -28,18 +28,21 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tbpw.errors import TbpwError
 from tbpw.files import paths
 from tbpw.files.atomic import temporary_folder, write_json, write_text
 from tbpw.files.digest import content_sha256
 from tbpw.files.lock import waiting_lock
-from tbpw.llamacpp.perplexity import base_logits, kld
 from tbpw.measure.engine import cache_key, model_fingerprint
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
 from tbpw.model.ggml_types import type_name
 from tbpw.model.inventory import ModelInventory
+from tbpw.select.scoring import Scorer
+
+if TYPE_CHECKING:
+    from tbpw.quantize.store import TensorStore
 
 SENSITIVITY_VERSION = 1
 Grouping = Literal["tensor", "role"]
@@ -158,31 +161,43 @@ def _table_hash(table: ErrorTable) -> str:
 
 def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: Path | str, table: ErrorTable, *,
               probe_types: Sequence[str] = ("Q3_K",), grouping: Grouping = "tensor", ctx: int = 512, chunks: int = 8,
-              threads: int | None = None, ngl: int | None = None, cache_dir: Path | str | None = None,
+              background: str = "float", threads: int | None = None, ngl: int | None = None,
+              cache_dir: Path | str | None = None, scorer: Scorer | None = None, store: TensorStore | None = None,
               log: Callable[[str], None] | None = None) -> Sensitivity:
-    """Measure (or load from the cache) the sensitivity of every group of `model` (see the module doc)."""
+    """Measure (or load from the cache) the sensitivity of every group of `model` (see the module doc).
+
+    `background` is the type every tensor outside the probed group keeps: `float` (its stored type) or a
+    near-lossless type such as Q8_0 (half the disk and load time of each probe; the noise floor is then the
+    all-Q8_0 model's KLD). `scorer` shares the float logits and kept scores with `choose` (its ctx must be
+    `ctx`); `store` writes the probes from tensors quantized once (else llama-quantize writes each)."""
     from tbpw.llamacpp.build import active_build
 
     model, calibration_text = Path(model), Path(calibration_text)
     inventory = ModelInventory.load(model)
     probes = tuple(type_name(t) for t in probe_types)
+    try:
+        bg = "float" if background.lower() == "float" else type_name(background)
+    except (KeyError, ValueError):
+        raise TbpwError(f"unknown calibration background {background!r}: use float or a type such as Q8_0") from None
     groups = groups_of(inventory, grouping)
     entries = table.by_name()
     build = active_build()
     parts = {"version": SENSITIVITY_VERSION, "model": model_fingerprint(inventory),
              "imatrix": content_sha256(Path(imatrix)) if imatrix else None, "text": content_sha256(calibration_text),
              "table": _table_hash(table), "probes": list(probes), "grouping": grouping, "ctx": ctx, "chunks": chunks,
-             "build": build.key}
+             "build": build.key, **({"background": bg} if bg != "float" else {})}
     key = cache_key(parts)
     folder = (Path(cache_dir) if cache_dir else paths.sensitivity_cache()) / key
     final = folder / "sensitivity.json"
     if (cached := _cached(final, groups)) is not None:
         return cached
+    if scorer is not None and scorer.ctx != ctx:
+        raise TbpwError(f"the shared scorer works at ctx {scorer.ctx}, calibration at {ctx}: give both the same ctx")
     with waiting_lock(folder / ".lock", note=lambda line: (log or print)(f"note: {line}")):
         if (cached := _cached(final, groups)) is not None:
             return cached
         return _calibrate(model, imatrix, calibration_text, inventory, entries, groups, probes, grouping, parts, key,
-                          folder, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl, log=log)
+                          folder, bg, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl, scorer=scorer, store=store, log=log)
 
 
 def _cached(final: Path, groups: Mapping[str, list[str]]) -> Sensitivity | None:
@@ -204,10 +219,12 @@ def _cached(final: Path, groups: Mapping[str, list[str]]) -> Sensitivity | None:
 
 def _calibrate(model: Path, imatrix: Path | str | None, calibration_text: Path, inventory: ModelInventory,
                entries: Mapping[str, TensorErrors], groups: dict[str, list[str]], probes: tuple[str, ...],
-               grouping: Grouping, parts: dict, key: str, folder: Path, *, ctx: int, chunks: int,
-               threads: int | None, ngl: int | None, log: Callable[[str], None] | None) -> Sensitivity:
+               grouping: Grouping, parts: dict, key: str, folder: Path, bg: str, *, ctx: int, chunks: int,
+               threads: int | None, ngl: int | None, scorer: Scorer | None, store: TensorStore | None,
+               log: Callable[[str], None] | None) -> Sensitivity:
     from tbpw.llamacpp.build import active_build
     from tbpw.llamacpp.quantize import quantize, tensor_type_text
+    from tbpw.quantize.assemble import assemble, unsupported
 
     build = active_build()
     final = folder / "sensitivity.json"
@@ -229,27 +246,34 @@ def _calibrate(model: Path, imatrix: Path | str | None, calibration_text: Path, 
 
     work = temporary_folder(folder / "work")
     say = log or (lambda line: None)
+    scorer = scorer or Scorer(model, calibration_text, imatrix=imatrix, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl,
+                              cache_dir=work / "scores", log=say)
+    source = store.source(model, imatrix) if store is not None else None
     try:
-        base = base_logits(model, calibration_text, work / "base.logits", ctx=ctx, chunks=chunks, threads=threads,
-                           ngl=ngl, log_path=work / "base.log", build=build)
-        floats = {t.name: t.stored_type for t in inventory.tensors if t.quantizable}
+        rest = {t.name: (t.stored_type if bg == "float" else t.effective_type(bg))
+                for t in inventory.tensors if t.quantizable}
 
         def delta(types: Mapping[str, str], label: str) -> float:
-            write_text(work / "types.txt", tensor_type_text(types))
-            out = work / "probe.gguf"
-            quantize(model, out, imatrix=imatrix, tensor_type_file=work / "types.txt", threads=threads,
-                     log_path=work / "quantize.log", build=build)
-            score = kld(out, base, threads=threads, ngl=ngl, log_path=work / "kld.log")
-            out.unlink()
+            score = scorer.lookup(types, chunks)
+            if score is None:
+                out = work / "probe.gguf"
+                if source is not None and unsupported(source, types) is None:
+                    assemble(source, types, out)
+                else:
+                    write_text(work / "types.txt", tensor_type_text(types))
+                    quantize(model, out, imatrix=imatrix, tensor_type_file=work / "types.txt", threads=threads,
+                             log_path=work / "quantize.log", build=build)
+                score = scorer.score(out, types, chunks, log_path=work / "kld.log")
+                out.unlink()
             say(f"  {label}: KLD {score.kld_mean:.6f}")
             return score.kld_mean
 
-        floor = delta(floats, "all float")
+        floor = delta(rest, "all float" if bg == "float" else f"all {bg}")
         measured: dict[str, dict[str, float]] = {}
         for group, names in groups.items():
             measured[group] = {}
             for t in probes:
-                types = dict(floats, **{n: inventory[n].effective_type(t) for n in names})
+                types = dict(rest, **{n: inventory[n].effective_type(t) for n in names})
                 measured[group][t] = delta(types, f"{group} as {t}") - floor
     except TbpwError:
         # the tools' logs stay for the message that names them; the large files go

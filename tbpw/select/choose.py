@@ -20,7 +20,9 @@ from tbpw.allocate.problem import ErrorTableLike
 from tbpw.allocate.service import Planner
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import atomic_path
-from tbpw.llamacpp.perplexity import BaseLogits, KldScore, calibration_base, kld
+from tbpw.llamacpp.perplexity import BaseLogits, KldScore
+from tbpw.select.scoring import Scorer
+from tbpw.select.scoring import finalists as scoring_finalists
 
 
 @dataclass(frozen=True)
@@ -34,67 +36,104 @@ class Selection:
     best: str
     plan: Plan
     path: Path  # the best candidate's quantized GGUF (kept in work_dir)
-    scores: dict[str, KldScore]  # candidate -> its score on the calibration chunks
+    # candidate -> the score the choice was made on: the finalists' on all the chunks, or, when the screening left
+    # one plan, every plan's screening score (scoring a lone finalist further would change nothing)
+    scores: dict[str, KldScore]
     duplicates: dict[str, str] = field(default_factory=dict)  # candidate -> the earlier one with the same types
     base: BaseLogits | None = None
     seconds: float = 0.0
+    screening: dict[str, KldScore] = field(default_factory=dict)  # candidate -> its score on the screening chunks
+    runs: int = 0  # KLD runs made (scores kept from earlier runs cost none)
+    chunks: int = 0  # the chunks `scores` are on
 
     def to_json(self) -> dict:
         return {"best": self.best, "path": str(self.path), "scores": {k: v.to_json() for k, v in self.scores.items()},
-                "duplicates": self.duplicates, "seconds": round(self.seconds, 3),
+                "screening": {k: v.to_json() for k, v in self.screening.items()},
+                "duplicates": self.duplicates, "seconds": round(self.seconds, 3), "kld_runs": self.runs,
+                "chunks": self.chunks,
                 "calibration": {"text": str(self.base.text), "ctx": self.base.ctx, "chunks": self.base.chunks}
                 if self.base else None}
 
 
 def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibration_text: Path | str,
-                work_dir: Path | str, *, ctx: int = 512, chunks: int = 16, ngl: int | None = None,
-                keep: bool = False, written: Mapping[str, Path] | None = None,
-                log: Callable[[str], None] | None = None) -> Selection:
-    """Write every candidate plan, score each against the float model on `chunks` x `ctx` tokens of
+                work_dir: Path | str, *, ctx: int = 512, chunks: int = 16, screen_chunks: int = 0, finalists: int = 2,
+                ngl: int | None = None, keep: bool = False, written: Mapping[str, Path] | None = None,
+                scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> Selection:
+    """Write the candidate plans, score them against the float model on `chunks` x `ctx` tokens of
     `calibration_text`, and return the lowest mean KL divergence (ties: the earlier candidate).
 
-    Candidates with the same type map are scored once. `written` maps candidate names to GGUFs already
-    written from their plans (they are scored as they are, not written again). The winner's GGUF stays
-    (in `work_dir`, or where `written` had it); the ones written here are deleted unless `keep`.
+    Candidates with the same type map are scored once (and, through `scorer`'s kept scores, once across targets
+    and runs). With `screen_chunks` (fewer than `chunks`), every distinct plan is first scored on that many chunks
+    and only the leader and the plans statistically tied with it (`scoring.finalists`, at most `finalists`) are
+    scored on all `chunks` (none, when only the leader is left). `written` maps candidate names to GGUFs already written from their plans (they are
+    scored as they are, not written again). The winner's GGUF stays (in `work_dir`, or where `written` had it);
+    the ones written here are deleted unless `keep`.
     """
     if not candidates:
         raise TbpwError("select_plan needs at least one candidate plan")
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise TbpwError("candidate plan names must be unique")
+    if screen_chunks < 0 or finalists < 1:
+        raise TbpwError("screen_chunks must be 0 (no screening) or more, finalists at least 1")
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: None)
-    threads = planner.threads
-    base = calibration_base(planner.model, calibration_text, work, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl)
-    seconds = base.seconds
+    scorer = scorer or Scorer(planner.model, calibration_text, imatrix=planner.imatrix, ctx=ctx, chunks=chunks,
+                              threads=planner.threads, ngl=ngl, cache_dir=work / "scores", log=say)
+    runs_before, seconds_before = scorer.runs, scorer.seconds
+    plans = {c.name: c.plan for c in candidates}
     seen: dict[str, str] = {}
     duplicates: dict[str, str] = {}
-    scores: dict[str, KldScore] = {}
-    paths: dict[str, Path] = {}
+    distinct: list[str] = []
     for cand in candidates:
         key = json.dumps(cand.plan.types(), sort_keys=True)
         if key in seen:
             duplicates[cand.name] = seen[key]
-            continue
-        seen[key] = cand.name
-        if written and cand.name in written:
-            out = Path(written[cand.name])
         else:
-            out = work / f"{cand.name}.gguf"
-            seconds += planner.write(cand.plan, out, log_path=work / f"{cand.name}.quantize.log").seconds
-        score = kld(out, base, threads=threads, ngl=ngl, log_path=work / f"{cand.name}.kld.log")
-        seconds += score.seconds
-        scores[cand.name] = score
-        paths[cand.name] = out
-        say(f"  {cand.name}: calibration KLD {score.kld_mean:.6f} ({cand.plan.achieved_bpw:.4f} bpw)")
-    best = min(scores, key=lambda n: (scores[n].kld_mean, names.index(n)))
+            seen[key] = cand.name
+            distinct.append(cand.name)
+    paths: dict[str, Path] = {}
+    made: list[str] = []  # files written here
+
+    def file_of(name: str) -> Path:
+        if name not in paths:
+            if written and name in written:
+                paths[name] = Path(written[name])
+            else:
+                out = work / f"{name}.gguf"
+                planner.write(plans[name], out, log_path=work / f"{name}.quantize.log")
+                paths[name] = out
+                made.append(name)
+        return paths[name]
+
+    def score(name: str, n_chunks: int, label: str) -> KldScore:
+        types = plans[name].types()
+        found = scorer.lookup(types, n_chunks)
+        if found is None:
+            log_name = f"{name}.kld.log" if label == "calibration" else f"{name}.{label}.kld.log"
+            found = scorer.score(file_of(name), types, n_chunks, log_path=work / log_name)
+        say(f"  {name}: {label} KLD {found.kld_mean:.6f} on {n_chunks} chunks ({plans[name].achieved_bpw:.4f} bpw)")
+        return found
+
+    screening: dict[str, KldScore] = {}
+    finals, used = distinct, chunks
+    if 0 < screen_chunks < chunks and len(distinct) > 1:
+        screening = {name: score(name, screen_chunks, "screening") for name in distinct}
+        finals = scoring_finalists(screening, distinct, finalists)
+    if len(finals) == 1 and screening:
+        scores, used = screening, screen_chunks
+        best = finals[0]
+    else:
+        scores = {name: score(name, chunks, "calibration") for name in finals}
+        best = min(scores, key=lambda n: (scores[n].kld_mean, names.index(n)))
+    file_of(best)
     if not keep:
-        for name, path in paths.items():
-            if name != best and not (written and name in written):
-                path.unlink(missing_ok=True)
-    plan = next(c.plan for c in candidates if c.name == best)
-    return Selection(best, plan, paths[best], scores, duplicates, base, seconds)
+        for name in made:
+            if name != best:
+                paths[name].unlink(missing_ok=True)
+    return Selection(best, plans[best], paths[best], scores, duplicates, scorer.base(used),
+                     scorer.seconds - seconds_before, screening, scorer.runs - runs_before, used)
 
 
 def copy_selected(selection: Selection, out: Path | str) -> Path:
@@ -129,13 +168,15 @@ class Choice:
 
 def choose(planner: Planner, tables: Mapping[str, ErrorTableLike], allocators: Sequence[tuple[str, Mapping]],
            target: Target, calibration_text: Path | str, out: Path | str, work_dir: Path | str, *,
-           written: Mapping[str, Path] | None = None, ctx: int = 512, chunks: int = 16, refine_rounds: int = 0,
-           refine_tries: int = 4, ngl: int | None = None, log: Callable[[str], None] | None = None) -> Choice:
+           written: Mapping[str, Path] | None = None, ctx: int = 512, chunks: int = 16, screen_chunks: int = 0,
+           finalists: int = 2, refine_rounds: int = 0, refine_tries: int = 4, ngl: int | None = None,
+           scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> Choice:
     """Plan `target` with every allocator on every table, keep the plan closest to the float model on
     calibration text (optionally improved by measured swaps: tbpw.select.refine) and write it to `out`.
 
     Candidates are named `candidate_name(allocator, table)`; `written` maps names to GGUFs already written from
-    exactly those plans. Only the calibration text is ever read; `work_dir` keeps the tools' logs."""
+    exactly those plans; `screen_chunks` and `finalists` as in `select_plan`; a shared `scorer` keeps the float
+    logits and the scores for other targets. Only the calibration text is ever read; `work_dir` keeps the logs."""
     candidates, problems = [], {}
     for table_name, table in tables.items():
         problem = planner.problem(table, target)
@@ -144,15 +185,19 @@ def choose(planner: Planner, tables: Mapping[str, ErrorTableLike], allocators: S
             candidates.append(PlanCandidate(name, planner.plan(table, target, allocator, options, problem=problem)))
             problems[name] = problem
     work = Path(work_dir)
-    selection = select_plan(candidates, planner, calibration_text, work, ctx=ctx, chunks=chunks, ngl=ngl,
-                            written=written, log=log)
+    own_scorer = scorer is None
+    scorer = scorer or Scorer(planner.model, calibration_text, imatrix=planner.imatrix, ctx=ctx, chunks=chunks,
+                              threads=planner.threads, ngl=ngl, cache_dir=work / "scores", log=log)
+    selection = select_plan(candidates, planner, calibration_text, work, ctx=ctx, chunks=chunks,
+                            screen_chunks=screen_chunks, finalists=finalists, ngl=ngl, written=written, scorer=scorer,
+                            log=log)
     plan, score, refined = selection.plan, selection.scores[selection.best], []
     if refine_rounds:
         from tbpw.select.refine import refine_plan
 
         refinement = refine_plan(planner, problems[selection.best], plan, calibration_text, work,
                                  rounds=refine_rounds, tries=refine_tries, ctx=ctx, chunks=chunks, ngl=ngl,
-                                 start_score=score, log=log)
+                                 start_score=score if selection.chunks == chunks else None, scorer=scorer, log=log)
         if refinement.accepted:
             plan, score, refined = refinement.plan, refinement.score, refinement.accepted
     out = Path(out)
@@ -160,6 +205,7 @@ def choose(planner: Planner, tables: Mapping[str, ErrorTableLike], allocators: S
         planner.write(plan, out, log_path=work / "chosen.quantize.log")
     else:
         copy_selected(selection, out)
-    for leftover in [*work.glob("*.gguf"), *work.glob("*.logits")]:
+    leftovers = [*work.glob("*.gguf"), *(work.rglob("*.logits") if own_scorer else [])]
+    for leftover in leftovers:
         leftover.unlink()  # logits of a large vocabulary run to gigabytes; the logs stay
     return Choice(selection.best, plan, score, selection, refined)

@@ -16,7 +16,8 @@ from pathlib import Path
 from tbpw.allocate.plan import Plan, make_plan
 from tbpw.allocate.problem import AllocationProblem, Candidate, DecidableTensor
 from tbpw.allocate.service import Planner
-from tbpw.llamacpp.perplexity import KldScore, calibration_base, kld
+from tbpw.llamacpp.perplexity import KldScore
+from tbpw.select.scoring import Scorer
 
 
 @dataclass
@@ -62,28 +63,32 @@ def swap_moves(problem: AllocationProblem, choice: dict[str, str]) -> list[tuple
 
 def refine_plan(planner: Planner, problem: AllocationProblem, plan: Plan, calibration_text: Path | str,
                 work_dir: Path | str, *, rounds: int = 2, tries: int = 4, ctx: int = 512, chunks: int = 16,
-                ngl: int | None = None, start_score: KldScore | None = None,
+                ngl: int | None = None, start_score: KldScore | None = None, scorer: Scorer | None = None,
                 log: Callable[[str], None] | None = None) -> Refinement:
     """Up to `rounds` rounds of `tries` measured swaps each, starting from `plan` (see the module doc).
 
-    `start_score` is `plan`'s score on the same calibration chunks, when the caller has it (select_plan's)."""
+    `start_score` is `plan`'s score on the same calibration chunks, when the caller has it (select_plan's);
+    `scorer` keeps the float logits and every score (a swap already scored is not scored again)."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: None)
-    threads = planner.threads
-    base = calibration_base(planner.model, calibration_text, work, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl)
-    seconds = base.seconds
+    scorer = scorer or Scorer(planner.model, calibration_text, imatrix=planner.imatrix, ctx=ctx, chunks=chunks,
+                              threads=planner.threads, ngl=ngl, cache_dir=work / "scores", log=say)
+    seconds = 0.0
     evaluated = 0
 
     def score_of(candidate: Plan, name: str) -> KldScore:
         nonlocal seconds, evaluated
-        out = work / f"{name}.gguf"
-        applied = planner.write(candidate, out, log_path=work / f"{name}.quantize.log")
-        s = kld(out, base, threads=threads, ngl=ngl, log_path=work / f"{name}.kld.log")
-        out.unlink()
-        seconds += applied.seconds + s.seconds
+        types = candidate.types()
+        found = scorer.lookup(types, chunks)
+        if found is None:
+            out = work / f"{name}.gguf"
+            applied = planner.write(candidate, out, log_path=work / f"{name}.quantize.log")
+            found = scorer.score(out, types, chunks, log_path=work / f"{name}.kld.log")
+            out.unlink()
+            seconds += applied.seconds + found.seconds
         evaluated += 1
-        return s
+        return found
 
     types = plan.types()
     choice = {u.name: types[u.members[0].name] for u in problem.tensors}

@@ -1,0 +1,102 @@
+"""Scoring plans on calibration text with less work: per-chunk KLD from llama-perplexity's output, the screening
+tie rule, truncated float logits, kept scores (an identical plan is scored once), and screening in select_plan."""
+
+from __future__ import annotations
+
+import pytest
+from test_parsers import captured
+
+from tbpw.allocate.budget import Target
+from tbpw.allocate.service import Planner
+from tbpw.llamacpp import parsers, perplexity
+from tbpw.llamacpp.perplexity import KldScore, base_logits, kld, truncate_base
+from tbpw.llamacpp.quantize import quantize
+from tbpw.quantize.store import TensorStore
+from tbpw.select.choose import PlanCandidate, select_plan
+from tbpw.select.scoring import Scorer, finalists, tied_with_leader
+
+
+def _score(chunks: list[float]) -> KldScore:
+    mean = round(sum(chunks) / len(chunks), 6)
+    return KldScore(mean, 0.0, 0.0, 0.0, 0.0, 0.0, tuple(chunks))
+
+
+def test_per_chunk_kld_adds_up_to_the_printed_mean():
+    text = captured("kld.txt")
+    chunks = parsers.parse_kld_chunks(text)
+    assert len(chunks) == 8
+    mean = parsers.parse_kl_divergence(text).kld.mean.value
+    assert sum(chunks) / len(chunks) == pytest.approx(mean, abs=1e-5)
+    assert all(c > 0 for c in chunks)
+
+
+def test_a_run_cut_short_has_no_chunk_rows():
+    with pytest.raises(parsers.ParseError, match="no numbered chunk rows"):
+        parsers.parse_kld_chunks(captured("perplexity-missing-model.txt"))
+
+
+def test_a_plan_worse_on_every_chunk_is_not_tied_and_a_noisy_one_is():
+    leader = _score([0.0010, 0.0012, 0.0009, 0.0011])
+    worse = _score([0.0015, 0.0017, 0.0013, 0.0016])  # 0.0005 worse on every chunk
+    noisy = _score([0.0009, 0.0016, 0.0008, 0.0012])  # better on two chunks, worse on two
+    assert not tied_with_leader(leader, worse)
+    assert tied_with_leader(leader, noisy)
+    assert tied_with_leader(leader, KldScore(0.5, 0, 0, 0, 0, 0))  # no per-chunk values: kept, to be safe
+    order = ["a", "b", "c"]
+    assert finalists({"a": worse, "b": leader, "c": noisy}, order, limit=3) == ["b", "c"]
+    assert finalists({"a": worse, "b": leader, "c": noisy}, order, limit=1) == ["b"]
+
+
+@pytest.mark.tools
+def test_truncated_logits_score_the_first_chunks(tiny_model, stock_imatrix, split_text, tmp_path):
+    cal, _ = split_text
+    full = base_logits(tiny_model, cal, tmp_path / "base.logits", ctx=128, chunks=4, threads=2)
+    quant = tmp_path / "q4.gguf"
+    quantize(tiny_model, quant, imatrix=stock_imatrix, base_type="Q4_K_M", threads=2, log_path=tmp_path / "q.log")
+    on_four = kld(quant, full, threads=2)
+    short = truncate_base(full, 2, tmp_path / "base-2.logits")
+    assert short.chunks == 2 and short.path.stat().st_size < full.path.stat().st_size
+    on_two = kld(quant, short, threads=2)
+    assert len(on_four.chunk_kld) == 4 and len(on_two.chunk_kld) == 2
+    # the same tokens and the same float logits: the first two chunks score as they do in the longer run
+    assert on_two.kld_mean == pytest.approx(sum(on_four.chunk_kld[:2]) / 2, abs=2e-5)
+    assert truncate_base(full, 4, tmp_path / "unused.logits") is full
+
+
+@pytest.mark.tools
+def test_an_identical_plan_is_scored_once_and_screening_scores_fewer(tiny_model, stock_imatrix, fork_error_table,
+                                                                      split_text, tmp_path, monkeypatch):
+    cal, _ = split_text
+    planner = Planner(tiny_model, stock_imatrix, threads=2, store=TensorStore(tmp_path / "store"))
+    target = Target.parse(bpw=4.5)
+    problem = planner.problem(fork_error_table, target)
+    candidates = [PlanCandidate(name, planner.plan(fork_error_table, target, name, problem=problem))
+                  for name in ("knapsack", "greedy", "lagrangian")]
+    distinct = len({str(sorted(c.plan.types().items())) for c in candidates})
+    assert distinct >= 2
+    scorer = Scorer(tiny_model, cal, imatrix=stock_imatrix, ctx=128, chunks=4, threads=2, cache_dir=tmp_path / "scores")
+
+    sel = select_plan(candidates, planner, cal, tmp_path / "a", ctx=128, chunks=4, screen_chunks=2, finalists=1,
+                      scorer=scorer)
+    assert len(sel.screening) == distinct and sel.scores == sel.screening and sel.chunks == 2
+    assert sel.best == min(sel.screening, key=lambda n: sel.screening[n].kld_mean)
+    assert sel.runs == distinct  # a lone finalist is not scored again
+    assert sel.path.is_file()
+
+    wide = select_plan(candidates, planner, cal, tmp_path / "w", ctx=128, chunks=4, screen_chunks=2, finalists=3,
+                       scorer=scorer)
+    tied = [n for n in wide.screening if tied_with_leader(wide.screening[sel.best], wide.screening[n])]
+    if len(tied) > 1:  # the finalists are the tied plans, each scored on all 4 chunks
+        assert set(wide.scores) == set(tied) and wide.chunks == 4 and wide.runs == len(tied)
+    else:
+        assert wide.runs == 0 and wide.best == sel.best
+    assert scorer.base_runs == 1  # one set of float logits serves 2 and 4 chunks
+
+    def no_tools(*args, **kwargs):
+        raise AssertionError("a kept score ran a tool")
+
+    monkeypatch.setattr(perplexity, "run_tool", no_tools)
+    again = select_plan(candidates, planner, cal, tmp_path / "b", ctx=128, chunks=4, screen_chunks=2, finalists=1,
+                        scorer=Scorer(tiny_model, cal, imatrix=stock_imatrix, ctx=128, chunks=4, threads=2,
+                                      cache_dir=tmp_path / "scores"))
+    assert again.runs == 0 and again.best == sel.best
