@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 # torch is pinned to the CPU build (a plain `torch` would pull a multi-GB CUDA build).
-.venv/bin/python -m pip install --quiet -e '.[convert,hub,plots,test]'
+.venv/bin/python -m pip install --quiet -e '.[convert,hub,plots,ray,test]'
 .venv/bin/tbpw build

@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "ErrorMetric": "tbpw.plugin.base",
     "Dataset": "tbpw.plugin.base",
     "Evaluator": "tbpw.plugin.base",
+    "Executor": "tbpw.plugin.base",
     "Column": "tbpw.plugin.base",
     "NoOptions": "tbpw.plugin.base",
     "PluginOptions": "tbpw.plugin.base",
@@ -57,6 +58,15 @@ _EXPORTS: dict[str, str] = {
     "DatasetKind": "tbpw.data.files",
     # what an evaluator receives
     "EvalContext": "tbpw.evaluate.context",
+    # what an executor receives and reports, and what it gives a job's tools
+    "Job": "tbpw.run.graph",
+    "JobEvent": "tbpw.run.graph",
+    "Resources": "tbpw.run.graph",
+    "ToolSlot": "tbpw.llamacpp.resources",
+    "cpu_count": "tbpw.llamacpp.resources",
+    "visible_gpus": "tbpw.llamacpp.resources",
+    "split_threads": "tbpw.llamacpp.resources",
+    "stop_tool_processes": "tbpw.llamacpp.resources",
     # ggml type facts
     "FORK_TYPES": "tbpw.model.ggml_types",
     "IQ_TYPES": "tbpw.model.ggml_types",
@@ -117,9 +127,21 @@ if TYPE_CHECKING:
     from tbpw.files.pinned import PinnedArchive, extract_member, fetch_pinned
     from tbpw.llamacpp.features import ensure_tool_features
     from tbpw.llamacpp.quantize import fork_target_types
+    from tbpw.llamacpp.resources import ToolSlot, cpu_count, split_threads, stop_tool_processes, visible_gpus
     from tbpw.measure.candidates import fork_pareto
     from tbpw.measure.sampling import MT19937, normal_float32
     from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
     from tbpw.model.ggml_types import FORK_TYPES, IQ_TYPES, effective_type, nominal_bpw, type_name
-    from tbpw.plugin.base import Allocator, Column, Dataset, ErrorMetric, Evaluator, NoOptions, Plugin, PluginOptions
+    from tbpw.plugin.base import (
+        Allocator,
+        Column,
+        Dataset,
+        ErrorMetric,
+        Evaluator,
+        Executor,
+        NoOptions,
+        Plugin,
+        PluginOptions,
+    )
     from tbpw.plugin.hookspecs import hookimpl
+    from tbpw.run.graph import Job, JobEvent, Resources

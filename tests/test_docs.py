@@ -238,7 +238,7 @@ def test_readme_plugin_table_lists_exactly_the_built_in_plugins():
 
 
 @pytest.mark.parametrize(("doc", "kind"), [("quantize.md", "allocator"), ("measure.md", "metric"),
-                                           ("datasets.md", "dataset")])
+                                           ("datasets.md", "dataset"), ("distributed.md", "executor")])
 def test_doc_plugin_tables_list_exactly_the_built_in_plugins(doc: str, kind: str):
     rows = _table((REPO / "docs" / doc).read_text(encoding="utf-8"), "| name |")
     assert set().union(*(_names(row[0]) for row in rows)) == _built_in_plugins()[kind]

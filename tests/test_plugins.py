@@ -23,6 +23,8 @@ from tbpw import (
     DatasetFile,
     ErrorMetric,
     Evaluator,
+    Executor,
+    JobEvent,
     MetricContext,
     NoOptions,
     PluginOptions,
@@ -82,6 +84,29 @@ class WordCount(Evaluator):
         return {"words": float(len(str(context).split()))}
 
 
+class SerialOptions(PluginOptions):
+    reverse: bool = False
+
+
+class Serial(Executor):
+    name = "inline-serial"
+    description = "every job when polled, one after another, in the calling thread"
+    Options = SerialOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.queue: list = []
+        self.ran: list[str] = []
+
+    def submit(self, job) -> None:
+        self.queue.append(job)
+
+    def poll(self, timeout: float) -> list[JobEvent]:
+        jobs, self.queue = (self.queue[::-1] if self.options.reverse else self.queue), []
+        self.ran += [job.name for job in jobs]
+        return [JobEvent(job.name, "done", job.execute(lambda line: None)) for job in jobs]
+
+
 class InlinePlugin:
     """Implements every hook of tbpw/plugin/hookspecs.py."""
 
@@ -100,6 +125,10 @@ class InlinePlugin:
     @hookimpl
     def tbpw_register_evaluators(self, register):
         register(WordCount)
+
+    @hookimpl
+    def tbpw_register_executors(self, register):
+        register(Serial)
 
     @hookimpl
     def tbpw_register_commands(self, cli: click.Group):
@@ -143,7 +172,7 @@ def test_inline_plugin_is_listed_with_its_hooks_and_registrations(inline):
     row = rows["inline"]
     assert row["hooks"] == sorted(n for n in _hookspec_names())
     assert row["provides"] == {"allocator": ["inline-cheapest"], "metric": ["inline-maxabs"],
-                               "dataset": ["inline-text"], "evaluator": ["inline-words"]}
+                               "dataset": ["inline-text"], "evaluator": ["inline-words"], "executor": ["inline-serial"]}
     assert row["registers"]["allocator"][0]["description"] == Cheapest.description
     # Built-ins come in through the same entry-point group as the inline plugin's peers would.
     built_in = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
@@ -181,6 +210,28 @@ def test_inline_metric_dataset_and_evaluator_are_created_by_the_registries(inlin
     made = dataset.materialize(DatasetContext(cache_dir=tmp_path))
     assert made.kind == "text" and made.path.read_text() == "some words"
     assert inline.evaluators().create("inline-words", {}).evaluate("a b c") == {"words": 3.0}
+
+
+def _add(a: int, b: int, *, log) -> int:
+    return a + b
+
+
+def test_inline_executor_runs_a_task_graph(inline):
+    from tbpw.run.execute import execute
+    from tbpw.run.graph import TaskGraph
+
+    graph = TaskGraph()
+    one = graph.add("one", _add, 0, 1)
+    two = graph.add("two", _add, one, 1)
+    graph.add("three", _add, one, two)
+    graph.add("ten", _add, 4, 6)
+    executor = inline.executors().create("inline-serial", {"reverse": True})
+    lines: list[str] = []
+    assert execute(graph, executor, log=lines.append) == {"one": 1, "two": 2, "three": 3, "ten": 10}
+    assert executor.ran == ["ten", "one", "two", "three"]  # each batch of ready jobs, reversed
+    assert lines[0] == "executor: inline-serial; 4 tasks" and lines[-1] == "[4/4 done] running: nothing; waiting: 0"
+    with pytest.raises(TbpwError, match="executor 'inline-serial' has no option 'revers' .did you mean 'reverse'"):
+        inline.executors().create("inline-serial", {"revers": True})
 
 
 def test_unregistering_removes_everything(plugin_manager):

@@ -48,6 +48,18 @@ def test_valid_recipe_loads_with_defaults(write, tiny_model, wiki_text):
     assert r.output_dir == write("", "x").parent / "runs" / "tiny"
 
 
+def test_executor_defaults_to_the_registrys_and_the_command_line_picks_another(write, tiny_model, wiki_text):
+    path = write(_base(tiny_model, wiki_text))
+    assert recipes.load(path).executor.name == "local"
+    assert recipes.load(path, ["executor.options.workers=2"]).executor.options == {"workers": 2}
+    result = CliRunner().invoke(main, ["run", str(path), "--executor", "rey"])
+    assert result.exit_code == 2 and "unknown executor 'rey': did you mean 'ray'?" in result.output
+    result = CliRunner().invoke(main, ["validate", str(path), "--json", "--set", "executor={name: ray}",
+                                       "--set", "executor.options.cpus_per_task=2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["executor"] == {"name": "ray", "options": {"cpus_per_task": 2}}
+
+
 def test_include_and_set_override(write, tiny_model, wiki_text):
     write(_base(tiny_model, wiki_text), "base.yaml")
     child = write("include: base.yaml\nname: child\nimatrix: {chunks: 4}\n", "child.yaml")
@@ -87,6 +99,9 @@ BAD = [
     ("calibration strength out of range", "calibrate: {strengths: [2]}\nchoose: {}\n", ["calibrate.strengths", "(0, 1]"]),
     ("unknown probe type", "calibrate: {probes: [Q3_X]}\nchoose: {}\n", ["calibrate.probes", "unknown probe type"]),
     ("choose with no chunks", "choose: {chunks: 0}\n", ["choose.chunks", "greater than or equal"]),
+    ("unknown executor", "executor: {name: rey}\n", ["executor", "unknown executor 'rey'", "did you mean 'ray'"]),
+    ("bad executor option", "executor: {options: {worker: 2}}\n", ["executor", "executor 'local' has no option 'worker'",
+                                                                    "did you mean 'workers'"]),
     ("screening on one chunk", "choose: {screen_chunks: 1}\n", ["choose", "at least 2: the tie rule"]),
     ("no finalist", "choose: {finalists: 0}\n", ["choose.finalists", "greater than or equal"]),
     ("unknown calibration background", "calibrate: {background: Q9_9}\nchoose: {}\n",

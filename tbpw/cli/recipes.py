@@ -16,12 +16,16 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override a recipe field (repeatable)")
     @click.option("--force", "force", multiple=True, metavar="STAGE",
                   help="recompute a stage even if finished (repeatable; 'eval' forces every eval-* stage)")
-    def run(recipe, overrides, force):
-        """Run the whole workflow of a recipe; finished stages are skipped."""
+    @click.option("--executor", "executor", metavar="NAME",
+                  help="run the stages with this executor plugin (local, ray, ...) instead of the recipe's; "
+                       "its options: --set executor.options.KEY=VALUE")
+    def run(recipe, overrides, force, executor):
+        """Run the whole workflow of a recipe; independent stages run at once, finished stages are skipped."""
         from tbpw.run.pipeline import Pipeline
         from tbpw.run.preflight import check
 
-        loaded = check(recipe, list(overrides))  # every mistake `validate` finds stops the run before any work
+        sets = [f"executor={{name: {executor}}}", *overrides] if executor else list(overrides)
+        loaded = check(recipe, sets)  # every mistake `validate` finds stops the run before any work
         report = Pipeline(loaded, force=set(force), log=lambda line: click.echo(line, err=True)).run()
         click.echo(str(report))
 

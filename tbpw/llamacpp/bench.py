@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tbpw.llamacpp import parsers, progress
+from tbpw.llamacpp import parsers, progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.offload import gpu_layers
 from tbpw.llamacpp.tools import run_tool
@@ -18,7 +18,7 @@ def bench(model: Path | str, *, pp: int, tg: int, pg: tuple[int, int] | None = N
     args = ["-m", str(model), "-p", str(pp), "-n", str(tg), "-r", str(repetitions), "-o", "json", "--progress"]
     if pg:
         args += ["-pg", f"{pg[0]},{pg[1]}"]
-    if threads:
+    if threads := resources.threads(threads):
         args += ["-t", str(threads)]
     # llama-bench's own default offloads everything on a GPU build; say so either way, so the log is explicit
     args += ["-ngl", str(gpu_layers(build, ngl) or 0)]

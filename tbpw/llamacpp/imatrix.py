@@ -11,7 +11,7 @@ from pathlib import Path
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import temporary_folder
 from tbpw.files.outputs import refuse_overwriting_inputs
-from tbpw.llamacpp import progress
+from tbpw.llamacpp import progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.collector import run_collector
 from tbpw.llamacpp.offload import offload_args
@@ -35,7 +35,7 @@ def imatrix_args(model: Path, text: Path | str, out: Path, *, ctx: int, chunks: 
     args = ["-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx)]
     if chunks is not None:
         args += ["--chunks", str(chunks)]
-    if threads is not None:
+    if (threads := resources.threads(threads)) is not None:
         args += ["-t", str(threads)]
     return args + offload_args(build, ngl) + [str(a) for a in extra_args]
 

@@ -20,7 +20,7 @@ from typing import Literal, overload
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import write_json
 from tbpw.files.digest import content_sha256
-from tbpw.llamacpp import parsers, progress
+from tbpw.llamacpp import parsers, progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.offload import offload_args
 from tbpw.llamacpp.tools import ToolRun, run_tool
@@ -49,7 +49,7 @@ def _common(model: Path | str, ctx: int, chunks: int | None, threads: int | None
     args = ["-m", str(model), "-c", str(ctx)]
     if chunks:
         args += ["--chunks", str(chunks)]
-    if threads:
+    if threads := resources.threads(threads):
         args += ["-t", str(threads)]
     return args + offload_args(build, ngl)
 

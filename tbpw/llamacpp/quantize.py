@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tbpw.errors import TbpwError
-from tbpw.llamacpp import progress
+from tbpw.llamacpp import progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.tools import ToolRun, run_tool
 
@@ -93,7 +93,7 @@ def quantize(model: Path | str, out: Path | str, *, imatrix: Path | str | None, 
     args += kv_override_args(kv or {})
     args += list(extra or [])
     args += [str(model), str(out), base_type]
-    if threads:
+    if threads := resources.threads(threads):
         args.append(str(threads))
     return run_tool("llama-quantize", args, log_path=log_path, build=build, meter=progress.QUANTIZE)
 

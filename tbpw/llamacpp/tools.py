@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from tbpw.errors import TbpwError, os_error
-from tbpw.llamacpp import logflush, progress
+from tbpw.llamacpp import logflush, progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 
 LOG_TAIL_LINES = 12
@@ -125,7 +125,8 @@ class _Reader:
 
 def _environment(extra: dict[str, str] | None) -> dict[str, str]:
     # The preload keeps the final lines that llama.cpp's log thread would otherwise drop at exit.
-    merged = {**os.environ, **(extra or {})}
+    # The running task's slot (its GPU, tbpw.llamacpp.resources) comes before what the caller adds.
+    merged = {**os.environ, **resources.environment(), **(extra or {})}
     return {**merged, **logflush.preload_env(merged)}
 
 

@@ -39,6 +39,7 @@ from tbpw.files import paths
 from tbpw.files.atomic import write_json
 from tbpw.files.lock import waiting_lock
 from tbpw.imatrix.reader import Imatrix
+from tbpw.llamacpp import resources
 from tbpw.measure import candidates as cand
 from tbpw.measure.cache import cached_table, mismatch, note
 from tbpw.measure.sampling import SamplingOptions, rows_per_slice, sample_rows
@@ -167,7 +168,7 @@ def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix:
     try:
         with _Progress(progress, total=sum(engine.cost(n) for n in names), done=sum(engine.cost(n) for n in done),
                        n_tensors=len(names), n_done=len(done)) as bar, _sigterm_as_interrupt():
-            for result in engine.run(todo, threads or os.cpu_count() or 1):
+            for result in engine.run(todo, resources.threads(threads) or os.cpu_count() or 1):
                 _append_partial(partial, result)
                 results[result.name] = result
                 bar.advance(engine.cost(result.name), result.name)

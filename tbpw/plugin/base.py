@@ -1,4 +1,4 @@
-"""The base classes plugins extend: allocator, error metric, dataset and evaluator.
+"""The base classes plugins extend: allocator, error metric, dataset, evaluator and executor.
 
 A plugin class names itself (``name``), says in one line what it does (``description``) and declares
 its options as a pydantic model (``Options``, ``extra="forbid"`` so that a typo names the real fields).
@@ -10,6 +10,7 @@ a plugin overrides only what it needs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from tbpw.data.files import DatasetContext, DatasetFile, DatasetKind
     from tbpw.evaluate.context import EvalContext
     from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
+    from tbpw.run.graph import Job, JobEvent
 
 
 class NoOptions(BaseModel):
@@ -148,8 +150,43 @@ class Evaluator(Plugin):
         return tuple(c.key for c in self.output_columns() if c.rankable)
 
 
-PLUGIN_BASES: dict[str, type[Plugin]] = {"allocator": Allocator, "metric": ErrorMetric, "dataset": Dataset,
-                                         "evaluator": Evaluator}
+class Executor(Plugin):
+    """Runs the jobs of a run's task graph: one after another, in a local pool, or on a cluster.
 
-__all__ = ["Allocator", "Column", "Dataset", "ErrorMetric", "Evaluator", "NoOptions", "PLUGIN_BASES",
+    tbpw's scheduler (``tbpw.run.execute``) hands the executor every job whose dependencies have finished
+    (``submit``) and asks what happened since (``poll``); the executor decides when and where each job starts,
+    within its capacity and the job's ``resources`` (``gpu``, ``memory``, ``exclusive``). A job is picklable;
+    running it is ``job.execute(log, slot)``, where ``slot`` (a ``tbpw.ToolSlot``) gives its llama.cpp tools
+    their thread count and GPUs. A job's result is small (paths and numbers): its files stay in the run
+    directory, which every worker must see at the same path.
+    """
+
+    def open(self, log: Callable[[str], None]) -> None:
+        """Called once before the first job: start a pool, connect to a cluster. ``log`` prints a line."""
+
+    def describe(self) -> str:
+        """One line for the run's log: where jobs run and how many at once."""
+        return self.name
+
+    @abstractmethod
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; it starts when the executor has room for it."""
+
+    @abstractmethod
+    def poll(self, timeout: float) -> list[JobEvent]:
+        """Wait up to ``timeout`` seconds and return what happened since the last call: jobs started, done
+        (with their result) or failed (with their exception; a ``TbpwError`` as it was raised)."""
+
+    def cancel(self) -> None:
+        """Stop every queued and running job (Ctrl-C, or another job failed). A stopped job leaves no stage
+        that looks finished, so the next run starts it again."""
+
+    def close(self) -> None:
+        """Called once after the last job, also after a failure: release pools and connections."""
+
+
+PLUGIN_BASES: dict[str, type[Plugin]] = {"allocator": Allocator, "metric": ErrorMetric, "dataset": Dataset,
+                                         "evaluator": Evaluator, "executor": Executor}
+
+__all__ = ["Allocator", "Column", "Dataset", "ErrorMetric", "Evaluator", "Executor", "NoOptions", "PLUGIN_BASES",
            "Plugin", "PluginOptions"]

@@ -6,13 +6,13 @@ point in the ``tbpw`` group of its package metadata::
     [project.entry-points.tbpw]
     my_allocator = "my_package.my_module"
 
-tbpw's own allocators, metrics, datasets and evaluators are registered exactly this way (``plugins/`` in
+tbpw's own allocators, metrics, datasets, evaluators and executors are registered exactly this way (``plugins/`` in
 the repository, installed as ``tbpw_plugins``), and tbpw's own subcommands through the same
 ``tbpw_register_commands`` hook a plugin uses. A plugin imports what it needs from ``tbpw`` alone.
 
 Collector hooks (``tbpw_register_*``) receive a ``register`` callable. Call it once per class you provide;
 the class extends one of the base classes ``tbpw.Allocator``, ``tbpw.ErrorMetric``, ``tbpw.Dataset``,
-``tbpw.Evaluator`` (``tbpw.plugin.base``) and describes itself with class attributes:
+``tbpw.Evaluator``, ``tbpw.Executor`` (``tbpw.plugin.base``) and describes itself with class attributes:
 
 - ``name``: the name a recipe or the command line uses (lower case, dashes allowed);
 - ``description``: one line shown by ``tbpw plugins``;
@@ -31,7 +31,7 @@ import click
 import pluggy
 
 if TYPE_CHECKING:
-    from tbpw.plugin.base import Allocator, Dataset, ErrorMetric, Evaluator
+    from tbpw.plugin.base import Allocator, Dataset, ErrorMetric, Evaluator, Executor
 
 PROJECT = "tbpw"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -129,6 +129,33 @@ def tbpw_register_evaluators(register: Callable[[type[Evaluator]], None]) -> Non
         @hookimpl
         def tbpw_register_evaluators(register):
             register(MyEvaluator)
+    """
+
+
+@hookspec
+def tbpw_register_executors(register: Callable[[type[Executor]], None]) -> None:
+    """Register executors: classes that run the tasks of a run's graph (in this process, a pool, a cluster).
+
+    Called once, when the plugin manager starts. tbpw's scheduler gives an executor every job whose
+    dependencies are done (``submit(job)``) and asks what happened (``poll(timeout)`` -> a list of
+    ``tbpw.JobEvent``: started, done with the job's result, failed with its exception). Running a job is
+    ``job.execute(log, slot)`` wherever the executor chooses; ``slot`` (``tbpw.ToolSlot``) gives the job's
+    llama.cpp tools their thread count and GPUs. ``cancel()`` stops every job (Ctrl-C). A recipe picks one with
+    ``executor: {name: ..., options: ...}``, the command line with ``tbpw run --executor NAME``.
+
+    Example::
+
+        class Inline(Executor):
+            name = "inline"; description = "every job at once, in the calling thread"
+            def submit(self, job):
+                self.events = [*getattr(self, "events", []), JobEvent(job.name, "done", job.execute(print))]
+            def poll(self, timeout):
+                events, self.events = getattr(self, "events", []), []
+                return events
+
+        @hookimpl
+        def tbpw_register_executors(register):
+            register(Inline)
     """
 
 

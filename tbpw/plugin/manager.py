@@ -35,7 +35,7 @@ BLOCK_ENV = "TBPW_BLOCK_PLUGINS"
 # tbpw's own subcommands, each a module with a tbpw_register_commands hook (like a plugin's).
 INTERNAL_PLUGINS = ("tbpw.cli.build", "tbpw.cli.doctor", "tbpw.cli.plugins", "tbpw.cli.data", "tbpw.cli.imatrix",
                     "tbpw.cli.measure", "tbpw.cli.quantize", "tbpw.cli.choose", "tbpw.cli.recipes",
-                    "tbpw.cli.inspect")
+                    "tbpw.cli.inspect", "tbpw.cli.sweep")
 
 T = TypeVar("T", bound=Plugin)
 
@@ -128,7 +128,8 @@ class PluginManager:
     """pluggy's manager plus one registry per plugin kind, each collected on first use."""
 
     KINDS = {"allocator": "tbpw_register_allocators", "metric": "tbpw_register_metrics",
-             "dataset": "tbpw_register_datasets", "evaluator": "tbpw_register_evaluators"}
+             "dataset": "tbpw_register_datasets", "evaluator": "tbpw_register_evaluators",
+             "executor": "tbpw_register_executors"}
 
     def __init__(self, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -217,6 +218,9 @@ class PluginManager:
 
     def evaluators(self) -> Registry:
         return self.registry("evaluator")
+
+    def executors(self) -> Registry:
+        return self.registry("executor")
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per plugin: its name, version, hooks and what it registered (tbpw's own commands left out)."""

@@ -1,4 +1,4 @@
-"""`tbpw run`: the whole workflow of a recipe, stage by stage, resumable.
+"""`tbpw run`: the whole workflow of a recipe as a graph of stages, resumable.
 
     model -> data-* -> baseline (PPL + logits) -> imatrix -> measure -> stock-* / quant-* -> eval-* -> bench-* -> report
 
@@ -7,9 +7,12 @@ made, then evaluated and benched like the run's own quants. Every GGUF the run w
 (tbpw.model.provenance), and the report folder gets a Hugging Face model card with the kept quants beside it.
 
 Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input (or a damaged
-output) reruns only what depends on it, and a killed run resumes. The pipeline holds its run directory
-from start to end: a second run on it is refused. Nothing here knows a particular allocator, metric, dataset or
-evaluator: they come from the recipe and the plugin registries.
+output) reruns only what depends on it, and a killed run resumes. The driver holds its run directory from
+start to end (a second run on it is refused); the workers that run its stages write into it without claiming
+it. `Pipeline.graph()` declares the stages and what each needs (tbpw.run.graph); the recipe's executor plugin
+runs them, independent ones at once (tbpw.run.execute), and the report is written from their results.
+Nothing here knows a particular allocator, metric, dataset, evaluator or executor: they come from the recipe
+and the plugin registries.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tbpw.model.inventory import ModelInventory
 from tbpw.plugin.base import Column
 from tbpw.plugin.manager import get_manager
 from tbpw.run import compare
+from tbpw.run.graph import Ref, Resources, TaskGraph, WorkerCheck, resolve
 from tbpw.run.recipe import PluginRef, Recipe, RecipeTarget, check_ready, evaluator_instances, recipe_sha256
 from tbpw.run.rundir import RunDir, StageOutcome
 
@@ -67,19 +71,35 @@ class Quant:
 Log = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A task's call: one stage method of the recipe's pipeline. Picklable, so any worker can run it: it builds
+    the pipeline there (the same recipe, build and run directory) and logs through the worker's `log`."""
+
+    recipe: Recipe
+    force: frozenset[str]
+    method: str
+    label: str = ""  # the run's label in a sweep, before each line it logs
+
+    def __call__(self, *args, log: Log, **kwargs):
+        say = (lambda line: log(f"{self.label}: {line}")) if self.label else log
+        return getattr(Pipeline(self.recipe, set(self.force), log=say, claim=False), self.method)(*args, **kwargs)
+
+
 class Pipeline:
-    def __init__(self, recipe: Recipe, force: set[str] | None = None, log: Log = print):
+    def __init__(self, recipe: Recipe, force: set[str] | None = None, log: Log = print, *, claim: bool = True):
+        """`claim`: hold the run directory (the driver); a worker running one stage of it does not."""
         self.recipe = recipe
         self.force = force or set()
         self.log = log
         self.build = active_build()
         assert recipe.output_dir is not None
-        self.run_dir = RunDir(recipe.output_dir)
+        self.run_dir = RunDir(recipe.output_dir, claim=claim)
         self.manager = get_manager()
         self.evaluators = evaluator_instances(recipe)
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
-        # what every GGUF the run writes records besides what the Planner knows (tbpw.model.provenance)
-        self.provenance: dict[str, str] = {}
+        self.quant_refs: dict[str, Ref] = {}  # each quant of the report (in its order): the task result it is
+        self.label = ""  # the run's label within a sweep
         self._scorers: dict[int, Scorer] = {}
 
     @cached_property
@@ -102,6 +122,17 @@ class Pipeline:
                                         threads=self.recipe.measure.threads, ngl=self.recipe.ngl,
                                         log=lambda line: self.log(f"  scoring{line}"))
         return self._scorers[ctx]
+
+    @cached_property
+    def provenance(self) -> dict[str, str]:
+        """What every GGUF the run writes records besides what the Planner knows (tbpw.model.provenance). Any
+        worker works it out alike: the calibration data stage has finished before anything is quantized."""
+        r = self.recipe
+        assert r.measure.metric is not None
+        calibration = self.dataset("calibration")
+        return {"metric": r.measure.metric.name, "recipe_sha256": recipe_sha256(r),
+                "calibration": calibration.description or calibration.path.name,
+                "calibration_sha256": self.run_dir.fingerprint(calibration.path)}
 
     def close(self) -> None:
         """Release the run directory (`run` does at its end) for the next run."""
@@ -185,23 +216,24 @@ class Pipeline:
                             f"check the network and HF_TOKEN, or fill the hub cache and set HF_HUB_OFFLINE=1") from exc
 
     def datasets(self) -> dict[str, DatasetFile]:
-        files = {}
+        return {role: self.dataset(role) for role in self.recipe.datasets}
+
+    def dataset(self, role: str) -> DatasetFile:
+        ref = self.recipe.datasets[role]
         context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
-        for role, ref in self.recipe.datasets.items():
-            # Materialized every time (cheap once cached): the stage is keyed by the content the dataset gives
-            # now, so a source file edited in place is noticed.
-            made = self.manager.datasets().create(ref.name, ref.options).materialize(context)
+        # Materialized every time (cheap once cached): the stage is keyed by the content the dataset gives
+        # now, so a source file edited in place is noticed.
+        made = self.manager.datasets().create(ref.name, ref.options).materialize(context)
 
-            def keep(folder: Path, made=made) -> dict:
-                target = folder / Path(made.path).name
-                shutil.copyfile(made.path, target)
-                return {"file": target.name, "kind": made.kind, "description": made.description,
-                        "attribution": made.attribution}
+        def keep(folder: Path) -> dict:
+            target = folder / Path(made.path).name
+            shutil.copyfile(made.path, target)
+            return {"file": target.name, "kind": made.kind, "description": made.description,
+                    "attribution": made.attribution}
 
-            out = self._stage(f"data-{role}", {"source": Path(made.path)}, ref, keep)
-            files[role] = DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
-                                      out.result["attribution"])
-        return files
+        out = self._stage(f"data-{role}", {"source": Path(made.path)}, ref, keep)
+        return DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
+                           out.result["attribution"])
 
     def baseline(self, model: Path, text: DatasetFile) -> StageOutcome:
         ev = self.recipe.evaluation
@@ -239,6 +271,8 @@ class Pipeline:
             table = measure(model, imatrix, metric=opts.metric.name, metric_options=opts.metric.options,
                             candidates=opts.candidates, sampling=opts.sampling, threads=opts.threads,
                             store=self.store.source(model, imatrix) if self.store is not None else None)
+            for volatile in ("cached", "seconds", "resumed_tensors"):  # how it was obtained, not what it is: the
+                table.meta.pop(volatile, None)  # same table gives the same bytes, and the stages after it the same keys
             table.write_json(folder / "errors.json")
             return {"table": "errors.json", "tensors": len(table.tensors)}
 
@@ -410,12 +444,112 @@ class Pipeline:
                 seen.setdefault(column.key, column)
         return list(seen.values())
 
+    # ---------------------------------------------------------------------------------- stages as graph tasks
+    # Thin adapters: a task's arguments are other tasks' results, these turn them into a stage's arguments.
+
+    def model_and_notes(self) -> tuple[Path, list[str]]:
+        path = self.model()
+        return path, self.notes
+
+    def plan_for(self, model: Path, imatrix: Path, table: Path, target: RecipeTarget, stock: Quant | None,
+                 allocator: PluginRef) -> Quant:
+        return self.plan(model, imatrix, table, target, self.budget(target, stock), allocator)
+
+    def choose_for(self, model: Path, imatrix: Path, table: Path, calibrated: dict[str, Path] | None,
+                   target: RecipeTarget, stock: Quant | None, written: dict[str, Quant], text: DatasetFile) -> Quant:
+        assert self.recipe.measure.metric is not None
+        tables = {self.recipe.measure.metric.name: table, **(calibrated or {})}
+        return self.choose(model, imatrix, tables, target, self.budget(target, stock), written, text)
+
+    def evaluate_with(self, quant: Quant, base: StageOutcome, data: dict[str, DatasetFile]) -> dict[str, float]:
+        return self.evaluate(quant, base.path(base.result["logits"]), data)
+
+    @staticmethod
+    def budget(target: RecipeTarget, stock: Quant | None) -> Target:
+        if target.stock:
+            assert stock is not None  # the graph passes the stock quant of a `stock:` target
+            return Target.parse(bpw=stock.bpw)
+        return Target.parse(bpw=target.bpw, size=target.size)
+
     # ---------------------------------------------------------------------------------- the whole run
 
-    def run(self) -> Path:
-        """Every stage of the recipe, then the report; the run directory is released at the end."""
+    def stock_types(self) -> list[str]:
+        r = self.recipe
+        return list(dict.fromkeys([*r.compare_stock, *(t.stock.upper() for t in r.targets if t.stock)]))
+
+    def graph(self) -> TaskGraph:
+        """Every stage of the recipe as a task and what it needs, in the order a sequential run takes them."""
+        r = self.recipe
+        assert r.measure.metric is not None and r.allocators is not None
+        g = TaskGraph()
+        force = frozenset(self.force)
+
+        def stage(method: str) -> Stage:
+            return Stage(r, force, method, self.label)
+
+        gpu = self.offloads()
+        size = self.model_bytes()
+        loads_model = Resources(gpu=gpu, memory=size)
+        model = g.add("model", stage("model_and_notes"), resources=Resources(memory=2 * size))[0]
+        # someone else's files are checked against the model before they are evaluated like the run's own
+        others = (g.add("compare-files", stage("compare_files"), model, resources=Resources(memory=size))
+                  if r.compare_files else None)
+        data = {role: g.add(f"data-{role}", stage("dataset"), role) for role in r.datasets}
+        base = g.add("baseline", stage("baseline"), model, data["evaluation"], resources=loads_model)
+        imatrix = g.add("imatrix", stage("imatrix"), model, data["calibration"], resources=loads_model)
+        table = g.add("measure", stage("measure"), model, imatrix, resources=Resources(memory=size))
+        stock = {t: g.add(f"stock-{t}", stage("stock"), model, imatrix, t, resources=Resources(memory=size))
+                 for t in self.stock_types()}
+        quants: dict[str, Ref] = {f"stock-{t}": ref for t, ref in stock.items()}
+        for i, other in enumerate(r.compare_files):
+            assert others is not None
+            quants[other.name] = others[i]
+        calibrated = (g.add("calibrate", stage("calibrate"), model, imatrix, table, data["calibration"],
+                            resources=loads_model) if r.calibrate is not None else None)
+        for target in r.targets:
+            stock_quant = stock[target.stock.upper()] if target.stock else None
+            made = {}
+            for a in r.allocators:
+                name = f"quant-{target.label}-{a.name}"
+                made[a.name] = quants[name] = g.add(name, stage("plan_for"), model, imatrix, table, target, stock_quant,
+                                                    a, resources=Resources(memory=size))
+            if r.choose is not None:
+                name = f"quant-{target.label}-choose"
+                quants[name] = g.add(name, stage("choose_for"), model, imatrix, table, calibrated, target, stock_quant,
+                                     made, data["calibration"], resources=loads_model)
+        quant_memory = Resources(gpu=gpu, memory=size // 2)
+        for name, quant in quants.items():
+            g.add(f"eval-{name}", stage("evaluate_with"), quant, base, data, resources=quant_memory)
+            if r.bench.enabled:
+                bench_gpu = (r.bench.ngl if r.bench.ngl is not None else r.ngl) != 0 and gpu
+                g.add(f"bench-{name}", stage("bench"), quant,
+                      resources=Resources(gpu=bench_gpu, memory=size // 2, exclusive=True))
+        self.quant_refs = quants
+        return g
+
+    def offloads(self) -> bool:
+        """Whether the tools that load a model put layers on a GPU (a GPU build, and `ngl` not 0)."""
+        from tbpw.llamacpp.offload import gpu_layers
+
+        return bool(gpu_layers(self.build, self.recipe.ngl))
+
+    def model_bytes(self) -> int:
+        """The float model's size as far as the recipe tells before converting (0: unknown): memory estimates."""
+        src = self.recipe.model
+        if src.gguf is not None and Path(src.gguf).is_file():
+            return Path(src.gguf).stat().st_size
+        if src.path is not None:
+            return sum(p.stat().st_size for p in Path(src.path).glob("*.safetensors"))
+        return 0
+
+    def worker_check(self) -> WorkerCheck:
+        return WorkerCheck(self.build.key, (self.run_dir.root,))
+
+    def run(self, executor=None) -> Path:
+        """Run the recipe's graph on `executor` (default: the recipe's) and write the report; the run directory
+        is released at the end."""
         try:
-            return self._run()
+            return self._run(executor)
         except (KeyboardInterrupt, Interrupted) as exc:
             kept = self.run_dir.finished()
             raise Interrupted(f"interrupted: {len(kept)} finished stage(s) are kept in {self.run_dir.root}; run the "
@@ -424,37 +558,29 @@ class Pipeline:
         finally:
             self.close()
 
-    def _run(self) -> Path:
+    def _run(self, executor) -> Path:
+        from tbpw.run.execute import execute, executor_from
+
+        check_ready(self.recipe)  # a plugin that cannot run with this build says so before any work
+        graph = self.graph()
+        assert self.recipe.executor is not None  # load_recipe fills in the registry's default
+        results = execute(graph, executor or executor_from(self.recipe.executor), log=self.log,
+                          check=self.worker_check())
+        return self.report(results)
+
+    def report(self, results: dict) -> Path:
+        """Write the report from the graph's results (task name -> result)."""
         r = self.recipe
-        assert r.measure.metric is not None and r.allocators is not None
-        check_ready(r)  # a plugin that cannot run with this build says so before any work
-        model = self.model()
-        others = self.compare_files(model)
-        data = self.datasets()
-        base = self.baseline(model, data["evaluation"])
-        imatrix = self.imatrix(model, data["calibration"])
-        self.provenance = {"metric": r.measure.metric.name, "recipe_sha256": recipe_sha256(r),
-                           "calibration": data["calibration"].description or data["calibration"].path.name,
-                           "calibration_sha256": self.run_dir.fingerprint(data["calibration"].path)}
-        table = self.measure(model, imatrix)
-        stock_types = list(dict.fromkeys([*r.compare_stock, *(t.stock.upper() for t in r.targets if t.stock)]))
-        quants: list[Quant] = [self.stock(model, imatrix, t) for t in stock_types]
-        stock_bpw = {q.name.removeprefix("stock-"): q.bpw for q in quants}
-        quants += others
-        tables = {r.measure.metric.name: table}
-        if r.calibrate is not None:
-            tables.update(self.calibrate(model, imatrix, table, data["calibration"]))
-        for target in r.targets:
-            budget = (Target.parse(bpw=stock_bpw[target.stock.upper()]) if target.stock else
-                      Target.parse(bpw=target.bpw, size=target.size))
-            made = {a.name: self.plan(model, imatrix, table, target, budget, a) for a in r.allocators}
-            quants += made.values()
-            if r.choose is not None:
-                quants.append(self.choose(model, imatrix, tables, target, budget, made, data["calibration"]))
+        model, notes = results["model"]
+        self.notes += [n for n in notes if n not in self.notes]
+        data: dict[str, DatasetFile] = {role: results[f"data-{role}"] for role in r.datasets}
+        base: StageOutcome = results["baseline"]
+        imatrix: Path = results["imatrix"]
         entries: list[dict] = []
-        for q in quants:
-            metrics = self.evaluate(q, base.path(base.result["logits"]), data)
-            benched = self.bench(q) if r.bench.enabled else {}
+        for name, ref in self.quant_refs.items():
+            q: Quant = resolve(ref, results)
+            metrics = results[f"eval-{name}"]
+            benched = results.get(f"bench-{name}", {})
             entries.append({"name": q.name, "kind": q.kind, "target": q.target, "allocator": q.allocator, "bpw": q.bpw,
                             "size_bytes": q.size_bytes, "metrics": metrics, "bench": benched.get("speeds", {}),
                             "bench_rows": benched.get("rows", []), "types": q.types,

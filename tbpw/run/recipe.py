@@ -46,6 +46,13 @@ class PluginRef(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ExecutorRef(PluginRef):
+    """The executor plugin and its options; a recipe that gives only options (`--set executor.options.workers=2`)
+    gets them for the registry's default executor."""
+
+    name: str = ""
+
+
 class ModelSource(Strict):
     """Exactly one of: a hub repo id, a local Hugging Face folder, a GGUF file, or one of tbpw's demo models."""
 
@@ -256,6 +263,7 @@ class Recipe(Strict):
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
     bench: BenchOptions = Field(default_factory=BenchOptions)
     select: SelectOptions = Field(default_factory=SelectOptions)
+    executor: ExecutorRef | None = None  # what runs the stages (tbpw.run.execute); None: the registry's default
     output_dir: Path | None = None  # default: runs/<name> beside the recipe
 
     @field_validator("datasets")
@@ -594,6 +602,8 @@ def _plugin_refs(recipe: Recipe) -> list[tuple[str, tuple, PluginRef]]:
     refs += [("allocator", ("allocators", i), ref) for i, ref in enumerate(recipe.allocators)]
     refs += [("evaluator", ("evaluators", i), ref) for i, ref in enumerate(recipe.evaluators)]
     refs += [("dataset", ("datasets", role), ref) for role, ref in recipe.datasets.items()]
+    if recipe.executor is not None:
+        refs.append(("executor", ("executor",), recipe.executor))
     return refs
 
 
@@ -608,6 +618,10 @@ def fill_defaults(recipe: Recipe) -> None:
         recipe.allocators = [PluginRef(name=manager.allocators().default_name())]
     if recipe.evaluators is None:
         recipe.evaluators = [PluginRef(name=manager.evaluators().default_name())]
+    if recipe.executor is None:
+        recipe.executor = ExecutorRef(name=manager.executors().default_name())
+    elif not recipe.executor.name:
+        recipe.executor.name = manager.executors().default_name()
 
 
 def _check_plugin_roles(recipe: Recipe, found: Findings) -> None:

@@ -94,10 +94,19 @@ class StageOutcome:
 
 
 class RunDir:
-    """A run directory claimed by this process: marked as tbpw's, locked until `close()`."""
+    """A run directory claimed by this process: marked as tbpw's, locked until `close()`.
 
-    def __init__(self, root: Path | str):
+    A worker that runs one stage of a run someone else claimed opens it with `claim=False`: it neither takes the
+    lock nor clears leftovers (the driver did, and other workers' stages may be under way beside it)."""
+
+    def __init__(self, root: Path | str, *, claim: bool = True):
         self.root = Path(root)
+        self._lock: FileLock | None = None
+        if not claim:
+            if not (self.root / MARKER).is_file():
+                raise TbpwError(f"{self.root} is not a tbpw run directory on this node: put the run directory on "
+                                "storage every node sees (docs/distributed.md)")
+            return
         if problem := ownership_problem(self.root):
             raise TbpwError(problem)
         try:
@@ -113,7 +122,8 @@ class RunDir:
 
     def close(self) -> None:
         """Release the run directory for the next run."""
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
     def _discard_leftovers(self) -> None:
         # Stages killed before they finished (ours: we hold the lock, nobody else writes here).

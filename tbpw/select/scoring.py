@@ -25,6 +25,7 @@ from tbpw.errors import TbpwError
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
 from tbpw.files.digest import content_sha256
+from tbpw.files.lock import waiting_lock
 from tbpw.llamacpp.perplexity import BaseLogits, KldScore, base_logits, kld, truncate_base
 from tbpw.model.inventory import ModelInventory, fingerprint
 
@@ -114,22 +115,36 @@ class Scorer:
 
     def _full(self, chunks: int) -> BaseLogits:
         """The saved logits with at least `chunks` chunks (made now with max(chunks, the hint) when missing)."""
-        info_path = self.folder / "base.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else None
-        logits = self.folder / "base.logits"
+        found = self._saved(chunks)
+        if found is None:
+            # Stages running at once (tbpw.run.execute) share these logits: one makes them, the others wait for it.
+            with waiting_lock(self.folder / ".lock", note=self.log):
+                found = self._saved(chunks) or self._make(max(chunks, self.chunks_hint))
+        return found
+
+    def _saved(self, chunks: int) -> BaseLogits | None:
+        info_path, logits = self.folder / "base.json", self.folder / "base.logits"
+        try:
+            info = json.loads(info_path.read_text()) if info_path.is_file() else None
+        except (OSError, ValueError):
+            info = None
         if info is None or info["chunks"] < chunks or not logits.is_file():
-            want = max(chunks, self.chunks_hint)
-            for old in self.folder.glob("base*.logits"):
-                old.unlink()
-            made = base_logits(self.model, self.text, self.folder / "base.new.logits", ctx=self.ctx, chunks=want,
-                               threads=self.threads, ngl=self.ngl, log_path=self.folder / "base.log", build=self.build)
-            made.path.replace(logits)
-            self.base_runs += 1
-            self.seconds += made.seconds
-            info = {"chunks": want, "ppl": made.ppl, "ppl_error": made.ppl_error}
-            write_json(info_path, info)
-            self.log(f"  float logits: {want} chunks of {self.ctx} tokens ({made.seconds:.1f} s)")
+            return None
         return BaseLogits(logits, self.text, self.ctx, info["chunks"], info["ppl"], info["ppl_error"], 0.0)
+
+    def _make(self, want: int) -> BaseLogits:
+        logits = self.folder / "base.logits"
+        for old in self.folder.glob("base*.logits"):
+            old.unlink()
+        made = base_logits(self.model, self.text, self.folder / "base.new.logits", ctx=self.ctx, chunks=want,
+                           threads=self.threads, ngl=self.ngl, log_path=self.folder / "base.log", build=self.build)
+        made.path.replace(logits)
+        self.base_runs += 1
+        self.seconds += made.seconds
+        info = {"chunks": want, "ppl": made.ppl, "ppl_error": made.ppl_error}
+        write_json(self.folder / "base.json", info)
+        self.log(f"  float logits: {want} chunks of {self.ctx} tokens ({made.seconds:.1f} s)")
+        return BaseLogits(logits, self.text, self.ctx, want, made.ppl, made.ppl_error, 0.0)
 
     def base(self, chunks: int) -> BaseLogits:
         """The float model's logits on the first `chunks` chunks of the text."""
