@@ -556,7 +556,7 @@ def default_output_dir(path: Path, name: str) -> Path:
 
 
 _PLUGIN_PLACES = (("metric", ("measure", "metric")), ("allocator", ("allocators",)), ("evaluator", ("evaluators",)),
-                  ("dataset", ("datasets",)))
+                  ("dataset", ("datasets",)), ("executor", ("executor",)))
 
 
 def _raw_refs(clean: dict) -> list[tuple[str, tuple, dict]]:
@@ -567,7 +567,9 @@ def _raw_refs(clean: dict) -> list[tuple[str, tuple, dict]]:
         node: Any = clean
         for key in loc:
             node = node.get(key) if isinstance(node, dict) else None
-        if kind == "metric":
+        if kind == "executor" and isinstance(node, dict) and "name" not in node:
+            node = {**node, "name": ""}  # options alone: they are the default executor's
+        if kind in ("metric", "executor"):
             items: list[tuple[Any, Any]] = [((), node)] if node is not None else []
         elif isinstance(node, list):
             items = [((i,), ref) for i, ref in enumerate(node)]
@@ -588,8 +590,9 @@ def _check_plugin_refs(clean: dict, found: Findings) -> bool:
     manager = get_manager()
     ok = True
     for kind, loc, ref in _raw_refs(clean):
+        registry = manager.registry(kind)
         try:
-            manager.registry(kind).validate_options(ref["name"], ref.get("options") or {})
+            registry.validate_options(ref["name"] or registry.default_name(), ref.get("options") or {})
         except TbpwError as exc:
             found.add(loc, f"{'.'.join(map(str, loc))}: {exc}")
             ok = False
