@@ -159,12 +159,12 @@ def tbpw_run(tbpw_model: Path, tbpw_text: Path, tmp_path: Path) -> Callable[...,
         recipe = _merge({"name": "plugin-test", "model": {"gguf": str(tbpw_model)},
                          "datasets": {"calibration": _merge(text, {"options": {"split": "calibration"}}),
                                       "evaluation": _merge(text, {"options": {"split": "evaluation"}})},
-                         **DEFAULT_RECIPE, "output_dir": str(folder)}, fields)
+                         **DEFAULT_RECIPE, "output_dir": str(folder / "run")}, fields)
         folder.mkdir(parents=True)
-        path = folder / "recipe.yaml"
+        path = folder / "recipe.yaml"  # beside the run's folder: a run writes only into a folder of its own
         path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         log: list[str] = []
         report = Pipeline(recipes.load(path), log=log.append).run()  # a TbpwError propagates: tests may expect one
-        return TbpwRun(folder, json.loads(report.with_name("report.json").read_text(encoding="utf-8")), log)
+        return TbpwRun(folder / "run", json.loads(report.with_name("report.json").read_text(encoding="utf-8")), log)
 
     return run
