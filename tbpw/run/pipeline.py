@@ -129,7 +129,7 @@ class Pipeline:
         worker works it out alike: the calibration data stage has finished before anything is quantized."""
         r = self.recipe
         assert r.measure.metric is not None
-        calibration = self.dataset("calibration")
+        calibration = self.dataset("calibration", quiet=True)
         return {"metric": r.measure.metric.name, "recipe_sha256": recipe_sha256(r),
                 "calibration": calibration.description or calibration.path.name,
                 "calibration_sha256": self.run_dir.fingerprint(calibration.path)}
@@ -140,11 +140,13 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------- plumbing
 
-    def _stage(self, name: str, inputs: dict[str, Path], options, body) -> StageOutcome:
+    def _stage(self, name: str, inputs: dict[str, Path], options, body, *, quiet: bool = False) -> StageOutcome:
+        """Run (or skip, when finished) one stage; `quiet`: say nothing of a skipped one (a stage looked up again)."""
         forced = name in self.force or any(name.startswith(f"{f}-") for f in self.force)
         with progress.stage(name):
             outcome = self.run_dir.run(name, inputs, {"options": options, "build": self.build.key}, body, force=forced)
-        self.log(f"{'skip' if outcome.skipped else 'done'}  {name}" + ("" if outcome.skipped else f"  ({outcome.seconds:.1f} s)"))
+        if not (quiet and outcome.skipped):
+            self.log(f"{'skip' if outcome.skipped else 'done'}  {name}" + ("" if outcome.skipped else f"  ({outcome.seconds:.1f} s)"))
         return outcome
 
     # ---------------------------------------------------------------------------------- stages
@@ -218,7 +220,7 @@ class Pipeline:
     def datasets(self) -> dict[str, DatasetFile]:
         return {role: self.dataset(role) for role in self.recipe.datasets}
 
-    def dataset(self, role: str) -> DatasetFile:
+    def dataset(self, role: str, *, quiet: bool = False) -> DatasetFile:
         ref = self.recipe.datasets[role]
         context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
         # Materialized every time (cheap once cached): the stage is keyed by the content the dataset gives
@@ -231,7 +233,7 @@ class Pipeline:
             return {"file": target.name, "kind": made.kind, "description": made.description,
                     "attribution": made.attribution}
 
-        out = self._stage(f"data-{role}", {"source": Path(made.path)}, ref, keep)
+        out = self._stage(f"data-{role}", {"source": Path(made.path)}, ref, keep, quiet=quiet)
         return DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
                            out.result["attribution"])
 
@@ -602,7 +604,7 @@ class Pipeline:
                   "evaluation_text": data["evaluation"].description or data["evaluation"].path.name,
                   "baseline_ppl": base.result["ppl"], "substitutes": substitutes,
                   "columns": [asdict(c) for c in columns], "entries": [base_entry, *entries],
-                  "tbpw_version": __version__, "recipe": r.model_dump(mode="json", exclude={"output_dir"}),
+                  "tbpw_version": __version__, "recipe": r.model_dump(mode="json", exclude={"output_dir", "executor"}),
                   "provenance": {**self.provenance, "imatrix_sha256": self.run_dir.fingerprint(imatrix)},
                   "datasets": {role: {"description": f.description, "attribution": f.attribution,
                                       "sha256": self.run_dir.fingerprint(f.path)} for role, f in data.items()},

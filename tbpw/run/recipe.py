@@ -724,8 +724,9 @@ def _check_files(clean: dict, found: Findings) -> None:
 
 
 def recipe_sha256(recipe: Recipe) -> str:
-    """The sha256 of what a recipe asks for, resolved (includes, --set, defaults), wherever its output goes."""
-    content = recipe.model_dump(mode="json", exclude={"output_dir"})
+    """The sha256 of what a recipe asks for, resolved (includes, --set, defaults), wherever its output goes and
+    whatever runs its stages (the executor changes no byte of what they make)."""
+    content = recipe.model_dump(mode="json", exclude={"output_dir", "executor"})
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
