@@ -720,7 +720,7 @@ def _check_files(clean: dict, found: Findings) -> None:
         target = Path(value)
         if not target.is_file():
             what = "does not exist" if not target.exists() else "is not a GGUF file"
-            found.add(("compare_files", i, "path"), f"compare_files[{i}].path: {value} {what}: fix the path")
+            found.add(("compare_files", i, "path"), f"compare_files.{i}.path: {value} {what}: fix the path")
 
 
 def recipe_sha256(recipe: Recipe) -> str:
