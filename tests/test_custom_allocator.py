@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from click.testing import CliRunner
@@ -78,15 +80,23 @@ def test_cli_applies_and_verifies_the_custom_plan(registered, tiny_model, fork_i
     assert saved["allocator_options"] == {"spend_on": ["attn_v", "ffn_down"]}
 
 
-@pytest.mark.slow
-def test_installed_package_registers_through_its_entry_point(tmp_path, monkeypatch):
-    # install a copy (building in the source folder would leave build/ and egg-info behind) into a folder
-    source = tmp_path / "src"
-    shutil.copytree(EXAMPLE, source)
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory) -> tuple[Path, Path]:
+    """(a copy of the example's folder, the folder it is pip-installed into) — as a user installs it."""
+    root = tmp_path_factory.mktemp("example")
+    # install a copy (building in the source folder would leave build/ and egg-info behind)
+    source = root / "src"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
+    target = root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     assert (target / "tbpw_cheapest_allocator.py").is_file()
+    return source, target
+
+
+@pytest.mark.slow
+def test_installed_package_registers_through_its_entry_point(installed_example, monkeypatch):
+    _, target = installed_example
     monkeypatch.syspath_prepend(str(target))
     from tbpw.plugin.manager import PluginManager
 
@@ -97,3 +107,23 @@ def test_installed_package_registers_through_its_entry_point(tmp_path, monkeypat
         assert row["version"] == "0.1.0" and row["provides"] == {"allocator": ["cheapest"]}
     finally:
         sys.modules.pop("tbpw_cheapest_allocator", None)
+
+
+@pytest.mark.tools
+@pytest.mark.slow
+def test_the_examples_own_tests_pass_with_tbpws_pytest_plugin(installed_example, tiny_model, wiki_text, tmp_path):
+    """The example's tests/ use tbpw's fixtures with no conftest: pytest loads them through tbpw's pytest11
+    entry point, as in any environment where tbpw is installed."""
+    source, target = installed_example
+    assert not list(source.rglob("conftest.py"))
+    env = {**os.environ, "PYTHONPATH": str(target), "TBPW_TEST_MODEL": str(tiny_model), "TBPW_TEST_TEXT": str(wiki_text)}
+    report = tmp_path / "junit.xml"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--junitxml={report}"],
+                          cwd=source, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    suite = ElementTree.parse(report).getroot().find("testsuite")
+    assert suite is not None
+    ran = {case.get("name") for case in suite.iter("testcase")}
+    assert ran == {"test_a_run_gives_the_named_roles_the_leftover_and_everything_else_the_cheapest_type",
+                   "test_a_misspelt_option_names_the_real_one"}
+    assert (suite.get("failures"), suite.get("errors"), suite.get("skipped")) == ("0", "0", "0")

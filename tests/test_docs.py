@@ -169,7 +169,7 @@ def _words(text: str) -> tuple[str, ...]:
 def test_the_docs_show_every_command():
     assert len(USAGES) > 30, USAGES
     assert {"build", "doctor", "plugins", "run", "validate", "schema", "imatrix", "measure", "quantize", "calibrate",
-            "choose", "data"} <= {u.text.split()[0] for u in USAGES}
+            "choose", "data", "inspect"} <= {u.text.split()[0] for u in USAGES}
 
 
 @pytest.mark.parametrize("usage", USAGES, ids=[f"{u.where} {u.text[:40]}" for u in USAGES])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def test_task_evaluators_report_the_tool_scores(plugin_manager, tiny_model, task
     wg = _evaluator(plugin_manager, "winogrande", tasks=2).evaluate(ctx)
     mc = _evaluator(plugin_manager, "multiple-choice", dataset="mmlu", tasks=4).evaluate(ctx)
     assert hs["hellaswag_tasks"] == 4 and 0 <= hs["hellaswag"] <= 100
+    p = hs["hellaswag"] / 100  # no ± from the tool for HellaSwag: the binomial standard error it uses elsewhere
+    assert hs["hellaswag_error"] == pytest.approx(100 * math.sqrt(p * (1 - p) / 3), abs=1e-12)
+    assert math.isfinite(wg["winogrande_error"]) and math.isfinite(mc["mmlu_error"])
     assert hs["hellaswag"] == parsers.parse_hellaswag((tmp_path / "hellaswag.log").read_text()).acc_norm_pct
     assert wg["winogrande_tasks"] == 2 and wg["winogrande"] in (0.0, 50.0, 100.0)
     assert mc["mmlu_tasks"] == 4 and mc["mmlu"] == parsers.parse_multiple_choice((tmp_path / "mmlu.log").read_text()).accuracy_pct

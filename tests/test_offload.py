@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from tbpw.cli import main
+from tbpw.llamacpp import tools
 from tbpw.llamacpp.build import BuildInfo
 from tbpw.llamacpp.imatrix import imatrix_args
 from tbpw.llamacpp.offload import gpu_layers, offload_args
@@ -59,20 +59,17 @@ def cuda_run(tmp_path_factory, active_build, tiny_model, wiki_text):
             "calibrate={grouping: role, ctx: 128, chunks: 2, strengths: [1.0]}",
             "choose={ctx: 128, chunks: 2, refine_rounds: 1, refine_tries: 1}"]
     commands: list[list[str]] = []
-    real_run = subprocess.run
+    real_launch = tools.launch
 
-    def remember(argv) -> None:
-        if isinstance(argv, (list, tuple)) and Path(str(argv[0])).name in LOADS_MODEL | {"llama-quantize"}:
+    def spy_launch(argv, *args, **kwargs):  # every llama.cpp tool (and tbpw's collector) starts here
+        if Path(str(argv[0])).name in LOADS_MODEL | {"llama-quantize"}:
             commands.append([str(a) for a in argv])
-
-    def spy_run(argv, *args, **kwargs):
-        remember(argv)
-        return real_run(argv, *args, **kwargs)
+        return real_launch(argv, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TBPW_BUILD", str(record.root))
         mp.setenv("TBPW_SENSITIVITY_CACHE", str(work / "sensitivity"))
-        mp.setattr(subprocess, "run", spy_run)
+        mp.setattr(tools, "launch", spy_launch)
         result = CliRunner().invoke(main, ["run", str(RECIPE), *[a for s in sets for a in ("--set", s)]])
     assert result.exit_code == 0, result.output
     shutil.rmtree(record.root / "logs", ignore_errors=True)

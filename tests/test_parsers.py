@@ -320,3 +320,27 @@ def test_devices_of_a_cpu_build():
     assert "Available devices:" in text
     assert parse_devices(text) == []  # CPU is not listed: only accelerators are
     assert parse_devices(captured("version.txt")) == []
+
+
+def test_bench_rows_are_what_llama_bench_prints_in_its_own_table(manifest):
+    """One run printed both formats (`-o md -oe json`): the rows tbpw writes from the JSON are its Markdown rows."""
+    from tbpw.llamacpp.bench import markdown_rows
+
+    text = captured("bench-md.txt")
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    printed = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:]]
+    rows = markdown_rows(parsers.parse_bench_json(text))
+    assert [list(r) for r in rows] == [header] * len(printed) and rows == printed
+    assert [r["test"] for r in rows] == manifest["runs"]["bench-md"]["tests"]
+
+
+def test_task_standard_errors_are_the_tools_own_formula():
+    """HellaSwag prints no ±: tbpw computes the one llama-perplexity prints for WinoGrande and multiple choice."""
+    from tbpw_plugins.evaluators.tasks import standard_error
+
+    for name in ("winogrande.txt", "multiple-choice.txt"):
+        score = (parsers.parse_winogrande if "wino" in name else parsers.parse_multiple_choice)(captured(name))
+        assert score.final and score.error_pct is not None
+        assert standard_error(score.accuracy_pct, score.tasks) == pytest.approx(score.error_pct, abs=6e-5)
+    assert math.isnan(standard_error(50.0, 1))

@@ -4,13 +4,13 @@ and the proof that neither ever runs a tool on the evaluation text."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from tbpw.cli import main
+from tbpw.llamacpp import tools
 from tbpw.measure.table import ErrorTable
 from tbpw.model.inventory import ModelInventory
 
@@ -29,16 +29,16 @@ def choose_run(tmp_path_factory, tiny_model, wiki_text):
             "bench.enabled=false", "calibrate={grouping: role, ctx: 256, chunks: 2, strengths: [1.0, 0.5]}",
             "choose={ctx: 256, chunks: 2, refine_rounds: 1, refine_tries: 2}"]
     commands: list[list[str]] = []
-    real_run = subprocess.run
+    real_launch = tools.launch
 
-    def spy(argv, *args, **kwargs):
-        if isinstance(argv, (list, tuple)) and Path(str(argv[0])).name.startswith("llama-"):
+    def spy(argv, *args, **kwargs):  # every llama.cpp tool starts here
+        if Path(str(argv[0])).name.startswith("llama-"):
             commands.append([str(a) for a in argv])
-        return real_run(argv, *args, **kwargs)
+        return real_launch(argv, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TBPW_SENSITIVITY_CACHE", str(out.parent / "sensitivity"))
-        mp.setattr(subprocess, "run", spy)
+        mp.setattr(tools, "launch", spy)
         result = CliRunner().invoke(main, ["run", str(RECIPE), *[a for s in sets for a in ("--set", s)]])
     assert result.exit_code == 0, result.output
     return out, commands

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,10 +56,14 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], Path, list[str]]:
         else:
             shutil.copy2(REPO / name, source / name)
     target = root / "site"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
                            "--no-compile", "--target", str(target), str(source)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    # installing prints no deprecation of tbpw's own packaging (the licence as an SPDX string, ...)
+    noise = [line for line in (done.stdout + done.stderr).splitlines()
+             if re.search(r"(?i)deprecat|BuildBackendWarning|SetuptoolsWarning", line)]
+    assert noise == [], "\n".join(noise)
     deps = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
     env = {k: v for k, v in os.environ.items() if k not in ("TBPW_VENDOR", "PYTHONPATH", "PYTHONHOME")}
     env.update(PYTHONPATH=os.pathsep.join([str(target), *deps]), PYTHONNOUSERSITE="1")

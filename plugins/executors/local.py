@@ -14,6 +14,7 @@ import ctypes
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from pydantic import Field
@@ -30,7 +31,9 @@ from tbpw import (
     visible_gpus,
 )
 
-STOP_WAIT_SECONDS = 10.0
+# How long a cancelled run waits for its workers to clean up (their tools are stopped; what is left is Python
+# code removing unfinished outputs), so that an interrupted run leaves nothing half-written behind.
+STOP_WAIT_SECONDS = 60.0
 
 
 class LocalOptions(PluginOptions):
@@ -174,6 +177,7 @@ class Local(Executor):
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
                                                            ctypes.py_object(KeyboardInterrupt))
         stop_tool_processes()
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
         for thread in threads:
-            thread.join(STOP_WAIT_SECONDS / max(1, len(threads)))
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._running.clear()

@@ -12,6 +12,7 @@ path for a type the libggml bridge cannot write.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,8 +87,10 @@ def verify_output(plan: Plan, path: Path | str) -> ModelInventory:
 
 def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: Path | str, *,
                threads: int | None = None, log_path: Path | str | None = None, base_type: str = BASE_TYPE,
-               build: BuildInfo | None = None, store: StoreSource | None = None) -> Applied:
-    """Write `out` from `model` as `plan` says, verify it, and save the plan as JSON next to it.
+               build: BuildInfo | None = None, kv: Mapping[str, str] | None = None,
+               store: StoreSource | None = None) -> Applied:
+    """Write `out` from `model` as `plan` says, verify it, and save the plan as JSON next to it; `kv` are string
+    keys the file's metadata records (the plan's `metadata_bytes` should count them).
 
     With `store` (bound to this model and imatrix), the file is assembled from quantized tensors instead of
     running llama-quantize, unless a planned type is one the store cannot write."""
@@ -113,13 +116,14 @@ def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: P
             store = None
     with atomic_path(out) as tmp:
         if store is not None:
-            assembled = assemble(store, plan.types(), tmp, base_type=base_type)
+            assembled = assemble(store, plan.types(), tmp, base_type=base_type,
+                                 overrides=[f"{key}=str:{value}" for key, value in (kv or {}).items()])
             write_text(log_path, f"assembled from the tensor store {store.folder}: {assembled.quantized} tensor(s) "
                                  f"quantized now, the rest found or copied, {assembled.seconds:.2f} s\n")
             seconds = assembled.seconds
         else:
             run = quantize(model, tmp, imatrix=imatrix, tensor_type_file=type_file, base_type=base_type,
-                           threads=threads, log_path=log_path, build=build)
+                           threads=threads, kv=kv, log_path=log_path, build=build)
             seconds = run.seconds
         written = verify_output(plan, tmp)
         if plan.target.size is not None and tmp.stat().st_size > plan.target.size:

@@ -5,7 +5,8 @@ plugins (one module per command in this package), a third party's come through e
 asks the plugin manager for them only when it needs a command, so `import tbpw.cli` loads no plugin.
 A `TbpwError` from any command, a plugin's too, becomes one line on stderr (one per problem when it
 holds several) and exit status 2, here and only here. Ctrl-C and SIGTERM end a command with 130 and
-143 after saying what was kept; an OSError nothing handled still names its file on one line.
+143 after saying what was kept; an OSError nothing handled still names its file on one line. Every command
+shows the llama.cpp tools' progress on stderr (tbpw.llamacpp.progress).
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ class TbpwGroup(click.Group):
         return self.commands.get(cmd_name) or self._guarded(ctx, self._plugin_commands).get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from tbpw.cli.support import console
+        from tbpw.llamacpp import progress
+
         try:
-            with _sigterm_as_interrupt():
+            # every command shows the progress of the llama.cpp tools it runs, on stderr
+            with _sigterm_as_interrupt(), progress.showing(progress.for_console(console)):
                 return super().invoke(ctx)
         except TbpwError as exc:
             fail(exc)

@@ -132,12 +132,14 @@ def tbpw_register_commands(cli: click.Group) -> None:
         manager.allocators().create(allocator, validated).check_ready()
         constraints = _read_constraints(constraints_file)
         constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
-        planner = Planner(Path(model), Path(imatrix), Constraints.parse(constraints),
-                          log_dir=Path(out).parent if out else None, threads=threads, manager=manager)
+        parsed = Constraints.parse(constraints)  # a mistake there fails before any measuring
         table = error_table(model, imatrix, fork_state=fork_state, table_file=table_file, metric=metric,
                             metric_options=key_values(metric_options, flag="--metric-option",
                                                       example="trim_fraction=0.02"),
                             types=types, threads=threads, cache_dir=cache_dir)
+        measured_by = f"fork state {Path(fork_state).name}" if fork_state else getattr(table, "meta", {}).get("metric")
+        planner = Planner(Path(model), Path(imatrix), parsed, log_dir=Path(out).parent if out else None,
+                          threads=threads, manager=manager, provenance={"metric": str(measured_by)} if measured_by else {})
         plan = planner.plan(table, target, allocator, validated)
 
         result = plan.to_json()

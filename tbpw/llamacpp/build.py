@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tbpw.errors import TbpwError
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
 from tbpw.files.lock import waiting_lock
-from tbpw.llamacpp import sources
+from tbpw.llamacpp import progress, sources
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 LIBRARY_TARGETS = ("ggml-base",)
@@ -179,11 +178,7 @@ def active_build() -> BuildInfo:
     return BuildInfo.load(root)
 
 
-ProgressFn = Callable[[int, int], None]
-
-
-def build(source: str | None = None, backend: str = "auto", jobs: int | None = None,
-          progress: ProgressFn | None = None, force: bool = False) -> BuildInfo:
+def build(source: str | None = None, backend: str = "auto", jobs: int | None = None, force: bool = False) -> BuildInfo:
     """Build (or find in the cache) the llama.cpp tools, and make that build the active one.
 
     tbpw's own collector is compiled against it by `tbpw.llamacpp.collector.install`."""
@@ -205,11 +200,11 @@ def build(source: str | None = None, backend: str = "auto", jobs: int | None = N
             info = BuildInfo.load(root)
             _activate(info)
             return info
-        return _build(src, backend, flags, key, root, jobs, progress, (cmake, cc, cxx))
+        return _build(src, backend, flags, key, root, jobs, (cmake, cc, cxx))
 
 
 def _build(src: sources.Source, backend: str, flags: list[str], key: str, root: Path, jobs: int | None,
-           progress: ProgressFn | None, tools: tuple[str, str, str]) -> BuildInfo:
+           tools: tuple[str, str, str]) -> BuildInfo:
     cmake, cc, cxx = tools
     tree = sources.prepare(src)
     root.mkdir(parents=True, exist_ok=True)
@@ -222,7 +217,8 @@ def _build(src: sources.Source, backend: str, flags: list[str], key: str, root: 
         _run_logged([cmake, "-S", str(tree), "-B", str(work), *generator, *flags], log, log_path, env, "configure")
         targets = [*TOOLS, *LIBRARY_TARGETS]
         _run_logged([cmake, "--build", str(work), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
-                     "--target", *targets], log, log_path, env, "build", progress)
+                     "--target", *targets], log, log_path, env, "build",
+                    progress.BUILD if generator else progress.BUILD_MAKE)
     staging = root / "bin.partial"
     if staging.exists():
         shutil.rmtree(staging)
@@ -245,23 +241,19 @@ def _activate(info: BuildInfo) -> None:
     write_json(paths.builds() / ACTIVE_FILE, {"key": info.key})
 
 
-_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
-_MAKE_STEP = re.compile(r"^\[\s*(\d+)%\]")
-
-
-def _run_logged(cmd: list[str], log, log_path: Path, env: dict, what: str, progress: ProgressFn | None = None) -> None:
+def _run_logged(cmd: list[str], log, log_path: Path, env: dict, what: str, meter: progress.Meter | None = None) -> None:
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        log.write(line)
-        if progress:
-            if m := _NINJA_STEP.match(line):
-                progress(int(m.group(1)), int(m.group(2)))
-            elif m := _MAKE_STEP.match(line):
-                progress(int(m.group(1)), 100)
-    proc.wait()
+    with progress.track("llama.cpp", meter) as tracker:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if tracker is not None:
+                tracker.feed("stdout", line)
+        proc.wait()
+        if tracker is not None:
+            tracker.ok = proc.returncode == 0
     log.flush()
     if proc.returncode != 0:
         raise TbpwError(f"llama.cpp {what} failed (exit {proc.returncode}); full log: {log_path}",

@@ -23,7 +23,8 @@ from tbpw.errors import TbpwError
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
 from tbpw.files.lock import waiting_lock
-from tbpw.llamacpp.build import BuildInfo, ProgressFn, active_build, build, find_compilers
+from tbpw.llamacpp import progress
+from tbpw.llamacpp.build import BuildInfo, active_build, build, find_compilers
 from tbpw.llamacpp.tools import ToolRun, run_tool
 
 NAME = "tbpw-collector"
@@ -101,11 +102,12 @@ def _compile(info: BuildInfo, tree: Path | None) -> Path:
 
 
 def run_collector(args: Sequence[str | os.PathLike], *, log_path: Path | str | None = None,
-                  build: BuildInfo | None = None, timeout: float | None = None) -> ToolRun:
+                  build: BuildInfo | None = None, timeout: float | None = None,
+                  meter: progress.Meter | None = None) -> ToolRun:
     """Run the collector of the active build (compiling it first when its sources changed)."""
     build = build or active_build()
     ensure_built(build)
-    return run_tool(NAME, args, log_path=log_path, build=build, timeout=timeout)
+    return run_tool(NAME, args, log_path=log_path, build=build, timeout=timeout, meter=meter)
 
 
 def _build_json(root: Path) -> dict:
@@ -148,9 +150,8 @@ def compile_or_warn(info: BuildInfo) -> None:
         print(f"warning: {exc}; the stock imatrix collector still works", file=sys.stderr)
 
 
-def install(source: str | None = None, backend: str = "auto", jobs: int | None = None,
-            progress: ProgressFn | None = None, force: bool = False) -> BuildInfo:
+def install(source: str | None = None, backend: str = "auto", jobs: int | None = None, force: bool = False) -> BuildInfo:
     """What `tbpw build` does: the llama.cpp tools (cached), then tbpw's collector against them."""
-    info = build(source, backend, jobs, progress=progress, force=force)
+    info = build(source, backend, jobs, force=force)
     compile_or_warn(info)
     return info

@@ -11,7 +11,7 @@ from pathlib import Path
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import temporary_folder
 from tbpw.files.outputs import refuse_overwriting_inputs
-from tbpw.llamacpp import resources
+from tbpw.llamacpp import progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.collector import run_collector
 from tbpw.llamacpp.offload import offload_args
@@ -71,9 +71,11 @@ def make_imatrix(model: Path | str, text: Path | str, out: Path | str, collector
         args = imatrix_args(model, text, partial, ctx=ctx, chunks=chunks, threads=threads, build=build, ngl=ngl,
                             extra_args=extra_args)
         if collector == "stock":
-            run = run_tool("llama-imatrix", args, log_path=log_path, build=build, timeout=timeout)
+            run = run_tool("llama-imatrix", args, log_path=log_path, build=build, timeout=timeout,
+                           meter=progress.IMATRIX.expecting(chunks))
         else:
-            run = run_collector(args, log_path=log_path, build=build, timeout=timeout)
+            run = run_collector(args, log_path=log_path, build=build, timeout=timeout,
+                                meter=progress.COLLECTOR.expecting(chunks))
         if not partial.is_file():
             raise TbpwError(f"{collector} collector exited without writing an imatrix (log: {run.log_path})")
         os.replace(partial, out)

@@ -20,7 +20,7 @@ from typing import Literal, overload
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import write_json
 from tbpw.files.digest import content_sha256
-from tbpw.llamacpp import parsers, resources
+from tbpw.llamacpp import parsers, progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.offload import offload_args
 from tbpw.llamacpp.tools import ToolRun, run_tool
@@ -29,6 +29,8 @@ TaskMode = Literal["hellaswag", "winogrande", "multiple-choice"]
 _TASK_PARSERS: dict[str, Callable[[str], parsers.HellaswagResult | parsers.TaskScore]] = {
     "hellaswag": parsers.parse_hellaswag, "winogrande": parsers.parse_winogrande,
     "multiple-choice": parsers.parse_multiple_choice}
+_TASK_METERS = {"hellaswag": progress.HELLASWAG, "winogrande": progress.WINOGRANDE,
+                "multiple-choice": progress.MULTIPLE_CHOICE}
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ def base_logits(model: Path | str, text: Path | str, out: Path | str, *, ctx: in
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     run = run_tool("llama-perplexity", [*_common(model, ctx, chunks, threads, ngl, build), "-f", str(text),
-                                        "--kl-divergence-base", str(partial)], log_path=log_path, build=build)
+                                        "--kl-divergence-base", str(partial)], log_path=log_path, build=build,
+                   meter=progress.PERPLEXITY.expecting(chunks))
     result = parsers.parse_run(parsers.parse_perplexity, run)
     partial.replace(out)
     write_json(record, source)
@@ -141,7 +144,7 @@ def kl_divergence(model: Path | str, logits: Path | str, *, ctx: int, chunks: in
     build = build or active_build()
     args = [*_common(model, ctx, chunks, threads, ngl, build), "--kl-divergence-base", str(logits),
             "--kl-divergence"]
-    run = run_tool("llama-perplexity", args, log_path=log_path, build=build)
+    run = run_tool("llama-perplexity", args, log_path=log_path, build=build, meter=progress.KL_DIVERGENCE.expecting(chunks))
     return parsers.parse_run(parsers.parse_kl_divergence, run), run
 
 
@@ -195,4 +198,5 @@ def task(model: Path | str, mode: TaskMode, task_file: Path | str, *, tasks: int
     build = build or active_build()
     data = ["-bf" if mode == "multiple-choice" else "-f", str(task_file)]
     args = [*_common(model, ctx, None, threads, ngl, build), *data, f"--{mode}", f"--{mode}-tasks", str(tasks)]
-    return parsers.parse_run(_TASK_PARSERS[mode], run_tool("llama-perplexity", args, log_path=log_path, build=build))
+    run = run_tool("llama-perplexity", args, log_path=log_path, build=build, meter=_TASK_METERS[mode].expecting(tasks))
+    return parsers.parse_run(_TASK_PARSERS[mode], run)

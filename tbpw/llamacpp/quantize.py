@@ -7,7 +7,10 @@ Facts about stock llama-quantize (b11312) this module relies on:
 - the overrides only apply when the base TYPE argument is a quantized type (an F16/BF16/F32 base
   copies every tensor), and the usual fallback for rows that do not fit a type's blocks still applies;
 - with an imatrix it adds `quantize.imatrix.*` keys to the output's metadata (the file path as given,
-  the first dataset name, both truncated to 127 bytes, the entry count and the chunk count).
+  the first dataset name, both truncated to 127 bytes, the entry count and the chunk count);
+- `--override-kv KEY=str:VALUE` (repeatable) adds or replaces a string key in the output's metadata (tbpw
+  records its provenance that way); the key runs to the first `=`, and a key or value over 127 bytes makes
+  it print its usage and exit 1 without saying why, so `kv_override_args` refuses one first.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tbpw.errors import TbpwError
-from tbpw.llamacpp import resources
+from tbpw.llamacpp import progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.tools import ToolRun, run_tool
 
@@ -61,20 +65,37 @@ def tensor_type_text(types: Mapping[str, str]) -> str:
     return "".join(f"{tensor_pattern(name)}={t.lower()}\n" for name, t in types.items())
 
 
+def kv_override_args(kv: Mapping[str, str]) -> list[str]:
+    """`--override-kv KEY=str:VALUE` for each string key, checked against llama-quantize's limits."""
+    args = []
+    for key, value in kv.items():
+        if "=" in key or not key or len(key.encode()) > _KV_MAX_STR:
+            raise TbpwError(f"metadata key {key!r} cannot be written by llama-quantize --override-kv: a key has "
+                            f"1 to {_KV_MAX_STR} bytes and no '='; shorten it")
+        if len(value.encode()) > _KV_MAX_STR or "\0" in value:
+            raise TbpwError(f"the value of metadata key {key!r} has {len(value.encode())} bytes; llama-quantize "
+                            f"--override-kv takes at most {_KV_MAX_STR} (and no NUL): shorten it")
+        args += ["--override-kv", f"{key}=str:{value}"]
+    return args
+
+
 def quantize(model: Path | str, out: Path | str, *, imatrix: Path | str | None, tensor_type_file: Path | str | None = None,
              base_type: str = BASE_TYPE, threads: int | None = None, extra: list[str] | None = None,
-             log_path: Path | str | None = None, build: BuildInfo | None = None) -> ToolRun:
-    """Run llama-quantize MODEL OUT BASE_TYPE [threads] with the given options."""
+             kv: Mapping[str, str] | None = None, log_path: Path | str | None = None,
+             build: BuildInfo | None = None) -> ToolRun:
+    """Run llama-quantize MODEL OUT BASE_TYPE [threads] with the given options; `kv` adds string keys to the
+    output's metadata (see `output_metadata` for what that costs)."""
     args: list[str | os.PathLike] = []
     if imatrix is not None:
         args += ["--imatrix", str(imatrix)]
     if tensor_type_file is not None:
         args += ["--tensor-type-file", str(tensor_type_file)]
+    args += kv_override_args(kv or {})
     args += list(extra or [])
     args += [str(model), str(out), base_type]
     if threads := resources.threads(threads):
         args.append(str(threads))
-    return run_tool("llama-quantize", args, log_path=log_path, build=build)
+    return run_tool("llama-quantize", args, log_path=log_path, build=build, meter=progress.QUANTIZE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,9 +110,31 @@ def _str_bytes(text: str) -> int:
     return 8 + len(text.encode("utf-8")[:_KV_MAX_STR])
 
 
-def output_metadata_bytes(model: Path | str, imatrix: Path | str | None) -> int:
-    """Bytes before the tensor data in the file stock llama-quantize writes from `model` with `imatrix`
-    (header, key/values, tensor infos, padding): the input's, plus the keys llama-quantize sets."""
+@dataclass(frozen=True)
+class OutputMetadata:
+    """The metadata of the file llama-quantize writes from one model and imatrix, before `--override-kv` keys."""
+
+    unpadded: int  # bytes of header, key/values and tensor infos
+    alignment: int
+    existing: Mapping[str, int]  # bytes of each key/value the output already has
+
+    def size(self, kv: Mapping[str, str] | None = None) -> int:
+        """Bytes before the tensor data once the string keys `kv` are set (`quantize(..., kv=kv)`)."""
+        raw = self.unpadded
+        for key, value in (kv or {}).items():
+            new = _kv_bytes(key, 8 + len(value.encode("utf-8")))
+            raw += new - self.existing.get(key, 0)  # a present key keeps its name and type, only its value changes
+        return -(-raw // self.alignment) * self.alignment
+
+
+def output_metadata_bytes(model: Path | str, imatrix: Path | str | None, kv: Mapping[str, str] | None = None) -> int:
+    """Bytes before the tensor data in the file stock llama-quantize writes from `model` with `imatrix` and the
+    string keys `kv` (header, key/values, tensor infos, padding): the input's, plus the keys llama-quantize sets."""
+    return output_metadata(model, imatrix).size(kv)
+
+
+def output_metadata(model: Path | str, imatrix: Path | str | None) -> OutputMetadata:
+    """What `output_metadata_bytes` counts, kept to price several sets of `--override-kv` keys (reads `model` once)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(model))
@@ -103,11 +146,15 @@ def output_metadata_bytes(model: Path | str, imatrix: Path | str | None) -> int:
     def set_value(key: str, value_bytes: int) -> int:
         # a present key keeps its name and type, only the value's size may change
         new = _kv_bytes(key, value_bytes)
+        written[key] = new
         return new - existing[key] if key in existing else new
+
+    written: dict[str, int] = dict(existing)
 
     delta = set_value("general.quantization_version", 4) + set_value("general.file_type", 4)
     for key in ("split.no", "split.count", "split.tensors.count"):
         delta -= existing.get(key, 0)
+        written.pop(key, None)
     if imatrix is not None:
         from tbpw.imatrix.reader import Imatrix
 
@@ -118,9 +165,7 @@ def output_metadata_bytes(model: Path | str, imatrix: Path | str | None) -> int:
         delta += set_value("quantize.imatrix.entries_count", 4)
         if imx.chunk_count > 0:
             delta += set_value("quantize.imatrix.chunks_count", 4)
-    alignment = int(reader.alignment)
-    raw = end + delta
-    return -(-raw // alignment) * alignment
+    return OutputMetadata(unpadded=end + delta, alignment=int(reader.alignment), existing=written)
 
 
 # ---------------------------------------------------------------------------------------------------

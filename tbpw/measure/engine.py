@@ -261,7 +261,8 @@ class _Engine:
                     name, grid_part = jobs.pop(0)
                     pending.add(pool.submit(self.tensor, name, frozenset(grids) if grid_part else None,
                                             frozenset(grids)))
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                # A timeout, so that an interrupt sent to this thread (a worker of tbpw.run.execute) lands soon.
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     result = fut.result()
                     if result is not None:

@@ -35,7 +35,7 @@ BLOCK_ENV = "TBPW_BLOCK_PLUGINS"
 # tbpw's own subcommands, each a module with a tbpw_register_commands hook (like a plugin's).
 INTERNAL_PLUGINS = ("tbpw.cli.build", "tbpw.cli.doctor", "tbpw.cli.plugins", "tbpw.cli.data", "tbpw.cli.imatrix",
                     "tbpw.cli.measure", "tbpw.cli.quantize", "tbpw.cli.choose", "tbpw.cli.recipes",
-                    "tbpw.cli.sweep")
+                    "tbpw.cli.inspect", "tbpw.cli.sweep")
 
 T = TypeVar("T", bound=Plugin)
 

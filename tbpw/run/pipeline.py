@@ -2,6 +2,10 @@
 
     model -> data-* -> baseline (PPL + logits) -> imatrix -> measure -> stock-* / quant-* -> eval-* -> bench-* -> report
 
+Other people's GGUFs of the same model (`compare_files`) are checked against the model right after it is
+made, then evaluated and benched like the run's own quants. Every GGUF the run writes records its provenance
+(tbpw.model.provenance), and the report folder gets a Hugging Face model card with the kept quants beside it.
+
 Every stage goes through `RunDir.run`, so a finished stage is skipped, a changed input (or a damaged
 output) reruns only what depends on it, and a killed run resumes. The driver holds its run directory from
 start to end (a second run on it is refused); the workers that run its stages write into it without claiming
@@ -20,6 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tbpw import __version__
 from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
 from tbpw.data.files import DatasetContext, DatasetFile
@@ -27,7 +32,8 @@ from tbpw.errors import Interrupted, TbpwError
 from tbpw.evaluate.context import EvalContext
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
-from tbpw.llamacpp.bench import bench, speeds
+from tbpw.llamacpp import progress
+from tbpw.llamacpp.bench import bench, markdown_rows, speeds
 from tbpw.llamacpp.build import active_build
 from tbpw.llamacpp.perplexity import base_logits
 from tbpw.llamacpp.quantize import quantize
@@ -37,8 +43,9 @@ from tbpw.model.ggml_types import FLOAT_TYPES
 from tbpw.model.inventory import ModelInventory
 from tbpw.plugin.base import Column
 from tbpw.plugin.manager import get_manager
-from tbpw.run.graph import Ref, Resources, TaskGraph, WorkerCheck
-from tbpw.run.recipe import PluginRef, Recipe, RecipeTarget, check_ready, evaluator_instances
+from tbpw.run import compare
+from tbpw.run.graph import Ref, Resources, TaskGraph, WorkerCheck, resolve
+from tbpw.run.recipe import PluginRef, Recipe, RecipeTarget, check_ready, evaluator_instances, recipe_sha256
 from tbpw.run.rundir import RunDir, StageOutcome
 
 if TYPE_CHECKING:
@@ -51,7 +58,7 @@ class Quant:
     """One quantized model of the run: a stock type or a (target, allocator) plan."""
 
     name: str
-    kind: str  # "stock" or "tbpw"
+    kind: str  # "stock", "tbpw", or "other" (someone else's file, from compare_files)
     path: Path
     bpw: float
     size_bytes: int
@@ -91,7 +98,7 @@ class Pipeline:
         self.manager = get_manager()
         self.evaluators = evaluator_instances(recipe)
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
-        self.quant_tasks: list[str] = []  # the graph's tasks that make a quant, in report order
+        self.quant_refs: dict[str, Ref] = {}  # each quant of the report (in its order): the task result it is
         self.label = ""  # the run's label within a sweep
         self._scorers: dict[int, Scorer] = {}
 
@@ -116,16 +123,30 @@ class Pipeline:
                                         log=lambda line: self.log(f"  scoring{line}"))
         return self._scorers[ctx]
 
+    @cached_property
+    def provenance(self) -> dict[str, str]:
+        """What every GGUF the run writes records besides what the Planner knows (tbpw.model.provenance). Any
+        worker works it out alike: the calibration data stage has finished before anything is quantized."""
+        r = self.recipe
+        assert r.measure.metric is not None
+        calibration = self.dataset("calibration", quiet=True)
+        return {"metric": r.measure.metric.name, "recipe_sha256": recipe_sha256(r),
+                "calibration": calibration.description or calibration.path.name,
+                "calibration_sha256": self.run_dir.fingerprint(calibration.path)}
+
     def close(self) -> None:
         """Release the run directory (`run` does at its end) for the next run."""
         self.run_dir.close()
 
     # ---------------------------------------------------------------------------------- plumbing
 
-    def _stage(self, name: str, inputs: dict[str, Path], options, body) -> StageOutcome:
+    def _stage(self, name: str, inputs: dict[str, Path], options, body, *, quiet: bool = False) -> StageOutcome:
+        """Run (or skip, when finished) one stage; `quiet`: say nothing of a skipped one (a stage looked up again)."""
         forced = name in self.force or any(name.startswith(f"{f}-") for f in self.force)
-        outcome = self.run_dir.run(name, inputs, {"options": options, "build": self.build.key}, body, force=forced)
-        self.log(f"{'skip' if outcome.skipped else 'done'}  {name}" + ("" if outcome.skipped else f"  ({outcome.seconds:.1f} s)"))
+        with progress.stage(name):
+            outcome = self.run_dir.run(name, inputs, {"options": options, "build": self.build.key}, body, force=forced)
+        if not (quiet and outcome.skipped):
+            self.log(f"{'skip' if outcome.skipped else 'done'}  {name}" + ("" if outcome.skipped else f"  ({outcome.seconds:.1f} s)"))
         return outcome
 
     # ---------------------------------------------------------------------------------- stages
@@ -199,7 +220,7 @@ class Pipeline:
     def datasets(self) -> dict[str, DatasetFile]:
         return {role: self.dataset(role) for role in self.recipe.datasets}
 
-    def dataset(self, role: str) -> DatasetFile:
+    def dataset(self, role: str, *, quiet: bool = False) -> DatasetFile:
         ref = self.recipe.datasets[role]
         context = DatasetContext(cache_dir=paths.assets(), resolve=self.manager.datasets().create)
         # Materialized every time (cheap once cached): the stage is keyed by the content the dataset gives
@@ -212,7 +233,7 @@ class Pipeline:
             return {"file": target.name, "kind": made.kind, "description": made.description,
                     "attribution": made.attribution}
 
-        out = self._stage(f"data-{role}", {"source": Path(made.path)}, ref, keep)
+        out = self._stage(f"data-{role}", {"source": Path(made.path)}, ref, keep, quiet=quiet)
         return DatasetFile(out.path(out.result["file"]), out.result["kind"], out.result["description"],
                            out.result["attribution"])
 
@@ -262,7 +283,10 @@ class Pipeline:
     def stock(self, model: Path, imatrix: Path, qtype: str) -> Quant:
         def body(folder: Path) -> dict:
             out = folder / "model.gguf"
-            quantize(model, out, imatrix=imatrix, base_type=qtype, log_path=folder / "quantize.log", build=self.build)
+            # llama-quantize's own mixture: no allocator and no metric of tbpw's chose its types
+            kv = self._planner(model, imatrix, folder).record(target=f"stock {qtype}", metric="")
+            quantize(model, out, imatrix=imatrix, base_type=qtype, kv=kv, log_path=folder / "quantize.log",
+                     build=self.build)
             inv = ModelInventory.load(out)
             return {"model": "model.gguf", "bpw": inv.bpw(), "size_bytes": out.stat().st_size, "types": inv.types()}
 
@@ -272,7 +296,22 @@ class Pipeline:
                      types=out.result["types"])
 
     def _planner(self, model: Path, imatrix: Path, log_dir: Path) -> Planner:
-        return Planner(model, imatrix, self.recipe.constraints, log_dir=log_dir, manager=self.manager, store=self.store)
+        return Planner(model, imatrix, self.recipe.constraints, log_dir=log_dir, manager=self.manager,
+                       provenance=self.provenance, store=self.store)
+
+    def compare_files(self, model: Path) -> list[Quant]:
+        """The recipe's `compare_files`, each found and checked to be a quant of `model` (before any work on it)."""
+        base = ModelInventory.load(model)
+        quants = []
+        for i, ref in enumerate(self.recipe.compare_files):
+            where = f"compare_files.{i}"
+            path = compare.locate(ref, where)
+            other = ModelInventory.load(path)
+            compare.check_same_model(base, other, where)
+            quants.append(Quant(ref.name, "other", path, other.bpw(), path.stat().st_size, types=other.types(),
+                                note=f"not made by this run: {compare.describe(ref)}"))
+            self.log(f"other {ref.name}  ({other.bpw():.4f} bpw, {compare.describe(ref)})")
+        return quants
 
     def plan(self, model: Path, imatrix: Path, table: Path, target: RecipeTarget, budget: Target,
              allocator: PluginRef) -> Quant:
@@ -386,17 +425,18 @@ class Pipeline:
                            {"evaluators": self.recipe.evaluators, "evaluation": ev, "ngl": self.recipe.ngl},
                            body).result
 
-    def bench(self, quant: Quant) -> dict[str, float]:
+    def bench(self, quant: Quant) -> dict:
         b = self.recipe.bench
         ngl = b.ngl if b.ngl is not None else self.recipe.ngl
 
         def body(folder: Path) -> dict:
             result = bench(quant.path, pp=b.pp, tg=b.tg, pg=b.pg, repetitions=b.repetitions, threads=b.threads,
                            ngl=ngl, log_path=folder / "bench.log", build=self.build)
-            return speeds(result)
+            return {"speeds": speeds(result), "rows": markdown_rows(result)}
 
-        return self._stage(f"bench-{quant.name}", {"model": quant.path}, {**b.model_dump(mode="json"), "ngl": ngl},
-                           body).result
+        # "rows": results of earlier versions held the speeds alone, and rerun
+        return self._stage(f"bench-{quant.name}", {"model": quant.path},
+                           {**b.model_dump(mode="json"), "ngl": ngl, "rows": True}, body).result
 
     def columns(self) -> list[Column]:
         """Every column the recipe's evaluators report, in recipe order (the report's columns)."""
@@ -453,6 +493,9 @@ class Pipeline:
         size = self.model_bytes()
         loads_model = Resources(gpu=gpu, memory=size)
         model = g.add("model", stage("model_and_notes"), resources=Resources(memory=2 * size))[0]
+        # someone else's files are checked against the model before they are evaluated like the run's own
+        others = (g.add("compare-files", stage("compare_files"), model, resources=Resources(memory=size))
+                  if r.compare_files else None)
         data = {role: g.add(f"data-{role}", stage("dataset"), role) for role in r.datasets}
         base = g.add("baseline", stage("baseline"), model, data["evaluation"], resources=loads_model)
         imatrix = g.add("imatrix", stage("imatrix"), model, data["calibration"], resources=loads_model)
@@ -460,6 +503,9 @@ class Pipeline:
         stock = {t: g.add(f"stock-{t}", stage("stock"), model, imatrix, t, resources=Resources(memory=size))
                  for t in self.stock_types()}
         quants: dict[str, Ref] = {f"stock-{t}": ref for t, ref in stock.items()}
+        for i, other in enumerate(r.compare_files):
+            assert others is not None
+            quants[other.name] = others[i]
         calibrated = (g.add("calibrate", stage("calibrate"), model, imatrix, table, data["calibration"],
                             resources=loads_model) if r.calibrate is not None else None)
         for target in r.targets:
@@ -480,7 +526,7 @@ class Pipeline:
                 bench_gpu = (r.bench.ngl if r.bench.ngl is not None else r.ngl) != 0 and gpu
                 g.add(f"bench-{name}", stage("bench"), quant,
                       resources=Resources(gpu=bench_gpu, memory=size // 2, exclusive=True))
-        self.quant_tasks = list(quants)
+        self.quant_refs = quants
         return g
 
     def offloads(self) -> bool:
@@ -531,13 +577,15 @@ class Pipeline:
         self.notes += [n for n in notes if n not in self.notes]
         data: dict[str, DatasetFile] = {role: results[f"data-{role}"] for role in r.datasets}
         base: StageOutcome = results["baseline"]
-        entries = []
-        for name in self.quant_tasks:
-            q: Quant = results[name]
+        imatrix: Path = results["imatrix"]
+        entries: list[dict] = []
+        for name, ref in self.quant_refs.items():
+            q: Quant = resolve(ref, results)
             metrics = results[f"eval-{name}"]
-            speeds = results.get(f"bench-{name}", {})
+            benched = results.get(f"bench-{name}", {})
             entries.append({"name": q.name, "kind": q.kind, "target": q.target, "allocator": q.allocator, "bpw": q.bpw,
-                            "size_bytes": q.size_bytes, "metrics": metrics, "bench": speeds, "types": q.types,
+                            "size_bytes": q.size_bytes, "metrics": metrics, "bench": benched.get("speeds", {}),
+                            "bench_rows": benched.get("rows", []), "types": q.types,
                             "path": str(q.path), **({"note": q.note} if q.note else {})})
         columns = self.columns()
         mark_best(entries, r.select.by, columns)
@@ -547,6 +595,7 @@ class Pipeline:
             base_metrics.update(evaluator.baseline_values(base.result["ppl"], base.result["ppl_error"]))
         base_entry = {"name": "baseline", "kind": "base", "bpw": base_inv.bpw(), "size_bytes": model.stat().st_size,
                       "metrics": base_metrics, "bench": {}}
+        from tbpw.run.modelcard import source_facts, write_model_card
         from tbpw.run.report import quality_table, write_report
 
         substitutes = {k: v.description for k, v in data.items() if "substitute" in v.description.lower()}
@@ -554,8 +603,15 @@ class Pipeline:
                   f"({self.build.build_commit}, {self.build.backend})", "notes": self.notes, "select_by": r.select.by,
                   "evaluation_text": data["evaluation"].description or data["evaluation"].path.name,
                   "baseline_ppl": base.result["ppl"], "substitutes": substitutes,
-                  "columns": [asdict(c) for c in columns], "entries": [base_entry, *entries]}
+                  "columns": [asdict(c) for c in columns], "entries": [base_entry, *entries],
+                  "tbpw_version": __version__, "recipe": r.model_dump(mode="json", exclude={"output_dir", "executor"}),
+                  "provenance": {**self.provenance, "imatrix_sha256": self.run_dir.fingerprint(imatrix)},
+                  "datasets": {role: {"description": f.description, "attribution": f.attribution,
+                                      "sha256": self.run_dir.fingerprint(f.path)} for role, f in data.items()},
+                  "source": source_facts(r.model, model)}
         path = write_report(report, self.run_dir.root / "report")
+        card = write_model_card(report, self.run_dir.root / "report")
+        self.log(f"model card: {card}")
         self.log("\n" + quality_table(report["entries"], columns) + "\n")
         self.log(f"report: {path}")
         return path

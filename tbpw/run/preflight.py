@@ -62,6 +62,7 @@ def preflight(recipe: Recipe) -> list[str]:
     if inventory is not None:
         problems += _model_problems(recipe, inventory, sound=not constraints and not any(
             p.startswith("measure.candidates") for p in types))
+        problems += _compare_problems(recipe, inventory)
     problems += _output_problems(recipe, inventory)
     return problems
 
@@ -225,6 +226,21 @@ def _model_problems(recipe: Recipe, inventory: ModelInventory, *, sound: bool) -
         except TbpwError as exc:
             problems.append(f"targets.{i} ({target.label}): {exc}")
     problems += _near_duplicate_targets(recipe, inventory, table)
+    return problems
+
+
+def _compare_problems(recipe: Recipe, inventory: ModelInventory) -> list[str]:
+    """Local `compare_files` that are not quants of the model (a hub file is checked once it is fetched)."""
+    from tbpw.run import compare
+
+    problems = []
+    for i, ref in enumerate(recipe.compare_files):
+        if ref.path is None or not Path(ref.path).is_file():
+            continue  # a missing path is the recipe check's to report
+        try:
+            compare.check_same_model(inventory, ModelInventory.load(ref.path), f"compare_files.{i}")
+        except TbpwError as exc:
+            problems.append(str(exc))
     return problems
 
 

@@ -9,6 +9,8 @@ What needs the model, the build or the disk is checked next, by `tbpw.run.prefli
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -217,6 +219,33 @@ class ChooseOptions(Strict):
         return self
 
 
+class CompareFile(Strict):
+    """Someone else's GGUF of the same model (a local path, or a file of a hub repository), evaluated and benched
+    like the run's own quants and marked as not made by the run."""
+
+    path: Path | None = None
+    hub: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")  # owner/name of a model repository
+    file: str | None = None  # the GGUF in that repository
+    revision: str = "main"
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$")  # its name in the tables; default: the file's stem
+
+    @model_validator(mode="after")
+    def _one_place(self) -> CompareFile:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give either path, or hub and file")
+        if self.hub is not None and not self.file:
+            raise ValueError("a hub repository needs `file`: the GGUF to compare with")
+        if self.path is not None and self.file is not None:
+            raise ValueError("`file` names a file of a hub repository: give path alone for a local file")
+        return self
+
+    @property
+    def name(self) -> str:
+        """`other-<label>`: the quant's name in the run."""
+        stem = Path(str(self.path if self.path is not None else self.file)).name.removesuffix(".gguf")
+        return f"other-{self.label or stem}"
+
+
 CORE_DATASET_ROLES = ("calibration", "evaluation")  # the imatrix's text, the baseline's (and KLD's) text
 # A plain name: it names a folder (runs/<name>, data-<role>), so no path, no leading dot, no "..".
 PLAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -237,6 +266,7 @@ class Recipe(Strict):
     calibrate: CalibrateOptions | None = None
     choose: ChooseOptions | None = None
     compare_stock: list[str] = Field(default_factory=list)
+    compare_files: list[CompareFile] = Field(default_factory=list)  # other people's quants of the same model
     # quantize each (tensor, type) once into the tensor store and assemble every quant from it (the file
     # llama-quantize would write, in I/O time); false: llama-quantize writes each quant
     store: bool = True
@@ -283,6 +313,14 @@ class Recipe(Strict):
     @classmethod
     def _stock_types(cls, value: list[str]) -> list[str]:
         return [v.upper() for v in value]
+
+    @field_validator("compare_files")
+    @classmethod
+    def _compare_names(cls, value: list[CompareFile]) -> list[CompareFile]:
+        names = [ref.name for ref in value]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"two files would both be {twice[0]!r} in the tables: give one a `label`")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -363,13 +401,18 @@ _PATH_FIELDS = {("model", "path"), ("model", "gguf"), ("output_dir",)}
 
 def _rebase_paths(data: dict, base: Path) -> dict:
     """Relative paths in a recipe are relative to the file that wrote them (includes keep theirs)."""
+    nodes: list[tuple[Any, str]] = []
     for field_path in _PATH_FIELDS:
         node: Any = data
         for key in field_path[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(field_path[-1]), str):
-            value = Path(node[field_path[-1]]).expanduser()
-            node[field_path[-1]] = str(value if value.is_absolute() else (base / value))
+        nodes.append((node, field_path[-1]))
+    if isinstance(data.get("compare_files"), list):
+        nodes += [(item, "path") for item in data["compare_files"]]
+    for node, key in nodes:
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            value = Path(node[key]).expanduser()
+            node[key] = str(value if value.is_absolute() else (base / value))
     return data
 
 
@@ -682,6 +725,21 @@ def _check_files(clean: dict, found: Findings) -> None:
             found.add(where, f"model.{key}: {value} is not {want}: fix the path")
         elif not os.access(target, os.R_OK):
             found.add(where, f"model.{key}: {value} is not readable: fix its permissions")
+    for i, ref in enumerate(clean.get("compare_files") or []):
+        value = ref.get("path") if isinstance(ref, dict) else None
+        if not isinstance(value, str):
+            continue
+        target = Path(value)
+        if not target.is_file():
+            what = "does not exist" if not target.exists() else "is not a GGUF file"
+            found.add(("compare_files", i, "path"), f"compare_files.{i}.path: {value} {what}: fix the path")
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    """The sha256 of what a recipe asks for, resolved (includes, --set, defaults), wherever its output goes and
+    whatever runs its stages (the executor changes no byte of what they make)."""
+    content = recipe.model_dump(mode="json", exclude={"output_dir", "executor"})
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def json_schema() -> dict:

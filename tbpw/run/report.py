@@ -21,7 +21,7 @@ def as_columns(columns: list[Column] | list[dict]) -> list[Column]:
     return [c if isinstance(c, Column) else Column(**c) for c in columns]
 
 
-def _fmt(value: Any, digits: int = 4, suffix: str = "") -> str:
+def fmt(value: Any, digits: int = 4, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
@@ -29,15 +29,25 @@ def _fmt(value: Any, digits: int = 4, suffix: str = "") -> str:
     return f"{value}{suffix}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def cell(metrics: dict, column: Column) -> str:
+    """A column's value as the tables show it: `value ± error` when the evaluator reports its uncertainty."""
+    value = metrics.get(column.key)
+    error = metrics.get(column.error_key) if column.error_key else None
+    if error is None or not isinstance(value, float) or math.isnan(value) or not math.isfinite(error):
+        return fmt(value, column.digits, column.suffix)
+    return f"{value:.{column.digits}f} ± {error:.{column.digits}f}{column.suffix}"
+
+
 def _label(entry: dict) -> str:
     star = " ★" if entry.get("selected") else ""
-    return f"{entry['name']}{star}"
+    other = " †" if entry.get("kind") == "other" else ""
+    return f"{entry['name']}{star}{other}"
 
 
 def quality_table(entries: list[dict], columns: list[Column] | list[dict]) -> str:
@@ -45,9 +55,9 @@ def quality_table(entries: list[dict], columns: list[Column] | list[dict]) -> st
     rows = []
     for e in entries:
         m = e.get("metrics", {})
-        rows.append([_label(e), _fmt(e.get("bpw")), _fmt(e.get("size_bytes", 0) / 2**20, 2),
-                     *(_fmt(m.get(c.key), c.digits, c.suffix) for c in shown)])
-    return _table(["Model", "BPW", "Size (MiB)", *(c.label for c in shown)], rows)
+        rows.append([_label(e), fmt(e.get("bpw")), fmt(e.get("size_bytes", 0) / 2**20, 2),
+                     *(cell(m, c) for c in shown)])
+    return markdown_table(["Model", "BPW", "Size (MiB)", *(c.label for c in shown)], rows)
 
 
 def tasks_table(entries: list[dict], columns: list[Column] | list[dict], substitutes: dict[str, str]) -> str | None:
@@ -58,20 +68,18 @@ def tasks_table(entries: list[dict], columns: list[Column] | list[dict], substit
     rows = []
     for e in entries:
         m = e.get("metrics", {})
-        scores = [m.get(c.key) for c in present]
-        known = [s for s in scores if s is not None]
-        rows.append([_label(e), *(_fmt(s, c.digits) for s, c in zip(scores, present)),
-                     _fmt(sum(known) / len(known), 2) if known else "–"])
+        known = [m[c.key] for c in present if m.get(c.key) is not None]
+        rows.append([_label(e), *(cell(m, c) for c in present), fmt(sum(known) / len(known), 2) if known else "–"])
     header = ["Model", *(f"{c.label}{' (substitute)' if c.key in substitutes else ''}" for c in present), "Average"]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def bench_table(entries: list[dict]) -> str | None:
     tests = sorted({t for e in entries for t in e.get("bench", {})}, key=lambda t: (len(t), t))
     if not tests:
         return None
-    rows = [[_label(e), *(_fmt(e.get("bench", {}).get(t), 2) for t in tests)] for e in entries]
-    return _table(["Model", *(f"{t} (t/s)" for t in tests)], rows)
+    rows = [[_label(e), *(fmt(e.get("bench", {}).get(t), 2) for t in tests)] for e in entries]
+    return markdown_table(["Model", *(f"{t} (t/s)" for t in tests)], rows)
 
 
 def _by_layer(types: dict[str, str]) -> tuple[dict[int, dict[str, str]], list[str], list[str]]:
@@ -100,7 +108,7 @@ def type_grid(types: dict[str, str]) -> str:
     layers, roles, others = _by_layer(types)
     head = "Other tensors: " + ", ".join(others) + "\n\n" if others else ""
     rows = [[str(i), *(layers[i].get(r, "") for r in roles)] for i in sorted(layers)]
-    return head + _table(["layer", *roles], rows)
+    return head + markdown_table(["layer", *roles], rows)
 
 
 def markdown(run: dict) -> str:
@@ -116,7 +124,7 @@ def markdown(run: dict) -> str:
               f"(by {', '.join(run.get('select_by', []))}).", "", quality_table(entries, run.get("columns", [])), ""]
     noted = [e for e in entries if e.get("note")]
     if noted:
-        parts += [f"- {e['name']}: {e['note']}" for e in noted] + [""]
+        parts += [f"- {e['name']}{' †' if e.get('kind') == 'other' else ''}: {e['note']}" for e in noted] + [""]
     tasks = tasks_table(entries, run.get("columns", []), run.get("substitutes", {}))
     if tasks:
         parts += ["## Benchmarks (accuracy, %)", ""]
@@ -130,7 +138,7 @@ def markdown(run: dict) -> str:
     if chosen:
         parts += ["## Type maps of the chosen quants", ""]
         for e in chosen:
-            parts += [f"### {e['name']} ({_fmt(e.get('bpw'))} bpw)", "", type_grid(e["types"]), ""]
+            parts += [f"### {e['name']} ({fmt(e.get('bpw'))} bpw)", "", type_grid(e["types"]), ""]
     plots = run.get("plots", [])
     if plots:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
@@ -166,17 +174,19 @@ def plot_quality(entries: list[dict], column: Column, out: Path) -> bool:
         value = e.get("metrics", {}).get(column.key)
         if value is None or e.get("bpw") is None or e.get("kind") == "base":
             continue
-        series.setdefault(e.get("allocator") or "stock", []).append((e["bpw"], value))
+        series.setdefault(e.get("allocator") or ("others †" if e.get("kind") == "other" else "stock"), []).append(
+            (e["bpw"], value))
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in sorted(series.items()):
         points.sort()
-        style = "s" if label == "stock" else "o-"
+        style = "s" if label == "stock" else "^" if label == "others †" else "o-"
         ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
     for e in entries:
-        if e.get("kind") == "stock" and e.get("metrics", {}).get(column.key) is not None:
-            ax.annotate(e["name"].removeprefix("stock-"), (e["bpw"], e["metrics"][column.key]), fontsize=7)
+        if e.get("kind") in ("stock", "other") and e.get("metrics", {}).get(column.key) is not None:
+            name = e["name"].removeprefix("stock-").removeprefix("other-") + (" †" if e["kind"] == "other" else "")
+            ax.annotate(name, (e["bpw"], e["metrics"][column.key]), fontsize=7)
     if column.lower_is_better and all(v > 0 for points in series.values() for _, v in points):
         ax.set_yscale("log")
     ax.set_xlabel("bits per weight")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tbpw import __version__
-from tbpw.errors import TbpwError, os_error
+from tbpw.errors import Interrupted, TbpwError, os_error
 from tbpw.files.atomic import write_json
 from tbpw.files.digest import content_sha256
 from tbpw.files.lock import FileLock, refuse_if_locked
@@ -207,7 +207,7 @@ class RunDir:
         start = time.monotonic()
         try:
             result = body(partial)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):  # Ctrl-C, or a stage that turned it into its own Interrupted
             shutil.rmtree(partial, ignore_errors=True)  # a failure keeps its logs there; an interruption, nothing
             raise
         seconds = time.monotonic() - start

@@ -99,8 +99,9 @@ def refine_plan(planner: Planner, problem: AllocationProblem, plan: Plan, calibr
         best = None
         for i, (_, a, ta, b, tb) in enumerate(moves):
             trial = dict(choice, **{a: ta, b: tb})
-            cand = make_plan(planner.inventory, problem, trial, allocator=f"{plan.allocator}+refined",
-                             options=plan.allocator_options, metadata_bytes=plan.metadata_bytes)
+            refined = f"{plan.allocator}+refined"
+            cand = make_plan(planner.inventory, problem, trial, allocator=refined, options=plan.allocator_options,
+                             metadata_bytes=planner.metadata_bytes(problem.target, refined, plan.allocator_options))
             s = score_of(cand, f"refine-{r}-{i}")
             say(f"  round {r}: {a} -> {ta}, {b} -> {tb}: calibration KLD {s.kld_mean:.6f} "
                 f"(now {current_score.kld_mean:.6f})")

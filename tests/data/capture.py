@@ -29,6 +29,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from tbpw.llamacpp.build import active_build  # noqa: E402
+from tbpw.llamacpp.collector import NAME, ensure_built  # noqa: E402
 from tbpw.llamacpp.tools import ToolRun, run_tool  # noqa: E402
 from tbpw.model.inventory import ModelInventory  # noqa: E402
 
@@ -191,12 +192,28 @@ def main() -> None:
                 stdout_only=True, suffix="json", tests=["pp64", "tg16"], repetitions=2)
         capture("bench-jsonl", "llama-bench", ["-m", model, "-p", 32, "-n", 8, "-r", 2, "-t", THREADS, "-o", "jsonl"],
                 stdout_only=True, tests=["pp32", "tg8"], repetitions=2)
+        # one run, two formats: the Markdown rows llama-bench prints (stdout) and their JSON (stderr)
+        capture("bench-md", "llama-bench", ["-m", model, "-p", 32, "-n", 8, "-r", 2, "-t", THREADS, "-o", "md",
+                                            "-oe", "json"], tests=["pp32", "tg8"], repetitions=2)
+        # what tbpw runs: JSON on stdout, the --progress lines it reads as the run goes on stderr
+        capture("bench-progress", "llama-bench", ["-m", model, "-p", 32, "-n", 8, "-pg", "32,8", "-r", 2, "-t", THREADS,
+                                                  "-o", "json", "--progress"], tests=["pp32", "tg8", "pp32+tg8"],
+                repetitions=2)
+        ensure_built(build)
+        capture("collector", NAME, ["-m", model, "-f", text, "-c", CTX, "--chunks", CHUNKS, "-t", THREADS,
+                                    "-o", work / "collector.gguf"], chunks=CHUNKS)
         capture("version", "llama-bench", ["--version"])
         capture("devices", "llama-bench", ["--list-devices"])
         capture("quantize-help", "llama-quantize", ["--help"], check=False)
         capture("perplexity-missing-model", "llama-perplexity", ["-m", work / "missing.gguf", "-f", text],
                 check=False)
 
+    # the log of the `tbpw build` that made the active build: Ninja's step lines, which the build's progress reads
+    log = build.log_path.read_text(encoding="utf-8", errors="replace")
+    for old, new in ((str(build.root.parent.parent), "<cache>"), (str(Path(sys.executable).parent.parent), "<venv>")):
+        log = log.replace(old, new)
+    (args.out / "build.txt").write_text(log, encoding="utf-8")
+    manifest["runs"]["build"] = {"tool": "cmake --build", "steps": sum(1 for line in log.splitlines() if line.startswith("["))}
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(f"wrote {len(manifest['runs'])} captures to {args.out}", file=sys.stderr)
 

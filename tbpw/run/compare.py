@@ -1,0 +1,67 @@
+"""Other people's GGUFs in a run's comparison (a recipe's `compare_files:`): where each one is, and the proof
+that it is a quant of the run's model (same architecture, tensor names and shapes) before anything is spent
+on it. They are evaluated and benched like the run's own quants, and marked as not made by the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from tbpw.errors import TbpwError
+from tbpw.model.inventory import ModelInventory
+from tbpw.run.recipe import CompareFile
+
+
+def locate(ref: CompareFile, where: str) -> Path:
+    """The GGUF `ref` names: a local path, or a hub file through huggingface_hub (its cache, or a download)."""
+    if ref.path is not None:
+        path = Path(ref.path).expanduser()
+        if not path.is_file():
+            raise TbpwError(f"{where}: {path} does not exist: fix the path")
+        return path
+    assert ref.hub is not None and ref.file is not None  # CompareFile is a path or a hub file
+    try:
+        hub = importlib.import_module("huggingface_hub")
+    except ImportError:
+        raise TbpwError(f"{where}: a hub file needs huggingface_hub: pip install 'tbpw[hub]'") from None
+    try:
+        return Path(hub.hf_hub_download(ref.hub, ref.file, revision=ref.revision))
+    except Exception as exc:  # huggingface_hub raises many kinds; all mean "not here"
+        constants = importlib.import_module("huggingface_hub.constants")
+        cache = Path(constants.HF_HUB_CACHE) / f"models--{ref.hub.replace('/', '--')}"
+        raise TbpwError(f"{where}: could not get {ref.file} from {ref.hub}@{ref.revision} ({type(exc).__name__}): "
+                        f"check the names and the network, or fill {cache} (`hf download {ref.hub} {ref.file} "
+                        f"--revision {ref.revision}` where the hub is reachable)") from None
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def check_same_model(model: ModelInventory, other: ModelInventory, where: str) -> None:
+    """Raise unless `other` holds the tensors of `model` (names and shapes) for the same architecture."""
+    name = other.path.name
+    fix = "give a quant of the run's model"
+    if other.architecture != model.architecture:
+        raise TbpwError(f"{where}: {name} is a {other.architecture} model, the run's model is {model.architecture}: {fix}")
+    ours, theirs = model.by_name, other.by_name
+    missing = [n for n in ours if n not in theirs]
+    if missing:
+        raise TbpwError(f"{where}: {name} has no tensor {missing[0]} ({len(missing)} of the model's tensors are "
+                        f"missing): it is not a quant of this model; {fix}")
+    extra = [n for n in theirs if n not in ours]
+    if extra:
+        raise TbpwError(f"{where}: {name} has a tensor {extra[0]} the model lacks ({len(extra)} in all): it is "
+                        f"not a quant of this model; {fix}")
+    for tensor in model.tensors:
+        if theirs[tensor.name].shape != tensor.shape:
+            raise TbpwError(f"{where}: {name} has {tensor.name} of shape {_shape(theirs[tensor.name].shape)}, the "
+                            f"model {_shape(tensor.shape)}: it is not a quant of this model; {fix}")
+
+
+def describe(ref: CompareFile) -> str:
+    """Where the file comes from, for the report."""
+    if ref.path is not None:
+        return f"local file {ref.path}"
+    return f"{ref.hub}@{ref.revision} {ref.file} (Hugging Face hub)"
