@@ -71,7 +71,7 @@ def test_a_plan_with_the_new_types_quantizes_loads_and_matches_the_bridge(tiny_m
     problem = planner.problem(table, Target.parse(bpw=4.5))
     # every new type on some tensors (round robin over the decidable ones)
     choice = {u.name: STOCK_EXTRA_TYPES[i % len(STOCK_EXTRA_TYPES)] for i, u in enumerate(problem.tensors)}
-    plan = make_plan(planner.inventory, problem, choice, allocator="round-robin", metadata_bytes=planner.metadata_bytes)
+    plan = make_plan(planner.inventory, problem, choice, allocator="round-robin", metadata_bytes=planner.metadata_bytes(problem.target, "round-robin", {}))
     out = run_dir / "new-types.gguf"
     applied = planner.write(plan, out, log_path=run_dir / "quantize.log")  # checks every tensor's type
 
