@@ -1,6 +1,6 @@
 """A synthetic Gemma-4-26B-A4B: every tensor at its real name, shape and type, random weights, and a matching imatrix.
 
-    .venv/bin/python benchmarks/synthetic_gemma4.py OUT.gguf [--layers N] [--seed S] [--imatrix OUT.imatrix.gguf]
+    .venv/bin/python benchmarks/synthetic_gemma4.py OUT.gguf [--layers N] [--seed S] [--imatrix OUT.imatrix.gguf] [--sparse]
 
 Writes the F16 GGUF that llama.cpp b11312's convert_hf_to_gguf.py makes of google/gemma-4-26B-A4B
 (dimensions: `GEMMA4_26B_A4B` below, their sources in docs/scale.md) with its first N layers (default: all
@@ -251,8 +251,10 @@ def _blocks(spec: TensorSpec, seed: int) -> Iterator[np.ndarray]:
 
 
 def write_model(path: Path, layers: int | None = None, seed: int = 0,
-                config: Mapping[str, Any] = GEMMA4_26B_A4B, progress: bool = False) -> list[TensorSpec]:
-    """Write the synthetic GGUF to `path` (through a temporary file, renamed when complete)."""
+                config: Mapping[str, Any] = GEMMA4_26B_A4B, progress: bool = False, sparse: bool = False) -> list[TensorSpec]:
+    """Write the synthetic GGUF to `path` (through a temporary file, renamed when complete). `sparse`: only the
+    header, the file extended to its full size with a hole (all-zero weights, no disk used): enough for whatever
+    reads only the tensor table, such as `tbpw run --plan`."""
     specs = gemma4_layout(config, layers)
     header, offsets = _header(gemma4_metadata(config, layers), specs)
     total = sum(s.n_bytes for s in specs)
@@ -260,7 +262,9 @@ def write_model(path: Path, layers: int | None = None, seed: int = 0,
     start, written = time.monotonic(), 0
     with open(partial, "wb") as fh:
         fh.write(header)
-        for spec, offset in zip(specs, offsets):
+        if sparse:
+            fh.truncate(len(header) + offsets[-1] + specs[-1].n_bytes)
+        for spec, offset in zip(specs if not sparse else [], offsets):
             fh.write(b"\0" * (len(header) + offset - fh.tell()))
             for block in _blocks(spec, seed):
                 fh.write(block.tobytes())
@@ -317,10 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=GEMMA4_26B_A4B["num_hidden_layers"], help="layers kept (1-30)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--imatrix", type=Path, help="also write a matching imatrix here")
+    parser.add_argument("--sparse", action="store_true",
+                        help="write only the header, the weights a hole of zeros (for `tbpw run --plan`; no disk used)")
     args = parser.parse_args(argv)
     if not 1 <= args.layers <= GEMMA4_26B_A4B["num_hidden_layers"]:
         raise SystemExit(f"--layers {args.layers}: give 1 to {GEMMA4_26B_A4B['num_hidden_layers']}")
-    specs = write_model(args.out, args.layers, args.seed, progress=True)
+    specs = write_model(args.out, args.layers, args.seed, progress=not args.sparse, sparse=args.sparse)
     if args.imatrix:
         write_imatrix(args.imatrix, args.layers, args.seed)
     size = sum(s.n_bytes for s in specs)
