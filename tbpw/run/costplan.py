@@ -14,7 +14,8 @@ tool or writes a file. The parts:
   preflight check refuses a run by);
 - the time, from two rates measured here and now: libggml quantizing Q4_K rows on one thread (times the
   threads) prices a quantization of the model, a float32 matrix product prices a forward pass at 2 FLOP per
-  active weight and token. It is a rough floor for a CPU build: the basis is printed with it.
+  active weight and token. It is a rough estimate for a CPU build (each plan counted as one llama-quantize run,
+  though a run with the tensor store assembles most of them), printed with its basis and what it leaves out.
 """
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ class CostPlan:
         lines.append(f"plan: {disk}; model: {self.size.n_elements / 1e9:.2f} B weights "
                      f"({self.size.n_active / 1e9:.2f} B active per token), from {self.size.source}")
         if self.seconds is not None:
-            lines.append(f"plan: time: at least ~{_duration(self.seconds)} on this machine's CPU (see --plan for the basis)")
+            lines.append(f"plan: time: roughly {_duration(self.seconds)} on this machine's CPU, plus what is not counted "
+                         "(tbpw run --plan gives the basis)")
         return lines
 
     def lines(self) -> list[str]:
