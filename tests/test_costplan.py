@@ -65,7 +65,7 @@ def test_plan_lists_every_stage_and_writes_nothing(tiny_model, wiki_text, tmp_pa
     # 2 stock types and 2 plans (knapsack, for the stock target and for 3.5 bpw); 4 quants x 1 evaluator; 4 benches
     assert "4 quantizations, 0 KLD runs on calibration text, 4 evaluation runs, 4 llama-bench runs" in result.stdout
     assert re.search(r"^plan: disk: at least [\d.]+ [KM]iB .* in the output folder", result.stdout, re.M)
-    assert re.search(r"^plan: time: roughly [\d.]+ (s|min|h) on this machine's CPU", result.stdout, re.M)
+    assert re.search(r"^plan: time: roughly [\d.]+ (s|min|h) on this machine's CPU for the stages to run", result.stdout, re.M)
     assert re.search(r"^basis: one quantization of the model ~\d+ s: libggml quantizes [\d.]+ M weights/s",
                      result.stdout, re.M)
 

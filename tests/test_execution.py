@@ -62,6 +62,7 @@ def test_a_plan_after_the_run_reuses_every_stage(layout):
     assert listed.pop("model") == "as is"  # a float GGUF: no copy
     assert set(listed) == set(_stages(out)) and set(listed.values()) == {"reuse?"}
     assert re.search(rf"^plan: {len(listed) + 1} stages \(0 to run, {len(listed)} finished earlier", output, re.M)
+    assert "plan: time: roughly 0 s on this machine's CPU for the stages to run" in output  # nothing left to price
 
 
 def _stages(root: Path) -> dict[str, dict]:

@@ -248,8 +248,8 @@ class CostPlan:
         lines.append(f"plan: {disk}; model: {self.size.n_elements / 1e9:.2f} B weights "
                      f"({self.size.n_active / 1e9:.2f} B active per token), from {self.size.source}")
         if self.seconds is not None:
-            lines.append(f"plan: time: roughly {_duration(self.seconds)} on this machine's CPU, plus what is not counted "
-                         "(tbpw run --plan gives the basis)")
+            lines.append(f"plan: time: roughly {_duration(self.seconds)} on this machine's CPU for the stages to run, plus what "
+                         "is not counted (tbpw run --plan gives the basis)")
         return lines
 
     def lines(self) -> list[str]:
@@ -269,61 +269,68 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def cost_plan(pipeline: Pipeline, rates: Rates | None = None, *, measure: bool = True) -> CostPlan:
-    """The plan of `pipeline`'s recipe; `rates` (else measured now, unless `measure` is False) price the time."""
+def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
+    """The plan of `pipeline`'s recipe: counts for the whole recipe, time for the stages still to run; `rates`
+    (else measured now) price the time."""
     recipe = pipeline.recipe
-    graph = pipeline.graph()
     root = Path(recipe.output_dir or ".")
     forced = pipeline.force
     size = model_size(recipe)
     stages = [(t.name, "reuse?" if (root / t.name / "manifest.json").is_file() and not (
-        t.name in forced or any(t.name.startswith(f"{f}-") for f in forced)) else "run") for t in graph]
+        t.name in forced or any(t.name.startswith(f"{f}-") for f in forced)) else "run") for t in pipeline.graph()]
     if size is not None and not size.needs_copy:  # a float GGUF is used as it is: its task makes nothing
         stages = [(name, "as is" if name == "model" else status) for name, status in stages]
     names = [name for name, _ in stages]
-    quants = [n for n in names if n.startswith(("stock-", "quant-")) and not n.endswith("-choose")]
-    probes = groups = candidates = 0
+    todo = {name for name, status in stages if status == "run"}
+    probes = candidates = 0
     if recipe.calibrate is not None:
         groups = (size.tensors if size and size.tensors and recipe.calibrate.grouping == "tensor"
                   else size.roles if size else ASSUMED_ROLES)
         probes = groups * len(recipe.calibrate.probes) + 1  # each group at each probe type, and the floor
     choose = recipe.choose
+    finals = 0
     if choose is not None:
         tables = (len(recipe.calibrate.strengths) if recipe.calibrate is not None and choose.tables == "calibrated"
                   else 1 + (len(recipe.calibrate.strengths) if recipe.calibrate is not None else 0))
         candidates = tables * len(recipe.allocators or [None]) + choose.refine_rounds * choose.refine_tries
-    n_targets = len(recipe.targets)
-    quantizations = len(quants) + probes + n_targets * candidates
-    finals = min(choose.finalists, candidates) if choose is not None and choose.screen_chunks else candidates
-    klds = probes + n_targets * (candidates + (finals if choose is not None and choose.screen_chunks else 0))
-    evaluations = sum(1 for n in names if n.startswith("eval-")) * len(recipe.evaluators or [None])
-    benches = sum(1 for n in names if n.startswith("bench-"))
+        finals = min(choose.finalists, candidates) if choose.screen_chunks else 0
+
+    def counts(among: set[str] | list[str]) -> tuple[int, int, int, int]:
+        """(quantizations, calibration KLD runs, evaluation runs, bench runs) of the stages `among`."""
+        plans = sum(1 for n in among if n.startswith(("stock-", "quant-")) and not n.endswith("-choose"))
+        chosen = sum(1 for n in among if n.startswith("quant-") and n.endswith("-choose"))
+        calibrating = probes if "calibrate" in among else 0
+        evaluations = sum(1 for n in among if n.startswith("eval-")) * len(recipe.evaluators or [None])
+        return (plans + calibrating + chosen * candidates, calibrating + chosen * (candidates + finals), evaluations,
+                sum(1 for n in among if n.startswith("bench-")))
+
     disk = disk_needed(recipe, size) if size is not None else None
     free = shutil.disk_usage(existing_parent(root)).free
-    plan = CostPlan(stages, quantizations, klds, evaluations, benches, disk, free, None, size)
-    rates = rates if rates is not None or not measure else measure_rates(recipe.measure.threads)
+    plan = CostPlan(stages, *counts(names), disk, free, None, size)
+    rates = rates or measure_rates(recipe.measure.threads)
     if size is None or rates is None:
         if rates is None and size is not None:
             plan.uncounted.append("time: no llama.cpp build to measure this machine's rates with")
         return plan
+    quantizations, _, evaluations, benches = counts(todo)
     per_quant = size.n_elements / (rates.quantize * rates.threads)
     per_token = 2.0 * size.n_active / rates.flops
-    seconds = per_quant * (quantizations + MEASURE_IN_QUANTIZATIONS)
+    seconds = per_quant * (quantizations + (MEASURE_IN_QUANTIZATIONS if "measure" in todo else 0))
     ev, imx = recipe.evaluation, recipe.imatrix
     tokens = 0
     if ev.chunks is not None:
-        tokens += ev.ctx * ev.chunks * (1 + evaluations)  # the baseline's logits, then each evaluation run
-    else:
+        tokens += ev.ctx * ev.chunks * (("baseline" in todo) + evaluations)  # the float logits, each evaluation
+    elif "baseline" in todo or evaluations:
         plan.uncounted.append("the baseline and the evaluation runs: evaluation.chunks is not set (the whole text)")
     if imx.chunks is not None:
-        tokens += imx.ctx * imx.chunks
-    else:
+        tokens += imx.ctx * imx.chunks * ("imatrix" in todo)
+    elif "imatrix" in todo:
         plan.uncounted.append("the imatrix: imatrix.chunks is not set (the whole calibration text)")
-    if recipe.calibrate is not None:
+    if recipe.calibrate is not None and "calibrate" in todo:
         tokens += recipe.calibrate.ctx * recipe.calibrate.chunks * (probes + 1)
     if choose is not None:
-        screen = choose.screen_chunks or choose.chunks
-        tokens += choose.ctx * n_targets * (candidates * screen + finals * choose.chunks)
+        chosen = sum(1 for n in todo if n.startswith("quant-") and n.endswith("-choose"))
+        tokens += choose.ctx * chosen * (candidates * (choose.screen_chunks or choose.chunks) + finals * choose.chunks)
     if recipe.bench.enabled:
         b = recipe.bench
         tokens += benches * b.repetitions * (b.pp + b.tg + sum(b.pg or []))
