@@ -13,7 +13,8 @@ each stage in a fresh child process so that its peak memory is its own:
   5. assemble (with --store) Planner.write as `tbpw run` does it: every planned (tensor, type) quantized into a
              fresh tensor store through libggml, the GGUF assembled from the blobs, then verified
 
-and prints for each: wall seconds, the ratio to the stock run, the peak RSS of the Python process (VmHWM), its
+and prints for each: wall seconds and CPU seconds as ratios to the stock run's (CPU time is the steadier one on a
+shared machine), the peak RSS of the Python process (VmHWM), its
 peak anonymous RSS (RssAnon, sampled: what must fit in memory; the rest of the RSS is clean pages of the
 memory-mapped model, which the kernel drops under pressure) and the peak RSS of llama-quantize (its children).
 The bar (issue 14): the Python process's peak RSS under 2 GB plus the largest tensor, whatever the depth.
@@ -52,8 +53,10 @@ _MONITOR = textwrap.dedent("""
 """)
 _REPORT = textwrap.dedent("""
     _anon[0] = max(_anon[0], _status("RssAnon"))
+    _own, _kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({"seconds": time.monotonic() - _start, "hwm_kib": _status("VmHWM"), "anon_kib": _anon[0],
-                      "children_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, **_extra}))
+                      "children_kib": _kids.ru_maxrss, "cpu_seconds": _own.ru_utime + _own.ru_stime + _kids.ru_utime
+                      + _kids.ru_stime, **_extra}))
 """)
 
 
@@ -164,16 +167,18 @@ def main() -> None:
 
 def print_table(results: list[dict]) -> None:
     gib = 1 << 20  # KiB per GiB
-    print("\n| layers | F16 GB | largest tensor GB | stage | seconds | x stock | peak RSS GiB | peak anon GiB | llama-quantize RSS GiB |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("\n| layers | F16 GB | largest tensor GB | stage | seconds | x stock | CPU x stock | peak RSS GiB | peak anon GiB "
+          "| llama-quantize RSS GiB |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        base = r["stock"]["seconds"]
+        base, base_cpu = r["stock"]["seconds"], r["stock"]["cpu_seconds"]
         for stage in ("stock", "measure", "allocate", "quantize", "assemble"):
             s = r.get(stage)
             if s is None:
                 continue
             print(f"| {r['layers']} | {r['f16_bytes'] / 1e9:.2f} | {r['largest_tensor_bytes'] / 1e9:.2f} | {stage} | "
-                  f"{s['seconds']:.1f} | {s['seconds'] / base:.2f} | {s['hwm_kib'] / gib:.2f} | {s['anon_kib'] / gib:.2f} | "
+                  f"{s['seconds']:.1f} | {s['seconds'] / base:.2f} | {s['cpu_seconds'] / base_cpu:.2f} | "
+                  f"{s['hwm_kib'] / gib:.2f} | {s['anon_kib'] / gib:.2f} | "
                   f"{s['children_kib'] / gib:.2f} |")
 
 
