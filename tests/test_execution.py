@@ -50,8 +50,19 @@ def layout(tmp_path_factory, tiny_model, wiki_text):
     args = _sets(tiny_model, wiki_text, out)
     output = _run([*args, "--set", "executor.options.workers=1"])
     assert "executor: local, 1 worker" in output
+    assert re.search(r"^plan: \d+ stages \(\d+ to run, 0 finished earlier", output, re.M)
     shutil.copytree(out, reference)
     return out, reference, args
+
+
+def test_a_plan_after_the_run_reuses_every_stage(layout):
+    out, _, args = layout
+    output = _run([*args, "--plan"])
+    listed = dict((name, status) for status, name in re.findall(r"^(run|reuse\?|as is) +(\S+)$", output, re.M))
+    assert listed.pop("model") == "as is"  # a float GGUF: no copy
+    assert set(listed) == set(_stages(out)) and set(listed.values()) == {"reuse?"}
+    assert re.search(rf"^plan: {len(listed) + 1} stages \(0 to run, {len(listed)} finished earlier", output, re.M)
+    assert "plan: time: roughly 0 s on this machine's CPU for the stages to run" in output  # nothing left to price
 
 
 def _stages(root: Path) -> dict[str, dict]:

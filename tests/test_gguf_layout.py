@@ -83,3 +83,28 @@ def test_damaged_files_are_user_errors(tmp_path, tiny_model):
     junk.write_bytes(b"NOPE" + bytes(100))
     with pytest.raises(TbpwError, match="not a GGUF file"):
         ModelInventory.load(junk)
+
+
+def _resident_kib(path) -> int:
+    """This process's resident KiB of its mappings of `path` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps", encoding="utf-8", errors="replace"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = line.rstrip("\n").endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="madvise(MADV_DONTNEED) is Linux's")
+def test_release_gives_back_the_pages_a_read_mapped(tiny_model):
+    """Reading a model tensor by tensor must not leave the whole model resident: `release` drops what a read mapped."""
+    inventory = ModelInventory.load(tiny_model)
+    name = max(inventory.tensors, key=lambda t: t.stored_bytes).name
+    before = _resident_kib(tiny_model)
+    inventory.rows(name)
+    read = _resident_kib(tiny_model)
+    assert (read - before) * 1024 >= 0.9 * inventory[name].stored_bytes
+    inventory.release(name)
+    assert _resident_kib(tiny_model) <= before + 8  # at most the two pages it shares with its neighbours

@@ -19,14 +19,34 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--executor", "executor", metavar="NAME",
                   help="run the stages with this executor plugin (local, ray, ...) instead of the recipe's; "
                        "its options: --set executor.options.KEY=VALUE")
-    def run(recipe, overrides, force, executor):
+    @click.option("--plan", "plan_only", is_flag=True,
+                  help="print the stages it would run or reuse, the tool runs, disk and time it needs, and stop")
+    def run(recipe, overrides, force, executor, plan_only):
         """Run the whole workflow of a recipe; independent stages run at once, finished stages are skipped."""
+        from tbpw.errors import Problems
+        from tbpw.run.costplan import cost_plan
         from tbpw.run.pipeline import Pipeline
-        from tbpw.run.preflight import check
+        from tbpw.run.preflight import check, preflight
+        from tbpw.run.recipe import read
 
         sets = [f"executor={{name: {executor}}}", *overrides] if executor else list(overrides)
+        log = lambda line: click.echo(line, err=True)  # noqa: E731
+        if plan_only:
+            planned, problems = read(recipe, sets)
+            if planned is None or problems:
+                raise Problems(problems)
+            # what this machine lacks (disk, build) is said after the plan, which shows how much is needed
+            refused = [f"{recipe}: {problem}" for problem in preflight(planned)]
+            for line in cost_plan(Pipeline(planned, force=set(force), log=log, claim=None)).lines():
+                click.echo(line)
+            if refused:
+                raise Problems(refused)
+            return
         loaded = check(recipe, sets)  # every mistake `validate` finds stops the run before any work
-        report = Pipeline(loaded, force=set(force), log=lambda line: click.echo(line, err=True)).run()
+        pipeline = Pipeline(loaded, force=set(force), log=log)
+        for line in cost_plan(pipeline).summary():
+            log(line)
+        report = pipeline.run()
         click.echo(str(report))
 
     @cli.command()

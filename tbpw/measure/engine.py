@@ -347,7 +347,10 @@ class _Engine:
         return out
 
     def _rows(self, info: TensorInfo, sl: SlicePlan) -> np.ndarray:
-        return np.ascontiguousarray(self.inventory.rows(info.name, sl.rows, expert=sl.expert), dtype=np.float32)
+        # picked by an index array, the rows are a copy, never a view of the mapping
+        rows = np.ascontiguousarray(self.inventory.rows(info.name, sl.rows, expert=sl.expert), dtype=np.float32)
+        self.inventory.release(info.name)  # sampled rows touch most pages of a tensor: give them back at once
+        return rows
 
 
 def _append_partial(path: Path, result: TensorErrors) -> None:

@@ -4,10 +4,15 @@ gguf's GGUFReader turns every element of every metadata array into its own numpy
 vocabulary takes it tens of seconds, on every run. This reader steps over arrays and keeps only scalar
 and string values, then memory-maps the tensor data: opening any model takes milliseconds. Tensor
 `data` views have the shapes GGUFReader gives (numpy order; quantized and BF16 tensors as rows of bytes).
+
+Every page of the mapping a reader touches stays in the process's resident set until it is unmapped, so
+reading a 47 GB model tensor by tensor would end with the whole model resident (clean pages the kernel may
+drop, but counted as the process's memory): `release(tensor)` gives a tensor's pages back once it is read.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +49,17 @@ class GgufLayout:
     alignment: int
     # byte range [start, end) of each key/value entry (key, type and value) in the file, in file order
     kv_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    mapping: mmap.mmap | None = field(default=None, repr=False)
+
+    def release(self, tensor: TensorLayout) -> None:
+        """Drop this process's mapped pages of `tensor` (the page cache keeps them; a later read maps them again)."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)  # not on every platform
+        if advice is None or self.mapping is None or self.mapping.closed:
+            return
+        start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = min(len(self.mapping), -(-(tensor.data_offset + tensor.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if stop > start:
+            self.mapping.madvise(advice, start, stop - start)
 
     def kv_bytes(self, key: str) -> bytes:
         """The raw bytes of one key/value entry, as the file stores it."""
@@ -106,7 +122,9 @@ class _Cursor:
 def read(path: Path | str) -> GgufLayout:
     path = Path(path)
     try:
-        mm = np.memmap(path, mode="r", dtype=np.uint8)
+        with open(path, "rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = np.frombuffer(mapping, dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise TbpwError(f"{path} cannot be read ({exc}): give a .gguf model") from exc
     cur = _Cursor(mm.data)  # the mapped bytes as a memoryview
@@ -158,4 +176,4 @@ def read(path: Path | str) -> GgufLayout:
             data = raw.reshape(*np_shape[:-1], np_shape[-1] // blck * size)
         tensors.append(TensorLayout(name, dims, qtype, start, n_bytes, data))
     return GgufLayout(path=path, version=version, fields=fields, tensors=tensors, data_offset=data_offset,
-                      alignment=alignment, kv_spans=spans)
+                      alignment=alignment, kv_spans=spans, mapping=mapping)

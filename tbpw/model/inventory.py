@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -164,6 +165,15 @@ class ModelInventory:
 
     def types(self) -> dict[str, str]:
         return {t.name: t.stored_type for t in self.tensors}
+
+    def metadata(self, key: str) -> Any:
+        """A scalar or string key/value of the file (None when absent; an array as ("array", item type, length))."""
+        return self._reader.fields.get(key)
+
+    def release(self, name: str) -> None:
+        """Give back the memory-mapped pages of a tensor read through `rows` (see gguf_layout): whoever reads
+        a model tensor by tensor calls it after each one, so its resident memory does not grow with the model."""
+        self._reader.release(next(t for t in self._reader.tensors if t.name == name))
 
     def rows(self, name: str, rows: np.ndarray | slice | None = None, expert: int | None = None) -> np.ndarray:
         """Float32 rows of a tensor (of one expert for 3-D tensors), dequantized when stored quantized."""

@@ -196,6 +196,8 @@ class StoreSource:
                     parts = [rows[i:i + step] for i in range(0, len(rows), step)]
                     for q in pool.map(lambda part, imp=imp: self.lib.quantize(t, part, imp), parts):
                         out.write(q)
+                    del rows, parts
+                    self.inventory.release(name)  # else every page read stays resident: the whole model by the end
         self.quantized += 1
         self.store.quantized_elements += info.n_elements
         return path

@@ -87,20 +87,30 @@ class Stage:
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, force: set[str] | None = None, log: Log = print, *, claim: bool = True):
-        """`claim`: hold the run directory (the driver); a worker running one stage of it does not."""
+    def __init__(self, recipe: Recipe, force: set[str] | None = None, log: Log = print, *, claim: bool | None = True):
+        """`claim`: hold the run directory (the driver); a worker running one stage of it does not; None: only
+        plan (`graph`, `tbpw.run.costplan`), without opening the run directory at all."""
         self.recipe = recipe
         self.force = force or set()
         self.log = log
         self.build = active_build()
         assert recipe.output_dir is not None
-        self.run_dir = RunDir(recipe.output_dir, claim=claim)
+        self._claim = claim
+        if claim is not None:
+            _ = self.run_dir  # the driver holds the folder from the start: a second run is refused at once
         self.manager = get_manager()
         self.evaluators = evaluator_instances(recipe)
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
         self.quant_refs: dict[str, Ref] = {}  # each quant of the report (in its order): the task result it is
         self.label = ""  # the run's label within a sweep
         self._scorers: dict[int, Scorer] = {}
+
+    @cached_property
+    def run_dir(self) -> RunDir:
+        if self._claim is None:
+            raise TbpwError("a pipeline made only to plan runs no stage: make it with claim=True")
+        assert self.recipe.output_dir is not None
+        return RunDir(self.recipe.output_dir, claim=self._claim)
 
     @cached_property
     def store(self) -> TensorStore | None:
@@ -136,7 +146,8 @@ class Pipeline:
 
     def close(self) -> None:
         """Release the run directory (`run` does at its end) for the next run."""
-        self.run_dir.close()
+        if "run_dir" in self.__dict__:
+            self.run_dir.close()
 
     # ---------------------------------------------------------------------------------- plumbing
 

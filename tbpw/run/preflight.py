@@ -31,12 +31,11 @@ from tbpw.errors import Problems, TbpwError
 from tbpw.files import paths
 from tbpw.measure import candidates as cand
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
-from tbpw.model.ggml_types import FLOAT_TYPES, nominal_bpw, type_name
+from tbpw.model.ggml_types import FLOAT_TYPES, type_name
 from tbpw.model.inventory import ModelInventory
+from tbpw.run.costplan import disk_needed, existing_parent, model_size
 from tbpw.run.recipe import Recipe, read, readiness_problems
 from tbpw.run.rundir import ownership_problem
-
-MIN_STOCK_BPW = 1.5  # a lower bound of any stock type's size, for the free-space estimate
 
 
 def check(path: Path | str, overrides: list[str] | None = None) -> Recipe:
@@ -279,23 +278,18 @@ def _output_problems(recipe: Recipe, inventory: ModelInventory | None) -> list[s
         if not _creatable(folder):
             problems.append(f"{what} {folder} is not writable: set TBPW_HOME (or TBPW_MEASURE_CACHE) to a writable "
                             "folder")
-    if inventory is not None:
-        need = max(0, _bytes_written(recipe, inventory) - _bytes_in(out))
-        free = shutil.disk_usage(_existing(out)).free
+    size = model_size(recipe, inventory)
+    if size is not None:
+        need = max(0, disk_needed(recipe, size) - _bytes_in(out))
+        free = shutil.disk_usage(existing_parent(out)).free
         if need > free:
             problems.append(f"output_dir {out}: the run writes at least {format_size(need)} more, and its disk has "
                             f"{format_size(free)} free: free space or choose another output_dir")
     return problems
 
 
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _creatable(folder: Path) -> bool:
-    found = _existing(folder)
+    found = existing_parent(folder)
     return found.is_dir() and os.access(found, os.W_OK | os.X_OK)
 
 
@@ -303,34 +297,3 @@ def _bytes_in(folder: Path) -> int:
     if not folder.is_dir():
         return 0
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _bytes_written(recipe: Recipe, inventory: ModelInventory) -> int:
-    """A lower bound of what the run writes into its folder: a float copy of a quantized source, every
-    quant, the baseline's logits."""
-    n = inventory.n_elements
-    total = 0
-    if any(t.stored_type not in FLOAT_TYPES for t in inventory.tensors):
-        total += 2 * n  # requantized to F16/BF16
-    plans_per_target = len(recipe.allocators or [None]) + (1 if recipe.choose is not None else 0)
-    for t in recipe.targets:
-        size = (t.bpw * n / 8 if t.bpw is not None else parse_size(t.size) if t.size is not None
-                else _stock_bpw(t.stock or "") * n / 8)
-        total += int(size) * plans_per_target
-    for stock in {*recipe.compare_stock, *(t.stock.upper() for t in recipe.targets if t.stock)}:
-        total += int(_stock_bpw(stock) * n / 8)
-    ev = recipe.evaluation
-    if ev.chunks is not None:
-        vocab = max((t.shape[1] for t in inventory.tensors if t.name == "token_embd.weight"), default=0)
-        total += ev.chunks * (ev.ctx // 2) * vocab * 2  # llama-perplexity keeps the second half of each chunk
-    return total
-
-
-def _stock_bpw(name: str) -> float:
-    """The nominal bpw of a stock type's main ggml type (Q4_K_M -> Q4_K: 4.5), a lower bound of its size."""
-    for base in (name.upper(), re.sub(r"_(?:XXS|XS|S|M|L|XL)$", "", name.upper())):
-        try:
-            return nominal_bpw(type_name(base))
-        except (KeyError, ValueError):
-            continue
-    return MIN_STOCK_BPW
