@@ -7,9 +7,16 @@ CI always runs ``tbpw build`` first, so a missing build is a broken setup, not a
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell starts a background job (`cmd &`) with SIGINT ignored, and the tools and `tbpw` processes the tests
+# start would inherit that and never see the Ctrl-C the interruption tests send them. A handler (not an
+# ignore) is reset to the default at exec, so every child gets Python's own KeyboardInterrupt again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
