@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 class TbpwError(Exception):
@@ -38,6 +41,25 @@ class Problems(TbpwError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, delivered like Ctrl-C so that the same clean-up runs; the exit status differs (143, not 130)."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt), so a terminated command cleans up as after Ctrl-C:
+    temporary files go, running tools are stopped, finished work stays. Only the main thread can install a
+    handler; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Interrupted(TbpwError):

@@ -11,16 +11,13 @@ shows the llama.cpp tools' progress on stderr (tbpw.llamacpp.progress).
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from tbpw import __version__
-from tbpw.errors import Interrupted, TbpwError, Terminated, interrupt_exit_status, os_error
+from tbpw.errors import Interrupted, TbpwError, interrupt_exit_status, os_error, sigterm_as_interrupt
 
 EXIT_USER_ERROR = 2
 
@@ -47,7 +44,7 @@ class TbpwGroup(click.Group):
 
         try:
             # every command shows the progress of the llama.cpp tools it runs, on stderr
-            with _sigterm_as_interrupt(), progress.showing(progress.for_console(console)):
+            with sigterm_as_interrupt(), progress.showing(progress.for_console(console)):
                 return super().invoke(ctx)
         except TbpwError as exc:
             fail(exc)
@@ -78,23 +75,6 @@ def fail(exc: TbpwError) -> NoReturn:
         click.echo(exc.details, err=True)
     raise SystemExit(EXIT_USER_ERROR)
 
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises `Terminated` (a KeyboardInterrupt), so a terminated command cleans up as after Ctrl-C:
-    temporary files go, running tools are stopped, finished work stays."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=TbpwGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -21,12 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
-from tbpw.errors import Interrupted, TbpwError, Terminated, os_error
+from tbpw.errors import Interrupted, TbpwError, os_error, sigterm_as_interrupt
 from tbpw.files import paths
 from tbpw.files.atomic import write_json
 from tbpw.files.lock import waiting_lock
@@ -167,7 +165,7 @@ def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix:
     results = dict(done)
     try:
         with _Progress(progress, total=sum(engine.cost(n) for n in names), done=sum(engine.cost(n) for n in done),
-                       n_tensors=len(names), n_done=len(done)) as bar, _sigterm_as_interrupt():
+                       n_tensors=len(names), n_done=len(done)) as bar, sigterm_as_interrupt():
             for result in engine.run(todo, resources.threads(threads) or os.cpu_count() or 1):
                 _append_partial(partial, result)
                 results[result.name] = result
@@ -377,22 +375,6 @@ def _read_partial(path: Path) -> dict[str, TensorErrors]:
         out[t.name] = t
     return out
 
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM behaves like Ctrl-C while measuring (only the main thread can install handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _Progress:
