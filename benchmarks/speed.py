@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the MoE-shaped problem the allocator tests use
+sys.path.insert(0, str(REPO / "tests"))  # the MoE-shaped problem the allocator tests use, the GGUF writers
+
+from gguf_writers import write_large_vocabulary  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], object], repeat: int) -> float:
@@ -35,22 +35,6 @@ def median_seconds(fn: Callable[[], object], repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def large_vocabulary(folder: Path) -> Path:
-    from gguf import GGUFWriter
-
-    n = 262_144
-    path = folder / "vocab.gguf"
-    w = GGUFWriter(str(path), "llama")
-    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n)])
-    w.add_array("tokenizer.ggml.scores", np.arange(n, dtype=np.float32).tolist())
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), dtype=np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def main() -> int:
@@ -66,7 +50,7 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = large_vocabulary(Path(tmp))
+        model = write_large_vocabulary(Path(tmp) / "vocab.gguf")
         ours = median_seconds(lambda: ModelInventory.load(model), args.repeat)
         theirs = median_seconds(lambda: GGUFReader(str(model)), max(1, args.repeat // 2))
         rows.append(("inventory / GGUFReader, 262k vocabulary", ours, theirs, 0.1))

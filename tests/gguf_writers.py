@@ -73,6 +73,16 @@ def write_imatrix(path: Path, entries: dict[str, dict[str, np.ndarray]], chunk_s
     return path
 
 
+def write_large_vocabulary(path: Path, n: int = 262_144) -> Path:
+    """A GGUF whose metadata holds a Gemma-sized vocabulary (`n` tokens and scores) beside one small tensor."""
+    w = GGUFWriter(str(path), "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n)])
+    w.add_array("tokenizer.ggml.scores", np.arange(n, dtype=np.float32).tolist())
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), dtype=np.float16))
+    _finish(w)
+    return path
+
+
 def _finish(w: GGUFWriter) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
+from gguf_writers import write_large_vocabulary
 
 from tbpw.errors import TbpwError
 from tbpw.model import gguf_layout
@@ -53,15 +54,7 @@ def test_layout_of_quantized_and_odd_tensors(tmp_path):
 def test_a_large_vocabulary_opens_without_gguf_reader(tmp_path, monkeypatch):
     """GGUFReader makes a numpy view per vocabulary entry (20-60 s here): the inventory steps over metadata
     arrays instead. Proved by taking GGUFReader away; how fast it is, is a benchmark (benchmarks/speed.py)."""
-    n = 262_144
-    w = GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
-    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n)])
-    w.add_array("tokenizer.ggml.scores", np.arange(n, dtype=np.float32).tolist())
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), dtype=np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_large_vocabulary(tmp_path / "vocab.gguf")
     import gguf
     import gguf.gguf_reader
 
