@@ -17,8 +17,10 @@ Writes the F16 GGUF that llama.cpp b11312's convert_hf_to_gguf.py makes of googl
   (seed, tensor name, block), so a layer's tensors are the same whatever --layers says.
 - Streaming: tensors are generated and written a block of rows at a time (16 Mi elements, 64 MB as float32);
   no tensor, let alone the model, is ever whole in memory. Written to OUT.partial, renamed when complete.
-- The metadata is the converter's minus the tokenizer: llama-quantize and tbpw need no vocabulary, the tools
-  that run the model (perplexity, imatrix, bench) do, so this file is for measuring, allocating and quantizing.
+- The metadata is the converter's. Without a tokenizer (the default) the file is for measuring, allocating and
+  quantizing (llama-quantize and tbpw need no vocabulary); `--tokenizer GGUF` copies that file's tokenizer (the
+  tiny Gemma 4 fixture's gemma4 BPE, as the pinned converter writes it) padded with unused tokens to the
+  262,144 of the embedding, and the tools that run the model load it (benchmarks/flagship.py).
 
 `gemma4_layout(config, layers)` is the name/shape table; tests/test_synthetic_gemma4.py checks it against what
 the pinned converter makes of the tiny Gemma 4 MoE fixture (tests/fixtures/tiny-moe-hf).
@@ -180,6 +182,26 @@ def gemma4_metadata(config: Mapping[str, Any] = GEMMA4_26B_A4B, layers: int | No
     }
 
 
+UNUSED_TOKEN = 5  # gguf TokenType.UNUSED
+
+
+def padded_tokenizer(source: Path, vocab: int = GEMMA4_26B_A4B["vocab_size"]) -> dict[str, Any]:
+    """The `tokenizer.*` keys of the GGUF `source` (the tiny Gemma 4 fixture as the pinned converter writes it:
+    the gemma4 BPE tokenizer), its vocabulary padded with unused tokens to `vocab`, the size of the model's
+    embedding, so the tools that run the model load it. The padding is never produced by the tokenizer."""
+    from gguf import GGUFReader
+
+    fields = {k: f.contents() for k, f in GGUFReader(source).fields.items() if k.startswith("tokenizer.")}
+    tokens = fields["tokenizer.ggml.tokens"]
+    if len(tokens) > vocab:
+        raise ValueError(f"{source} has {len(tokens)} tokens, more than the model's {vocab}")
+    pad = vocab - len(tokens)
+    fields["tokenizer.ggml.tokens"] = tokens + [f"<unused{i}>" for i in range(pad)]
+    fields["tokenizer.ggml.scores"] = [float(x) for x in fields["tokenizer.ggml.scores"]] + [0.0] * pad
+    fields["tokenizer.ggml.token_type"] = list(fields["tokenizer.ggml.token_type"]) + [UNUSED_TOKEN] * pad
+    return fields
+
+
 # ----- GGUF encoding (version 3, little-endian) -----
 
 def _string(s: str) -> bytes:
@@ -198,6 +220,10 @@ def _value(v: Any) -> bytes:
         return struct.pack("<I", 8) + _string(v)
     if isinstance(v, list) and all(isinstance(x, bool) for x in v):
         return struct.pack("<IIQ", 9, 7, len(v)) + struct.pack(f"<{len(v)}?", *v)
+    if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+        return struct.pack("<IIQ", 9, 8, len(v)) + b"".join(_string(x) for x in v)
+    if isinstance(v, list) and v and all(isinstance(x, float) for x in v):
+        return struct.pack("<IIQ", 9, 6, len(v)) + struct.pack(f"<{len(v)}f", *v)
     if isinstance(v, list):
         return struct.pack("<IIQ", 9, 5, len(v)) + struct.pack(f"<{len(v)}i", *v)
     raise TypeError(f"no GGUF encoding for {v!r}")
@@ -251,12 +277,14 @@ def _blocks(spec: TensorSpec, seed: int) -> Iterator[np.ndarray]:
 
 
 def write_model(path: Path, layers: int | None = None, seed: int = 0,
-                config: Mapping[str, Any] = GEMMA4_26B_A4B, progress: bool = False, sparse: bool = False) -> list[TensorSpec]:
+                config: Mapping[str, Any] = GEMMA4_26B_A4B, progress: bool = False, sparse: bool = False,
+                tokenizer: Mapping[str, Any] | None = None) -> list[TensorSpec]:
     """Write the synthetic GGUF to `path` (through a temporary file, renamed when complete). `sparse`: only the
     header, the file extended to its full size with a hole (all-zero weights, no disk used): enough for whatever
-    reads only the tensor table, such as `tbpw run --plan`."""
+    reads only the tensor table, such as `tbpw run --plan`. `tokenizer`: `tokenizer.*` keys (`padded_tokenizer`),
+    for the tools that run the model."""
     specs = gemma4_layout(config, layers)
-    header, offsets = _header(gemma4_metadata(config, layers), specs)
+    header, offsets = _header({**gemma4_metadata(config, layers), **(tokenizer or {})}, specs)
     total = sum(s.n_bytes for s in specs)
     partial = path.with_name(path.name + ".partial")
     start, written = time.monotonic(), 0
@@ -321,12 +349,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=GEMMA4_26B_A4B["num_hidden_layers"], help="layers kept (1-30)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--imatrix", type=Path, help="also write a matching imatrix here")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="a GGUF whose tokenizer to copy, padded to the model's vocabulary (the tiny Gemma 4 fixture as "
+                             "the pinned converter writes it; benchmarks/flagship.py makes one): then the tools that "
+                             "run the model (perplexity, imatrix, bench) load it")
     parser.add_argument("--sparse", action="store_true",
                         help="write only the header, the weights a hole of zeros (for `tbpw run --plan`; no disk used)")
     args = parser.parse_args(argv)
     if not 1 <= args.layers <= GEMMA4_26B_A4B["num_hidden_layers"]:
         raise SystemExit(f"--layers {args.layers}: give 1 to {GEMMA4_26B_A4B['num_hidden_layers']}")
-    specs = write_model(args.out, args.layers, args.seed, progress=not args.sparse, sparse=args.sparse)
+    tokenizer = padded_tokenizer(args.tokenizer) if args.tokenizer else None
+    specs = write_model(args.out, args.layers, args.seed, progress=not args.sparse, sparse=args.sparse,
+                        tokenizer=tokenizer)
     if args.imatrix:
         write_imatrix(args.imatrix, args.layers, args.seed)
     size = sum(s.n_bytes for s in specs)

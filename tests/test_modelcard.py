@@ -12,9 +12,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from gguf_writers import write_llama_like
+from task_files import hellaswag_from
 
 from tbpw.cli import main
-from tbpw.data.taskformats import HellaSwagTask, write_hellaswag
 from tbpw.errors import TbpwError
 from tbpw.llamacpp.quantize import quantize
 from tbpw.model import gguf_layout
@@ -29,20 +29,6 @@ def _sets(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def _hellaswag(text: Path, out: Path, n: int = 12) -> Path:
-    """Real sentences of the Wikipedia sample with the true continuation among three others."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.read_text(encoding="utf-8").split()))
-                 if 60 <= len(s) <= 200]
-    tasks = []
-    for i in range(n):
-        first, second = sentences[2 * i], sentences[2 * i + 1]
-        wrong = [sentences[(2 * i + 7 * k + 40) % len(sentences)] for k in (1, 2, 3)]
-        gold = i % 4
-        endings = wrong[:gold] + [second] + wrong[gold:]
-        tasks.append(HellaSwagTask(first, tuple(" " + e for e in endings), gold))
-    return write_hellaswag(tasks, out)
-
-
 @pytest.fixture(scope="module")
 def card_run(tmp_path_factory, tiny_model, wiki_text):
     """The tiny recipe on a copy of the tiny model that names its licence and hub repository, with one target,
@@ -54,7 +40,7 @@ def card_run(tmp_path_factory, tiny_model, wiki_text):
     other = work / "downloads" / "tiny-Q5_K_M.gguf"
     other.parent.mkdir()
     quantize(tiny_model, other, imatrix=None, base_type="Q5_K_M", threads=2)
-    hellaswag = _hellaswag(wiki_text, work / "hellaswag.txt", n=6)
+    hellaswag = hellaswag_from(wiki_text, work / "hellaswag.txt", n=6)
     out = work / "run"
     sets = [f"model.gguf={model}", f"datasets.calibration.options.path={wiki_text}",
             f"datasets.evaluation.options.path={wiki_text}", f"output_dir={out}", "targets=[{bpw: 4.5}]",

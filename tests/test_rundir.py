@@ -182,3 +182,24 @@ def test_an_interrupted_stage_leaves_nothing_and_a_killed_ones_leftovers_go_next
     (tmp_path / "run" / ".t.partial" / "half.gguf").write_bytes(b"half")
     RunDir(tmp_path / "run").close()
     assert not list((tmp_path / "run").glob(".*.partial"))
+
+
+def test_a_released_output_keeps_its_stage_and_the_stages_keyed_by_it_finished(tmp_path: Path):
+    run = RunDir(tmp_path / "run")
+    calls: list = []
+    made = run.run("quant", {}, {}, _writer(calls, "weights"))
+    made_file = made.path("out.txt")
+    run.run("eval", {"model": made_file}, {"n": 1}, _writer(calls, "score"))
+    assert run.release(made_file) and not made_file.exists()
+    assert not run.release(made_file)  # released once
+    again = RunDir(tmp_path / "run", claim=False)  # a later run: the manifests alone say what was released
+    assert again.run("quant", {}, {}, _writer(calls, "weights")).skipped
+    assert again.run("eval", {"model": made_file}, {"n": 1}, _writer(calls, "score")).skipped
+    assert calls == ["weights", "score"]
+    with pytest.raises(TbpwError, match=r"needs .*out\.txt.*--force quant"):  # a stage that must read it again
+        again.run("eval", {"model": made_file}, {"n": 2}, _writer(calls, "other score"))
+    assert not again.run("quant", {}, {}, _writer(calls, "weights"), force=True).skipped  # made again: usable
+    assert made_file.read_text() == "weights"
+    assert not again.run("eval", {"model": made_file}, {"n": 2}, _writer(calls, "other score")).skipped
+    with pytest.raises(TbpwError, match="only those can be released"):
+        again.release(tmp_path / "elsewhere.txt")

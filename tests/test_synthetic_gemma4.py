@@ -18,10 +18,12 @@ from benchmarks.synthetic_gemma4 import (
     GEMMA4_26B_A4B,
     gemma4_layout,
     gemma4_metadata,
+    padded_tokenizer,
     write_imatrix,
     write_model,
 )
 from tbpw.imatrix.reader import Imatrix
+from tbpw.llamacpp import parsers
 from tbpw.llamacpp.convert import convert_hf, missing_modules
 from tbpw.llamacpp.tools import run_tool
 from tbpw.model.inventory import ModelInventory
@@ -87,3 +89,27 @@ def test_generated_model_and_imatrix_are_read_by_tbpw_and_llama_quantize(tiny_co
              log_path=tmp_path / "q.log")
     types = ModelInventory.load(tmp_path / "q.gguf").types()
     assert types["blk.0.ffn_gate_up_exps.weight"] == "Q4_K"
+
+
+@pytest.mark.tools
+@pytest.mark.slow
+def test_with_a_padded_tokenizer_the_model_runs_in_llama_perplexity(tiny_config: dict, wiki_text: Path,
+                                                                      tmp_path: Path) -> None:
+    """The fixture's gemma4 tokenizer, padded to a vocabulary larger than its own (as the real model's 262,144
+    is), makes the generated model one the tools that run a model load: what benchmarks/flagship.py needs."""
+    if missing := missing_modules():
+        pytest.skip(f"the convert extra is not installed ({', '.join(missing)})")
+    source = convert_hf(TINY_MOE, tmp_path / "tiny-moe-f16.gguf", outtype="f16").output
+    config = {**tiny_config, "vocab_size": tiny_config["vocab_size"] + 300}
+    tokenizer = padded_tokenizer(source, config["vocab_size"])
+    assert len(tokenizer["tokenizer.ggml.tokens"]) == config["vocab_size"] == len(tokenizer["tokenizer.ggml.scores"])
+    model = tmp_path / "syn.gguf"
+    write_model(model, config=config, seed=1, tokenizer=tokenizer)
+    read = GGUFReader(model)
+    assert read.fields["tokenizer.ggml.model"].contents() == "gemma4"
+    assert read.fields["tokenizer.ggml.tokens"].contents()[-1] == "<unused299>"
+    assert read.fields["tokenizer.ggml.merges"].contents() == GGUFReader(source).fields["tokenizer.ggml.merges"].contents()
+    run = run_tool("llama-perplexity", ["-m", model, "-f", wiki_text, "-c", "128", "--chunks", "2", "-t", "2"],
+                   log_path=tmp_path / "ppl.log")
+    ppl = parsers.parse_perplexity(run.output).ppl.value
+    assert np.isfinite(ppl) and ppl > 1

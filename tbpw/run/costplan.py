@@ -142,16 +142,19 @@ def _hub_cache(repo: str, revision: str) -> Path | None:
 # ------------------------------------------------------------------------------------------------ disk
 
 def disk_needed(recipe: Recipe, size: ModelSize) -> int:
-    """What the run directory holds at its end, plus the largest file made on the way (a choice candidate)."""
+    """What the run directory holds at its end, plus the largest file made on the way (a choice candidate) and,
+    with `keep: chosen`, a target's plans before the ones not kept are deleted."""
     n = size.n_elements
     total = 2 * n if size.needs_copy else 0  # the F16/BF16 GGUF of a converted or requantized source
     plans_per_target = len(recipe.allocators or [None]) + (1 if recipe.choose is not None else 0)
+    kept_per_target = 1 if recipe.keep == "chosen" else plans_per_target
     largest = 0
     for t in recipe.targets:
         quant = int(t.bpw * n / 8 if t.bpw is not None else parse_size(t.size) if t.size is not None
                     else stock_bpw(t.stock or "") * n / 8)
-        total += quant * plans_per_target
+        total += quant * kept_per_target
         largest = max(largest, quant)
+    total += largest * (plans_per_target - kept_per_target)
     for stock in {*recipe.compare_stock, *(t.stock.upper() for t in recipe.targets if t.stock)}:
         total += int(stock_bpw(stock) * n / 8)
     ev = recipe.evaluation
@@ -276,8 +279,10 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
     root = Path(recipe.output_dir or ".")
     forced = pipeline.force
     size = model_size(recipe)
+    graph = pipeline.graph()  # the deletions of `keep: chosen` are no stages
     stages = [(t.name, "reuse?" if (root / t.name / "manifest.json").is_file() and not (
-        t.name in forced or any(t.name.startswith(f"{f}-") for f in forced)) else "run") for t in pipeline.graph()]
+        t.name in forced or any(t.name.startswith(f"{f}-") for f in forced)) else "run")
+        for t in graph if t.name not in pipeline.releases]
     if size is not None and not size.needs_copy:  # a float GGUF is used as it is: its task makes nothing
         stages = [(name, "as is" if name == "model" else status) for name, status in stages]
     names = [name for name, _ in stages]
@@ -295,14 +300,25 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
         candidates = tables * len(recipe.allocators or [None]) + choose.refine_rounds * choose.refine_tries
         finals = min(choose.finalists, candidates) if choose.screen_chunks else 0
 
+    evaluators = {part: len(pipeline.evaluators_for(part)) for part in ("all", "select", "tasks")}
+    conditional = pipeline.conditional  # task -> target: it runs for the target's selected quant alone
+    split = any(t.name.endswith("+tasks") for t in graph)  # the task evaluators apart from the selecting ones
+
+    def runs(among: set[str] | list[str], prefix: str) -> int:
+        """How many of the tasks `among` named `prefix`... will run (those of a target's selected quant: once)."""
+        named = [n for n in among if n.startswith(prefix)]
+        return sum(1 for n in named if n not in conditional) + len({conditional[n] for n in named if n in conditional})
+
     def counts(among: set[str] | list[str]) -> tuple[int, int, int, int]:
         """(quantizations, calibration KLD runs, evaluation runs, bench runs) of the stages `among`."""
         plans = sum(1 for n in among if n.startswith(("stock-", "quant-")) and not n.endswith("-choose"))
         chosen = sum(1 for n in among if n.startswith("quant-") and n.endswith("-choose"))
         calibrating = probes if "calibrate" in among else 0
-        evaluations = sum(1 for n in among if n.startswith("eval-")) * len(recipe.evaluators or [None])
+        tasks = [n for n in among if n.startswith("eval-") and n.endswith("+tasks")]
+        whole = [n for n in among if n.startswith("eval-") and n not in tasks]
+        evaluations = len(whole) * evaluators["select" if split else "all"] + runs(tasks, "eval-") * evaluators["tasks"]
         return (plans + calibrating + chosen * candidates, calibrating + chosen * (candidates + finals), evaluations,
-                sum(1 for n in among if n.startswith("bench-")))
+                runs(among, "bench-"))
 
     disk = disk_needed(recipe, size) if size is not None else None
     free = shutil.disk_usage(existing_parent(root)).free

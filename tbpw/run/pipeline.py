@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tbpw import __version__
 from tbpw.allocate.budget import Target
@@ -103,6 +103,9 @@ class Pipeline:
         self.notes: list[str] = [recipe.model.note] if recipe.model.note else []
         self.quant_refs: dict[str, Ref] = {}  # each quant of the report (in its order): the task result it is
         self.label = ""  # the run's label within a sweep
+        self.rivals: dict[str, list[str]] = {}  # target label -> its tbpw quants, which compete for its selection
+        self.conditional: dict[str, str] = {}  # task -> target label: it runs for that target's selected quant only
+        self.releases: list[str] = []  # the tasks that delete the quants `keep: chosen` does not keep
         self._scorers: dict[int, Scorer] = {}
 
     @cached_property
@@ -258,7 +261,7 @@ class Pipeline:
             return {"logits": "base.logits", "ppl": base.ppl, "ppl_error": base.ppl_error}
 
         return self._stage("baseline", {"model": model, "text": text.path},
-                           {**ev.model_dump(mode="json"), "ngl": self.recipe.ngl}, body)
+                           {**ev.model_dump(mode="json", exclude={"scope"}), "ngl": self.recipe.ngl}, body)
 
     def imatrix(self, model: Path, text: DatasetFile) -> Path:
         opts = self.recipe.imatrix
@@ -420,20 +423,35 @@ class Pipeline:
                f"lowest calibration KLD of {distinct} distinct plans among {total}")
         return f"chose {result['chosen']} ({why}){swaps}"
 
-    def evaluate(self, quant: Quant, base_logits: Path, data: dict[str, DatasetFile]) -> dict[str, float]:
+    def evaluators_for(self, part: str) -> list[tuple[PluginRef, Any]]:
+        """The evaluators of one evaluation stage: `all`; `select`, those whose columns `select.by` ranks by (all
+        a target's selection needs); `tasks`, the others (run on the selected quants only, `evaluation.scope`)."""
+        if part == "all":
+            return self.evaluators
+        by = set(self.select_by())
+        selecting = [pair for pair in self.evaluators if by & {c.key for c in pair[1].output_columns()}]
+        return selecting if part == "select" else [pair for pair in self.evaluators if pair not in selecting]
+
+    def evaluate(self, quant: Quant, base_logits: Path, data: dict[str, DatasetFile],
+                 part: str = "all") -> dict[str, float]:
         ev = self.recipe.evaluation
         data_inputs = {f"data-{k}": v.path for k, v in data.items()}
+        evaluators = self.evaluators_for(part)
 
         def body(folder: Path) -> dict:
             ctx = EvalContext(model=quant.path, log_dir=folder, base_logits=base_logits, datasets=data, ctx=ev.ctx,
                               chunks=ev.chunks, task_ctx=ev.task_ctx, ngl=self.recipe.ngl, threads=ev.threads)
             metrics: dict[str, float] = {}
-            for _, evaluator in self.evaluators:
+            for _, evaluator in evaluators:
                 metrics.update(evaluator.evaluate(ctx))
             return metrics
 
-        return self._stage(f"eval-{quant.name}", {"model": quant.path, "logits": base_logits, **data_inputs},
-                           {"evaluators": self.recipe.evaluators, "evaluation": ev, "ngl": self.recipe.ngl},
+        # which quants the tasks run on changes nothing in one quant's numbers: it stays out of the key
+        options = ev.model_dump(mode="json", exclude={"scope"})
+        return self._stage(f"eval-{quant.name}{'+tasks' if part == 'tasks' else ''}",
+                           {"model": quant.path, "logits": base_logits, **data_inputs},
+                           {"evaluators": self.recipe.evaluators if part == "all" else [ref for ref, _ in evaluators],
+                            "evaluation": options, "ngl": self.recipe.ngl},
                            body).result
 
     def bench(self, quant: Quant) -> dict:
@@ -474,8 +492,35 @@ class Pipeline:
         tables = {self.recipe.measure.metric.name: table, **(calibrated or {})}
         return self.choose(model, imatrix, tables, target, self.budget(target, stock), written, text)
 
-    def evaluate_with(self, quant: Quant, base: StageOutcome, data: dict[str, DatasetFile]) -> dict[str, float]:
-        return self.evaluate(quant, base.path(base.result["logits"]), data)
+    def evaluate_with(self, quant: Quant, base: StageOutcome, data: dict[str, DatasetFile], part: str = "all",
+                      rivals: dict[str, dict] | None = None) -> dict[str, float]:
+        """`rivals` (quant name -> its selecting metrics): evaluate only when `quant` is the one selected of them."""
+        if rivals is not None and self.selected(rivals) != quant.name:
+            return {}
+        return self.evaluate(quant, base.path(base.result["logits"]), data, part)
+
+    def bench_with(self, quant: Quant, rivals: dict[str, dict] | None = None) -> dict:
+        if rivals is not None and self.selected(rivals) != quant.name:
+            return {}
+        return self.bench(quant)
+
+    def select_by(self) -> list[str]:
+        """The columns that pick each target's best quant: the recipe's, else the first evaluator's ranking."""
+        return self.recipe.select.by or (list(self.evaluators[0][1].ranking()) if self.evaluators else [])
+
+    def selected(self, rivals: dict[str, dict]) -> str:
+        """The name of one target's best quant among `rivals` (name -> metrics), as the report marks it."""
+        return best_of(rivals, self.select_by(), self.columns())
+
+    def release(self, quants: dict[str, Quant], rivals: dict[str, dict], after: list) -> list[str]:
+        """Delete the GGUFs of one target's quants other than its selected one (`keep: chosen`), once every task
+        that reads them (`after`) is done; their stages stay finished. Returns the quants whose file is gone."""
+        keep = self.selected(rivals)
+        gone = [name for name, q in quants.items() if name != keep]
+        for name in gone:
+            if self.run_dir.release(quants[name].path):
+                self.log(f"deleted {name}/{quants[name].path.name}  (keep: chosen; {keep} is kept)")
+        return gone
 
     @staticmethod
     def budget(target: RecipeTarget, stock: Quant | None) -> Target:
@@ -496,6 +541,7 @@ class Pipeline:
         assert r.measure.metric is not None and r.allocators is not None
         g = TaskGraph()
         force = frozenset(self.force)
+        self.rivals, self.conditional, self.releases = {}, {}, []
 
         def stage(method: str) -> Stage:
             return Stage(r, force, method, self.label)
@@ -522,6 +568,8 @@ class Pipeline:
         for target in r.targets:
             stock_quant = stock[target.stock.upper()] if target.stock else None
             made = {}
+            self.rivals[target.label] = [f"quant-{target.label}-{a.name}" for a in r.allocators] + (
+                [f"quant-{target.label}-choose"] if r.choose is not None else [])
             for a in r.allocators:
                 name = f"quant-{target.label}-{a.name}"
                 made[a.name] = quants[name] = g.add(name, stage("plan_for"), model, imatrix, table, target, stock_quant,
@@ -531,12 +579,36 @@ class Pipeline:
                 quants[name] = g.add(name, stage("choose_for"), model, imatrix, table, calibrated, target, stock_quant,
                                      made, data["calibration"], resources=loads_model)
         quant_memory = Resources(gpu=gpu, memory=size // 2)
+        bench_gpu = (r.bench.ngl if r.bench.ngl is not None else r.ngl) != 0 and gpu
+        bench_resources = Resources(gpu=bench_gpu, memory=size // 2, exclusive=True)
+        scoped = r.evaluation.scope == "selected"
+        split = scoped and bool(self.evaluators_for("tasks"))
+        evals: dict[str, Ref] = {}
+        readers: dict[str, list[Ref]] = {}  # each quant's tasks that read its file
         for name, quant in quants.items():
-            g.add(f"eval-{name}", stage("evaluate_with"), quant, base, data, resources=quant_memory)
-            if r.bench.enabled:
-                bench_gpu = (r.bench.ngl if r.bench.ngl is not None else r.ngl) != 0 and gpu
-                g.add(f"bench-{name}", stage("bench"), quant,
-                      resources=Resources(gpu=bench_gpu, memory=size // 2, exclusive=True))
+            evals[name] = g.add(f"eval-{name}", stage("evaluate_with"), quant, base, data, "select" if split else "all",
+                                resources=quant_memory)
+            readers[name] = [evals[name]]
+            if r.bench.enabled and not scoped:
+                readers[name].append(g.add(f"bench-{name}", stage("bench_with"), quant, resources=bench_resources))
+        target_of = {name: label for label, names in self.rivals.items() for name in names}
+        if scoped:  # the rest runs on the quants that need no selection, and on each target's selected one
+            for name, quant in quants.items():
+                label = target_of.get(name)
+                rivals = {n: evals[n] for n in self.rivals[label]} if label is not None else None
+                if split:
+                    readers[name].append(g.add(f"eval-{name}+tasks", stage("evaluate_with"), quant, base, data,
+                                               "tasks", rivals, resources=quant_memory))
+                if r.bench.enabled:
+                    readers[name].append(g.add(f"bench-{name}", stage("bench_with"), quant, rivals,
+                                               resources=bench_resources))
+                if label is not None:
+                    self.conditional.update({f"eval-{name}+tasks": label, f"bench-{name}": label})
+        if r.keep == "chosen":
+            for label, names in self.rivals.items():
+                self.releases.append(g.add(f"release-{label}", stage("release"), {n: quants[n] for n in names},
+                                           {n: evals[n] for n in names},
+                                           [ref for n in names for ref in readers[n]]).task)
         self.quant_refs = quants
         return g
 
@@ -590,16 +662,20 @@ class Pipeline:
         base: StageOutcome = results["baseline"]
         imatrix: Path = results["imatrix"]
         entries: list[dict] = []
+        released = {name for task in self.releases for name in results[task]}
         for name, ref in self.quant_refs.items():
             q: Quant = resolve(ref, results)
-            metrics = results[f"eval-{name}"]
+            metrics = {**results[f"eval-{name}"], **results.get(f"eval-{name}+tasks", {})}
             benched = results.get(f"bench-{name}", {})
+            note = "; ".join(n for n in (q.note, "GGUF deleted after its evaluation (keep: chosen)" if name in released
+                                         else "") if n)
             entries.append({"name": q.name, "kind": q.kind, "target": q.target, "allocator": q.allocator, "bpw": q.bpw,
                             "size_bytes": q.size_bytes, "metrics": metrics, "bench": benched.get("speeds", {}),
                             "bench_rows": benched.get("rows", []), "types": q.types,
-                            "path": str(q.path), **({"note": q.note} if q.note else {})})
+                            "path": str(q.path), **({"note": note} if note else {}),
+                            **({"released": True} if name in released else {})})
         columns = self.columns()
-        mark_best(entries, r.select.by, columns)
+        mark_best(entries, self.select_by(), columns)
         base_inv = ModelInventory.load(model)
         base_metrics: dict[str, float] = {}
         for _, evaluator in self.evaluators:
@@ -629,19 +705,25 @@ class Pipeline:
 
 
 def mark_best(entries: list[dict], by: list[str], columns: list[Column]) -> None:
-    """Mark the best tbpw quant of each target: by the `by` columns in order, each in its better direction."""
-    lower = {c.key: c.lower_is_better for c in columns if c.rankable}
-    groups: dict[str, list[dict]] = {}
+    """Mark the best tbpw quant of each target (`best_of`)."""
+    groups: dict[str, dict[str, dict]] = {}
     for e in entries:
         if e["kind"] == "tbpw":
-            groups.setdefault(e["target"], []).append(e)
+            groups.setdefault(e["target"], {})[e["name"]] = e
+    for members in groups.values():
+        members[best_of({name: e["metrics"] for name, e in members.items()}, by, columns)]["selected"] = True
 
-    def key(e: dict) -> tuple:
+
+def best_of(metrics: dict[str, dict], by: list[str], columns: list[Column]) -> str:
+    """The name whose metrics rank best by the `by` columns in order, each in its better direction (a missing
+    value ranks last; ties go to the first)."""
+    lower = {c.key: c.lower_is_better for c in columns if c.rankable}
+
+    def key(name: str) -> tuple:
         values = []
         for metric in by:
-            v = e["metrics"].get(metric)
+            v = metrics[name].get(metric)
             values.append(float("inf") if v is None else (v if lower[metric] else -v))
         return tuple(values)
 
-    for members in groups.values():
-        min(members, key=key)["selected"] = True
+    return min(metrics, key=key)

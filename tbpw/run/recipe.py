@@ -135,6 +135,10 @@ class EvaluationOptions(Strict):
     chunks: int | None = Field(None, ge=1)
     task_ctx: int = Field(768, ge=32)  # context for HellaSwag/WinoGrande/multiple choice
     threads: int | None = Field(None, ge=1)
+    # which quants the evaluators that `select.by` does not rank by (the task benchmarks) and llama-bench run on:
+    # all, or selected: each target's selected quant, the stock types and compare_files (the rest get only the
+    # evaluators that select, which is all the selection needs)
+    scope: Literal["all", "selected"] = "all"
 
 
 class BenchOptions(Strict):
@@ -275,6 +279,9 @@ class Recipe(Strict):
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
     bench: BenchOptions = Field(default_factory=BenchOptions)
     select: SelectOptions = Field(default_factory=SelectOptions)
+    # the run's quants kept on disk: all, or chosen: each target's selected quant and the stock types (every other
+    # plan's GGUF is deleted once its evaluation is done; its numbers stay in the report)
+    keep: Literal["all", "chosen"] = "all"
     executor: ExecutorRef | None = None  # what runs the stages (tbpw.run.execute); None: the registry's default
     output_dir: Path | None = None  # default: runs/<name> beside the recipe
 
@@ -736,9 +743,10 @@ def _check_files(clean: dict, found: Findings) -> None:
 
 
 def recipe_sha256(recipe: Recipe) -> str:
-    """The sha256 of what a recipe asks for, resolved (includes, --set, defaults), wherever its output goes and
-    whatever runs its stages (the executor changes no byte of what they make)."""
-    content = recipe.model_dump(mode="json", exclude={"output_dir", "executor"})
+    """The sha256 of what a recipe asks for, resolved (includes, --set, defaults), wherever its output goes,
+    whatever runs its stages and whatever it keeps and evaluates (none of these changes a byte of a quant)."""
+    content = recipe.model_dump(mode="json", exclude={"output_dir": True, "executor": True, "keep": True,
+                                                      "evaluation": {"scope"}})
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

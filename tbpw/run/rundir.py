@@ -10,6 +10,11 @@ stage is skipped only when its key matches AND every output its manifest recorde
 same size and content; otherwise it runs again (a deleted or truncated output is recomputed, not an
 error). A killed stage leaves only a `.partial` folder that the next run discards. The manifest is written
 last, so a folder without one never counts as finished.
+
+An output may be *released* (`RunDir.release`, what `keep: chosen` does with the quants nobody keeps): the file
+goes, its manifest keeps its size and sha256 and lists it as released. The stage still counts as finished, and a
+stage keyed by that file keeps its key (its fingerprint is the recorded one), so a rerun skips both; a stage that
+would have to run with a released file as input is refused with the command that makes the file again.
 """
 
 from __future__ import annotations
@@ -152,8 +157,11 @@ class RunDir:
         return sorted(p.parent.name for p in self.root.glob(f"*/{MANIFEST}"))
 
     def fingerprint(self, path: Path) -> str:
-        """sha256 of a file's content (of every file, for a folder), re-hashed whenever the file may have changed."""
+        """sha256 of a file's content (of every file, for a folder), re-hashed whenever the file may have changed;
+        a released output's recorded sha256."""
         path = Path(path)
+        if (released := self.released(path)) is not None:
+            return released
         try:
             if path.is_dir():
                 digest = hashlib.sha256()
@@ -170,6 +178,37 @@ class RunDir:
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def released(self, path: Path) -> str | None:
+        """The recorded sha256 of `path` when it is a stage output that `release` deleted, else None."""
+        path = Path(path)
+        if path.exists() or path.parent.parent != self.root:
+            return None
+        manifest = self.manifest(path.parent.name)
+        if manifest is None or path.name not in manifest.get("released", []):
+            return None
+        recorded = manifest.get("outputs", {}).get(path.name)
+        return recorded.get("sha256") if isinstance(recorded, dict) else None
+
+    def release(self, path: Path) -> bool:
+        """Delete a finished stage's output file, keeping the stage finished (see the module's note); False when
+        it was released before."""
+        path = Path(path)
+        stage, relative = path.parent.name, path.name
+        manifest = self.manifest(stage) if path.parent.parent == self.root else None
+        if manifest is None or relative not in manifest.get("outputs", {}):
+            raise TbpwError(f"{path} is no output of a finished stage of {self.root}: only those can be released")
+        released = manifest.setdefault("released", [])
+        if relative in released:
+            return False
+        released.append(relative)
+        # The manifest first: killed between the two, the file is still there and still intact.
+        write_json(path.parent / MANIFEST, manifest)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise os_error(exc, "delete", path) from None
+        return True
+
     def _outputs(self, folder: Path) -> dict[str, dict[str, Any]]:
         return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": content_sha256(p)}
                 for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
@@ -179,8 +218,11 @@ class RunDir:
         recorded = manifest.get("outputs")
         if not isinstance(recorded, dict):
             return False  # made before outputs were recorded: nothing proves they are the same
+        released = manifest.get("released", [])
         for relative, expected in recorded.items():
             path = folder / relative
+            if relative in released and not path.exists():
+                continue
             try:
                 if (not path.is_file() or path.stat().st_size != expected["bytes"]
                         or content_sha256(path) != expected["sha256"]):
@@ -197,6 +239,10 @@ class RunDir:
         manifest = self.manifest(stage)
         if manifest and manifest.get("key") == key and not force and self._intact(folder, manifest):
             return StageOutcome(stage, folder, manifest["result"], True, 0.0)
+        for path in inputs.values():
+            if self.released(path) is not None:
+                raise TbpwError(f"stage {stage} needs {path}, which was deleted after its evaluation (keep: chosen): "
+                                f"run again with --force {Path(path).parent.name} to make it again, or set keep: all")
         partial = self.root / f".{stage}.partial"
         try:
             if partial.exists():
