@@ -1,10 +1,11 @@
 """The flagship recipe end to end on the synthetic Gemma-4-26B-A4B: every stage of `recipes/gemma4-q4.yaml` on the
 real tensor layout, at reduced depth, with tbpw's offline datasets in place of the hub's.
 
-    .venv/bin/python benchmarks/flagship.py --work DIR [--layers 1] [--targets 4.5] [--stock Q4_K_M] [--tasks 4]
+    .venv/bin/python benchmarks/flagship.py --work DIR [--layers 2] [--targets 4.5] [--stock Q4_K_M] [--tasks 4]
 
-- The model: `benchmarks/synthetic_gemma4.py` at `--layers` (every tensor at its real name, shape and type; 1
-  layer is 3.1 GB of F16, the 262,144 x 2816 embedding and output included), with the tiny Gemma 4 fixture's
+- The model: `benchmarks/synthetic_gemma4.py` at `--layers` (every tensor at its real name, shape and type; 2
+  layers are 4.8 GB of F16, the 262,144 x 2816 embedding and output included; llama.cpp runs no Gemma 4 without a
+  sliding-window layer, and the last kept layer is a full-attention one, so 2 is the least), with the tiny Gemma 4 fixture's
   gemma4 BPE tokenizer (converted by the pinned convert_hf_to_gguf.py) padded to the model's vocabulary, so
   llama-perplexity, llama-imatrix and llama-bench load it. Its weights are random: the numbers measure cost
   and exercise every stage, not quality.
@@ -83,7 +84,7 @@ def stage_times(run: Path) -> list[tuple[str, float]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="a folder with room for the model (3.1 GB per layer) and the run")
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--layers", type=int, default=2, help="at least 2: a sliding-window layer and a full one")
     p.add_argument("--targets", default="4.5", help="bpw targets, comma-separated (the recipe has seven)")
     p.add_argument("--stock", default="Q4_K_M", help="stock types to compare, comma-separated")
     p.add_argument("--tasks", type=int, default=4, help="tasks per task benchmark (the recipe: 750)")

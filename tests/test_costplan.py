@@ -45,6 +45,9 @@ def test_the_real_layout_is_sized_from_its_tensor_table(tmp_path, wiki_text):
     assert round(size.n_elements / 1e9, 1) == 25.2 and round(size.n_active / 1e9, 1) == 3.8
     quants = (4.5 + 6.5) * 2 * size.n_elements / 8 + 4.5 * size.n_elements / 8  # two plans per target, one stock
     assert quants - 8 <= disk_needed(recipe, size) <= 1.01 * quants  # whole bytes per quant
+    recipe.keep = "chosen"  # one plan per target stays, and one target's other plan exists until it is deleted
+    kept = (4.5 + 6.5 + 6.5) * size.n_elements / 8 + 4.5 * size.n_elements / 8
+    assert kept - 8 <= disk_needed(recipe, size) <= 1.01 * kept
 
 
 @pytest.mark.tools
