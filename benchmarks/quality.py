@@ -52,7 +52,7 @@ from tbpw.measure.table import ErrorTable  # noqa: E402
 from tbpw.model.inventory import ModelInventory  # noqa: E402
 from tbpw.quantize.store import TensorStore  # noqa: E402
 from tbpw.run.recipe import CalibrateOptions, ChooseOptions  # noqa: E402
-from tbpw.select.calibrate import calibrate, calibrated_table  # noqa: E402
+from tbpw.select.calibrate import Sensitivity, calibrate, calibrated_table  # noqa: E402
 from tbpw.select.choose import PlanCandidate, candidate_name, select_plan  # noqa: E402
 from tbpw.select.interactions import with_role_interactions  # noqa: E402
 from tbpw.select.refine import refine_plan  # noqa: E402
@@ -225,25 +225,25 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             check_shared_errors(tables[metric], tables[f"{metric}+x"])
             families[f"{metric}+x"] = tables[f"{metric}+x"]
         if args.calibrated:
-            t = time.monotonic()
-            sens = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes, grouping=args.grouping,
-                             ctx=ctx, chunks=args.cal_chunks, background=args.background, threads=threads,
-                             cache_dir=work / "sensitivity-cache", scorer=scorer, store=store,
-                             log=log if args.verbose else None)
-            run.steps[f"calibrate {metric}"] = time.monotonic() - t
-            if sens.meta.get("cached"):
-                run.reused.append(f"calibrate {metric}")
+            def sensitivity(step: str, table: ErrorTable, probes: list[str], grouping: str) -> Sensitivity:
+                t = time.monotonic()
+                found = calibrate(model, imatrix, calibration, table, probe_types=probes, grouping=grouping,
+                                  ctx=ctx, chunks=args.cal_chunks, background=args.background, threads=threads,
+                                  cache_dir=work / "sensitivity-cache", scorer=scorer, store=store,
+                                  log=log if args.verbose else None)
+                run.steps[step] = time.monotonic() - t
+                if found.meta.get("cached"):
+                    run.reused.append(step)
+                return found
+
+            sens = sensitivity(f"calibrate {metric}", tables[metric], args.probes, args.grouping)
             # The measured KLD does not depend on the candidate list: the wider table takes the same sensitivity.
             sensitivities = {"kld": sens}
+            if args.second_probes:
+                sensitivities["kld2p"] = sensitivity(f"calibrate {metric} (probes {'+'.join(args.second_probes)})",
+                                                     tables[metric], args.second_probes, args.grouping)
             if args.interactions and args.grouping == "tensor":
-                t = time.monotonic()
-                roles = calibrate(model, imatrix, calibration, tables[metric], probe_types=args.probes,
-                                  grouping="role", ctx=ctx, chunks=args.cal_chunks, background=args.background,
-                                  threads=threads, cache_dir=work / "sensitivity-cache", scorer=scorer, store=store,
-                                  log=log if args.verbose else None)
-                run.steps[f"calibrate {metric} per role"] = time.monotonic() - t
-                if roles.meta.get("cached"):
-                    run.reused.append(f"calibrate {metric} per role")
+                roles = sensitivity(f"calibrate {metric} per role", tables[metric], args.probes, "role")
                 sensitivities["kldi"] = with_role_interactions(sens, roles)
                 log("role interaction factors: " + ", ".join(
                     f"{r} {'/'.join(f'{v:.2f}' for v in f.values())}"
@@ -414,7 +414,9 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
                                               f"{', '.join(args.probes)}, per {args.grouping}"
                                               + ("; +kldi: the same, each role's scales corrected by the KLD of the "
                                                  "whole role at once over the sum of its tensors alone"
-                                                 if args.interactions else "") + ")" if args.calibrated else "")
+                                                 if args.interactions else "")
+                                              + (f"; +kld2p: the same with probes {', '.join(args.second_probes)}"
+                                                 if args.second_probes else "") + ")" if args.calibrated else "")
               + ("; tbpw-select: the " + ("calibrated " if args.select_tables == "calibrated" and args.calibrated else "")
                  + "variant with the lowest KLD on calibration chunks (never the evaluation text)" if args.select else "")
               + (f"; tbpw-refine: tbpw-select's plan improved by up to {args.refine_rounds} rounds of "
@@ -494,6 +496,8 @@ def main() -> None:
                                               "its variants are named <metric>+x...")
     p.add_argument("--constraints", default="{}", help="tbpw's constraints as JSON, e.g. '{\"min_bpw\": {\"output\": 6}}'")
     p.add_argument("--probes", default="Q3_K", help="probe types of the sensitivity calibration")
+    p.add_argument("--second-probes", help="also tables (+kld2p) from a calibration with these probe types, "
+                   "e.g. Q3_K,Q5_K")
     p.add_argument("--grouping", default="tensor", choices=["tensor", "role"])
     p.add_argument("--interactions", action="store_true",
                    help="also make tables whose per-tensor scales are corrected by each role's joint KLD (+kldi)")
@@ -525,6 +529,7 @@ def main() -> None:
     p.add_argument("--loaded", action="store_true", help="say in the notes that the machine was loaded by other jobs")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
+    args.second_probes = [x.strip() for x in (args.second_probes or "").split(",") if x.strip()]
     for key in ("levels", "allocators", "metrics", "probes", "strengths"):
         setattr(args, key, [x.strip() for x in getattr(args, key).split(",") if x.strip()])
     args.strengths = [float(x) for x in args.strengths]

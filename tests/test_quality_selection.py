@@ -158,14 +158,18 @@ def test_proxy_of_a_type_the_table_dropped_is_interpolated():
     assert calibrate.proxy_at(entry, "Q8_0", 8.5) == 2.0
 
 
+def _greedy_choice(model, table):
+    """The 4.5-bpw problem of `model` and greedy's answer to it, tensor -> type."""
+    inventory = ModelInventory.load(model)
+    problem = build_problem(inventory, table, Target.parse(bpw=4.5))
+    types = allocate(inventory, problem, "greedy").types()
+    return problem, {u.name: types[u.members[0].name] for u in problem.tensors}
+
+
 def test_swap_moves_stay_within_the_budget_and_come_cheapest_first(tiny_model, fork_error_table):
     from tbpw.select.refine import swap_moves
 
-    inventory = ModelInventory.load(tiny_model)
-    problem = build_problem(inventory, fork_error_table, Target.parse(bpw=4.5))
-    plan = allocate(inventory, problem, "greedy")
-    types = plan.types()
-    choice = {u.name: types[u.members[0].name] for u in problem.tensors}
+    problem, choice = _greedy_choice(tiny_model, fork_error_table)
     moves = swap_moves(problem, choice)
     assert moves, "a plan that is not at the ends of every tensor's range has swaps"
     assert [m[0] for m in moves] == sorted(m[0] for m in moves)
@@ -174,3 +178,18 @@ def test_swap_moves_stay_within_the_budget_and_come_cheapest_first(tiny_model, f
         assert a != b and problem.total_bytes(trial) <= problem.budget
         units = problem.by_name()
         assert units[a].bytes_as(ta) > units[a].bytes_as(choice[a]) and units[b].bytes_as(tb) < units[b].bytes_as(choice[b])
+
+
+def test_swap_moves_never_leave_more_than_the_floor_unspent(tiny_model, fork_error_table):
+    from tbpw.select.refine import swap_moves
+
+    problem, choice = _greedy_choice(tiny_model, fork_error_table)
+    every = swap_moves(problem, choice)
+    used = problem.total_bytes(choice)
+    floor = used - 1  # only swaps that spend at least what they free (less one byte) stay
+    kept = swap_moves(problem, choice, floor)
+    freeing = [m for m in every if problem.total_bytes(dict(choice, **{m[1]: m[2], m[3]: m[4]})) < floor]
+    assert freeing, "on this plan some swaps free more than they spend"
+    assert len(kept) == len(every) - len(freeing)
+    for _, a, ta, b, tb in kept:
+        assert floor <= problem.total_bytes(dict(choice, **{a: ta, b: tb})) <= problem.budget

@@ -106,6 +106,7 @@ class Pipeline:
         self.rivals: dict[str, list[str]] = {}  # target label -> its tbpw quants, which compete for its selection
         self.conditional: dict[str, str] = {}  # task -> target label: it runs for that target's selected quant only
         self.releases: list[str] = []  # the tasks that delete the quants `keep: chosen` does not keep
+        self.split = False  # the task evaluators run apart from the selecting ones (`evaluation.scope: selected`)
         self._scorers: dict[int, Scorer] = {}
 
     @cached_property
@@ -495,14 +496,18 @@ class Pipeline:
     def evaluate_with(self, quant: Quant, base: StageOutcome, data: dict[str, DatasetFile], part: str = "all",
                       rivals: dict[str, dict] | None = None) -> dict[str, float]:
         """`rivals` (quant name -> its selecting metrics): evaluate only when `quant` is the one selected of them."""
-        if rivals is not None and self.selected(rivals) != quant.name:
+        if self.passed_over(quant, rivals):
             return {}
         return self.evaluate(quant, base.path(base.result["logits"]), data, part)
 
     def bench_with(self, quant: Quant, rivals: dict[str, dict] | None = None) -> dict:
-        if rivals is not None and self.selected(rivals) != quant.name:
+        if self.passed_over(quant, rivals):
             return {}
         return self.bench(quant)
+
+    def passed_over(self, quant: Quant, rivals: dict[str, dict] | None) -> bool:
+        """Whether `quant` competes with `rivals` (`evaluation.scope: selected`) and another of them was selected."""
+        return rivals is not None and self.selected(rivals) != quant.name
 
     def select_by(self) -> list[str]:
         """The columns that pick each target's best quant: the recipe's, else the first evaluator's ranking."""
@@ -582,7 +587,7 @@ class Pipeline:
         bench_gpu = (r.bench.ngl if r.bench.ngl is not None else r.ngl) != 0 and gpu
         bench_resources = Resources(gpu=bench_gpu, memory=size // 2, exclusive=True)
         scoped = r.evaluation.scope == "selected"
-        split = scoped and bool(self.evaluators_for("tasks"))
+        split = self.split = scoped and bool(self.evaluators_for("tasks"))
         evals: dict[str, Ref] = {}
         readers: dict[str, list[Ref]] = {}  # each quant's tasks that read its file
         for name, quant in quants.items():

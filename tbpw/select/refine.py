@@ -40,8 +40,15 @@ def _down(unit: DecidableTensor, current: Candidate) -> Candidate | None:
     return min(cheaper, key=lambda c: (c.error, -c.bytes)) if cheaper else None
 
 
-def swap_moves(problem: AllocationProblem, choice: dict[str, str]) -> list[tuple[float, str, str, str, str]]:
-    """(estimated error change, up tensor, its new type, down tensor, its new type), cheapest first."""
+# A swap that frees more than it spends leaves bytes unused; the plan may end at most this far under its target
+# (or as far as it started, when that is more), so that refining never trades away the size the user asked for.
+MAX_SHORTFALL_BPW = 0.005
+
+
+def swap_moves(problem: AllocationProblem, choice: dict[str, str],
+               min_bytes: int = 0) -> list[tuple[float, str, str, str, str]]:
+    """(estimated error change, up tensor, its new type, down tensor, its new type), cheapest first; only swaps
+    that keep the plan's bytes within [min_bytes, budget]."""
     used = problem.total_bytes(choice)
     ups, downs = [], []
     for unit in problem.tensors:
@@ -55,7 +62,7 @@ def swap_moves(problem: AllocationProblem, choice: dict[str, str]) -> list[tuple
     moves = []
     for a, ua, extra, gain in ups:
         for b, db, freed, loss in downs:
-            if a != b and used + extra - freed <= problem.budget:
+            if a != b and min_bytes <= used + extra - freed <= problem.budget:
                 moves.append((gain + loss, a, ua.type, b, db.type))
     moves.sort()
     return moves
@@ -94,8 +101,10 @@ def refine_plan(planner: Planner, problem: AllocationProblem, plan: Plan, calibr
     choice = {u.name: types[u.members[0].name] for u in problem.tensors}
     current, current_score = plan, start_score or score_of(plan, "refine-start")
     start, accepted = current_score, []
+    shortfall = int(MAX_SHORTFALL_BPW * problem.n_elements / 8)
+    min_bytes = min(problem.total_bytes(choice), problem.budget - shortfall)
     for r in range(rounds):
-        moves = swap_moves(problem, choice)[:tries]
+        moves = swap_moves(problem, choice, min_bytes)[:tries]
         best = None
         for i, (_, a, ta, b, tb) in enumerate(moves):
             trial = dict(choice, **{a: ta, b: tb})
