@@ -302,7 +302,7 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
 
     evaluators = {part: len(pipeline.evaluators_for(part)) for part in ("all", "select", "tasks")}
     conditional = pipeline.conditional  # task -> target: it runs for the target's selected quant alone
-    split = pipeline.split  # the task evaluators run apart from the selecting ones
+    split = pipeline.splits_evaluation()
 
     def runs(among: set[str] | list[str], prefix: str) -> int:
         """How many of the tasks `among` named `prefix`... will run (those of a target's selected quant: once)."""

@@ -106,7 +106,6 @@ class Pipeline:
         self.rivals: dict[str, list[str]] = {}  # target label -> its tbpw quants, which compete for its selection
         self.conditional: dict[str, str] = {}  # task -> target label: it runs for that target's selected quant only
         self.releases: list[str] = []  # the tasks that delete the quants `keep: chosen` does not keep
-        self.split = False  # the task evaluators run apart from the selecting ones (`evaluation.scope: selected`)
         self._scorers: dict[int, Scorer] = {}
 
     @cached_property
@@ -424,6 +423,11 @@ class Pipeline:
                f"lowest calibration KLD of {distinct} distinct plans among {total}")
         return f"chose {result['chosen']} ({why}){swaps}"
 
+    def splits_evaluation(self) -> bool:
+        """Whether each quant's evaluation runs in two stages: the selecting evaluators on every quant, the task
+        evaluators on the selected ones only (`evaluation.scope: selected`, with task evaluators to keep apart)."""
+        return self.recipe.evaluation.scope == "selected" and bool(self.evaluators_for("tasks"))
+
     def evaluators_for(self, part: str) -> list[tuple[PluginRef, Any]]:
         """The evaluators of one evaluation stage: `all`; `select`, those whose columns `select.by` ranks by (all
         a target's selection needs); `tasks`, the others (run on the selected quants only, `evaluation.scope`)."""
@@ -587,7 +591,7 @@ class Pipeline:
         bench_gpu = (r.bench.ngl if r.bench.ngl is not None else r.ngl) != 0 and gpu
         bench_resources = Resources(gpu=bench_gpu, memory=size // 2, exclusive=True)
         scoped = r.evaluation.scope == "selected"
-        split = self.split = scoped and bool(self.evaluators_for("tasks"))
+        split = self.splits_evaluation()
         evals: dict[str, Ref] = {}
         readers: dict[str, list[Ref]] = {}  # each quant's tasks that read its file
         for name, quant in quants.items():
