@@ -247,7 +247,8 @@ def run(args: argparse.Namespace) -> Result:
             result.fork.append(run_.seconds)
             result.fork_cpu.append(cpu_seconds() - cpu)
             log(f"  fork {'cold' if i == 0 else 'warm'} {bpw:.4f} bpw: {run_.seconds:.1f} s")
-        result.notes.append(f"fork: {build.source_name} build {build.build_number} ({build.build_commit}), "
+        commit = build.build_commit if build.build_commit != "unknown" else args.fork_commit or "commit not recorded"
+        result.notes.append(f"fork: {build.source_name} build {build.build_number} ({commit}), "
                             "`--target-bpw X --state-file F`, the same imatrix and threads")
     return result
 
@@ -334,6 +335,8 @@ def main() -> None:
     p.add_argument("--model", default="bench", help="bench (tbpw's trained model), synthetic (214 M), or a GGUF path")
     p.add_argument("--levels", default=",".join(DEFAULT_LEVELS))
     p.add_argument("--fork-build", help="a build folder of the fork (tbpw build --source fork; never committed)")
+    p.add_argument("--fork-commit", help="the fork's commit, for the docs, when its build did not record one (a "
+                   "source folder without git)")
     p.add_argument("--recipe-set", action="append", default=[], help="KEY=VALUE override of the cost recipe")
     p.add_argument("--new-target", type=float, default=4.25, help="one more target on the warm caches (0: none)")
     p.add_argument("--ctx", type=int, default=0, help="calibration context (default 256 for bench, 512 otherwise)")

@@ -100,4 +100,6 @@ def test_release_gives_back_the_pages_a_read_mapped(tiny_model):
     read = _resident_kib(tiny_model)
     assert (read - before) * 1024 >= 0.9 * inventory[name].stored_bytes
     inventory.release(name)
-    assert _resident_kib(tiny_model) <= before + 8  # at most the two pages it shares with its neighbours
+    # at most the two pages it shares with its neighbours, and what the kernel's fault-around mapped beside the
+    # tensor's first pages (up to 64 KiB: the header's pages, untouched when the header was parsed before)
+    assert _resident_kib(tiny_model) <= before + 8 + 64

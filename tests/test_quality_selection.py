@@ -21,6 +21,7 @@ from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
 from tbpw.model.inventory import ModelInventory
 from tbpw.select import calibrate
 from tbpw.select.choose import PlanCandidate, select_plan
+from tbpw.select.scoring import Scorer
 
 
 def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
@@ -68,12 +69,15 @@ def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_ima
                                                            monkeypatch):
     cal, _ = split_text
     cache = tmp_path / "sens"
+    scorer = Scorer(tiny_model, cal, imatrix=stock_imatrix, ctx=128, chunks=2, threads=2, cache_dir=tmp_path / "scores")
     sens = calibrate.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
-                                 ctx=128, chunks=2, threads=2, cache_dir=cache)
+                                 ctx=128, chunks=2, threads=2, cache_dir=cache, scorer=scorer)
     assert sens.meta["cached"] is False
     scales = sens.group_scales()
     roles = {t.role for t in ModelInventory.load(tiny_model).tensors if t.quantizable}
     assert set(scales) == roles
+    # one KLD run per role; none for the floor, which a float background makes the float model itself (0)
+    assert scorer.runs == len(roles) and sens.floor_kld == 0.0
     assert all(math.isfinite(v["Q3_K"]) and v["Q3_K"] > 0 for v in scales.values())
     # quantizing the embeddings alone to Q3_K must change the output more than quantizing nothing
     assert sens.measured["token_embd"]["Q3_K"] > 0

@@ -1,7 +1,10 @@
 """Scoring plans on calibration text with less work: per-chunk KLD from llama-perplexity's output, the screening
-tie rule, truncated float logits, kept scores (an identical plan is scored once), and screening in select_plan."""
+tie rule, windows of the float logits and scores joined across them, kept scores (an identical plan is scored
+once), and select_plan's rounds (each chunk scored once per plan)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 from test_parsers import captured
@@ -9,7 +12,7 @@ from test_parsers import captured
 from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
 from tbpw.llamacpp import parsers, perplexity
-from tbpw.llamacpp.perplexity import KldScore, base_logits, kld, truncate_base
+from tbpw.llamacpp.perplexity import KldScore, base_logits, base_window, kld
 from tbpw.llamacpp.quantize import quantize
 from tbpw.quantize.store import TensorStore
 from tbpw.select.choose import PlanCandidate, select_plan
@@ -47,20 +50,47 @@ def test_a_plan_worse_on_every_chunk_is_not_tied_and_a_noisy_one_is():
     assert finalists({"a": worse, "b": leader, "c": noisy}, order, limit=1) == ["b"]
 
 
+def test_joined_scores_weigh_each_window_by_its_chunks():
+    first = KldScore(0.002, 0.010, 90.0, 99.0, 10.0, 1.0, (0.001, 0.003))
+    second = KldScore(0.005, 0.020, 80.0, 98.0, 20.0, 2.0, (0.005,))
+    both = KldScore.joined([first, second])
+    assert both.kld_mean == pytest.approx((2 * 0.002 + 0.005) / 3)
+    assert both.same_top_p == pytest.approx((2 * 90.0 + 80.0) / 3)
+    assert both.ppl == pytest.approx(math.exp((2 * math.log(10.0) + math.log(20.0)) / 3))
+    assert both.kld_p99 == 0.020 and both.seconds == 3.0 and both.chunk_kld == (0.001, 0.003, 0.005)
+    with pytest.raises(Exception, match="per-chunk KLD"):
+        KldScore.joined([first, KldScore(0.005, 0.020, 80.0, 98.0, 20.0, 2.0)])
+
+
 @pytest.mark.tools
-def test_truncated_logits_score_the_first_chunks(tiny_model, stock_imatrix, split_text, tmp_path):
+def test_a_window_of_the_logits_scores_its_chunks_as_the_whole_file_does(tiny_model, stock_imatrix, split_text,
+                                                                          tmp_path):
     cal, _ = split_text
     full = base_logits(tiny_model, cal, tmp_path / "base.logits", ctx=128, chunks=4, threads=2)
     quant = tmp_path / "q4.gguf"
     quantize(tiny_model, quant, imatrix=stock_imatrix, base_type="Q4_K_M", threads=2, log_path=tmp_path / "q.log")
     on_four = kld(quant, full, threads=2)
-    short = truncate_base(full, 2, tmp_path / "base-2.logits")
-    assert short.chunks == 2 and short.path.stat().st_size < full.path.stat().st_size
-    on_two = kld(quant, short, threads=2)
-    assert len(on_four.chunk_kld) == 4 and len(on_two.chunk_kld) == 2
-    # the same tokens and the same float logits: the first two chunks score as they do in the longer run
-    assert on_two.kld_mean == pytest.approx(sum(on_four.chunk_kld[:2]) / 2, abs=2e-5)
-    assert truncate_base(full, 4, tmp_path / "unused.logits") is full
+    first = base_window(full, 0, 2, tmp_path / "base-0-2.logits")
+    last = base_window(full, 2, 4, tmp_path / "base-2-4.logits")
+    assert first.chunks == last.chunks == 2 and (first.first, last.first) == (0, 2)
+    assert first.path.stat().st_size == last.path.stat().st_size < full.path.stat().st_size
+    on_first, on_last = kld(quant, first, threads=2), kld(quant, last, threads=2)
+    assert len(on_four.chunk_kld) == 4 and len(on_first.chunk_kld) == len(on_last.chunk_kld) == 2
+    # the same tokens and the same float logits: each chunk scores as it does in the whole run
+    assert on_first.kld_mean == pytest.approx(sum(on_four.chunk_kld[:2]) / 2, abs=2e-5)
+    assert on_last.kld_mean == pytest.approx(sum(on_four.chunk_kld[2:]) / 2, abs=4e-5)
+    assert KldScore.joined([on_first, on_last]).kld_mean == pytest.approx(on_four.kld_mean, abs=2e-6)
+    assert base_window(full, 0, 4, tmp_path / "unused.logits") is full
+    with pytest.raises(Exception, match="holds 4 chunks"):
+        base_window(full, 2, 5, tmp_path / "past-the-end.logits")
+
+
+@pytest.mark.tools
+def test_the_float_model_scores_zero_against_its_own_logits(tiny_model, split_text, tmp_path):
+    """Why calibration runs no floor probe with a float background (tbpw.select.calibrate)."""
+    cal, _ = split_text
+    base = base_logits(tiny_model, cal, tmp_path / "base.logits", ctx=128, chunks=2, threads=2)
+    assert abs(kld(tiny_model, base, threads=2).kld_mean) < 1e-6
 
 
 @pytest.mark.tools
@@ -86,8 +116,13 @@ def test_an_identical_plan_is_scored_once_and_screening_scores_fewer(tiny_model,
     wide = select_plan(candidates, planner, cal, tmp_path / "w", ctx=128, chunks=4, screen_chunks=2, finalists=3,
                        scorer=scorer)
     tied = [n for n in wide.screening if tied_with_leader(wide.screening[sel.best], wide.screening[n])]
-    if len(tied) > 1:  # the finalists are the tied plans, each scored on all 4 chunks
+    if len(tied) > 1:  # the finalists are the tied plans, each scored on the 2 chunks it had not been scored on
         assert set(wide.scores) == set(tied) and wide.chunks == 4 and wide.runs == len(tied)
+        for name in tied:
+            types = next(c.plan.types() for c in candidates if c.name == name)
+            assert scorer.lookup(types, 4, start=2) is not None and scorer.lookup(types, 4) is None
+            parts = [scorer.lookup(types, 2), scorer.lookup(types, 4, start=2)]
+            assert wide.scores[name].kld_mean == pytest.approx(KldScore.joined(parts).kld_mean)
     else:
         assert wide.runs == 0 and wide.best == sel.best
     assert scorer.base_runs == 1  # one set of float logits serves 2 and 4 chunks

@@ -124,10 +124,10 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--ctx", type=click.IntRange(min=32), default=512, show_default=True)
     @click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True)
     @click.option("--screen-chunks", type=click.IntRange(min=0), default=0, show_default=True,
-                  help="score every plan on this many chunks first, and only the leader and the plans tied with it "
-                       "on all of them (0: every plan on every chunk)")
+                  help="score in rounds of this many chunks: every plan on the first, then only the leader and the "
+                       "plans tied with it, until one is left or all chunks are scored (0: every plan on every chunk)")
     @click.option("--finalists", type=click.IntRange(min=1), default=2, show_default=True,
-                  help="at most this many plans go on from the screening")
+                  help="at most this many plans go on from a round")
     @click.option("--refine-rounds", type=click.IntRange(min=0), default=0, show_default=True,
                   help="then rounds of measured type swaps, each kept only when the calibration KLD drops")
     @click.option("--refine-tries", type=click.IntRange(min=1), default=4, show_default=True)

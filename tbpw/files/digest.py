@@ -3,7 +3,8 @@
 `content_sha256` trusts a remembered hash only while the file's (device, inode, size, mtime, ctime) are all
 the same: a file replaced by another of the same size and mtime has a new inode or ctime (setting the mtime
 back changes the ctime), so it is hashed again. The memo lives in the cache (`digests.json`); losing it only
-costs a re-hash.
+costs a re-hash. Only files of MEMO_MIN_BYTES or more are remembered: a smaller one hashes faster than the memo
+is rewritten, and a run hashes many small ones (stage records, tables, logs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tbpw.files import paths
 
 MEMO_FILE = "digests.json"
 MEMO_ENTRIES = 20_000  # the most recent ones are kept
+MEMO_MIN_BYTES = 16 << 20
 
 _memo: dict[str, list] | None = None
 
@@ -41,6 +43,8 @@ def content_sha256(path: Path | str) -> str:
     """sha256 of the file's content, remembered while its `identity` is unchanged."""
     key = str(Path(path).resolve())
     stamp = identity(key)
+    if stamp[2] < MEMO_MIN_BYTES:
+        return sha256_file(key)
     memo = _load()
     known = memo.get(key)
     if isinstance(known, list) and known[:-1] == stamp:

@@ -62,6 +62,9 @@ class ImatrixMatch:
     extra: list[str]  # imatrix entries naming no tensor of the model (ignored)
 
 
+_LOADED: dict[tuple[str, tuple[int, ...]], Imatrix] = {}  # the last imatrix loaded, by path and identity
+
+
 @dataclass
 class Imatrix:
     path: Path
@@ -85,9 +88,17 @@ class Imatrix:
                 magic = fh.read(4)
         except OSError as exc:
             raise os_error(exc, "read the imatrix", path) from None
-        loaded = _load_gguf(path) if magic == b"GGUF" else _load_dat(path)
-        _check_values(loaded)
-        return loaded
+        from tbpw.files.digest import identity
+
+        # A run reads the same imatrix for every plan it writes (gguf's reader takes ~30 ms on a small model's):
+        # kept per process while the file's identity is unchanged. Nothing changes a loaded imatrix.
+        key = (str(path.resolve()), tuple(identity(path)))
+        if key not in _LOADED:
+            loaded = _load_gguf(path) if magic == b"GGUF" else _load_dat(path)
+            _check_values(loaded)
+            _LOADED.clear()
+            _LOADED[key] = loaded
+        return _LOADED[key]
 
     # ----- queries -----
 

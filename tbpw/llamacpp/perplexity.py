@@ -12,7 +12,8 @@ Every run offloads the model to the GPU when the build has one (`offload.gpu_lay
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
@@ -42,6 +43,7 @@ class BaseLogits:
     ppl: float
     ppl_error: float
     seconds: float
+    first: int = 0  # the text's chunk this file starts at (base_window)
 
 
 def _common(model: Path | str, ctx: int, chunks: int | None, threads: int | None, ngl: int | None,
@@ -100,13 +102,14 @@ def calibration_base(model: Path | str, calibration_text: Path | str, work_dir: 
                        threads=threads, ngl=ngl, log_path=work / "calibration-base.log")
 
 
-def truncate_base(base: BaseLogits, chunks: int, out: Path | str) -> BaseLogits:
-    """The first `chunks` chunks of saved base logits, as their own file (reused when it exists).
+def base_window(base: BaseLogits, start: int, stop: int, out: Path | str) -> BaseLogits:
+    """Chunks [start, stop) of saved base logits, as their own file (reused when it exists).
 
     llama-perplexity --kl-divergence scores every chunk of the logits file it is given (its --chunks has no
-    effect there), so scoring on fewer chunks needs a shorter file. The format: `_logits_`, u32 n_ctx,
-    i32 n_vocab, i32 n_chunk, i32 tokens[n_chunk * n_ctx], then per chunk (n_ctx - 1 - n_ctx / 2) x
-    (2 * ((n_vocab + 1) / 2) + 4) u16 log-probabilities."""
+    effect there), so scoring fewer chunks, or later ones, needs a file of just those. Each chunk is scored on its
+    own tokens against its own stored log-probabilities, so a chunk scores in a window as it does in the whole
+    file. The format: `_logits_`, u32 n_ctx, i32 n_vocab, i32 n_chunk, i32 tokens[n_chunk * n_ctx], then per
+    chunk (n_ctx - 1 - n_ctx / 2) x (2 * ((n_vocab + 1) / 2) + 4) u16 log-probabilities."""
     import struct
 
     from tbpw.files.atomic import atomic_path
@@ -117,24 +120,25 @@ def truncate_base(base: BaseLogits, chunks: int, out: Path | str) -> BaseLogits:
         if len(head) != 20 or head[:8] != b"_logits_":
             raise TbpwError(f"{base.path} is not a llama-perplexity logits file: make it again")
         n_ctx, n_vocab, n_chunk = struct.unpack_from("<Iii", head, 8)
-        if not 0 < chunks <= n_chunk:
-            raise TbpwError(f"{base.path} holds {n_chunk} chunks, {chunks} were asked for: save the base logits "
-                            "with more chunks")
-        if chunks == n_chunk:
+        if not 0 <= start < stop <= n_chunk:
+            raise TbpwError(f"{base.path} holds {n_chunk} chunks, chunks {start} to {stop} were asked for: save the "
+                            "base logits with more chunks")
+        if (start, stop) == (0, n_chunk):
             return base
         if not out.is_file():
             per_chunk = (n_ctx - 1 - n_ctx // 2) * (2 * ((n_vocab + 1) // 2) + 4) * 2
             with atomic_path(out) as tmp, open(tmp, "wb") as dst:
-                dst.write(head[:16] + struct.pack("<i", chunks))
-                dst.write(src.read(4 * n_chunk * n_ctx)[:4 * chunks * n_ctx])
-                left = per_chunk * chunks
+                dst.write(head[:16] + struct.pack("<i", stop - start))
+                dst.write(src.read(4 * n_chunk * n_ctx)[4 * start * n_ctx:4 * stop * n_ctx])
+                src.seek(per_chunk * start, 1)
+                left = per_chunk * (stop - start)
                 while left:
                     block = src.read(min(left, 16 << 20))
                     if not block:
                         raise TbpwError(f"{base.path} is cut short: save the base logits again")
                     dst.write(block)
                     left -= len(block)
-    return BaseLogits(out, base.text, base.ctx, chunks, base.ppl, base.ppl_error, 0.0)
+    return BaseLogits(out, base.text, base.ctx, stop - start, base.ppl, base.ppl_error, 0.0, first=base.first + start)
 
 
 def kl_divergence(model: Path | str, logits: Path | str, *, ctx: int, chunks: int | None = None,
@@ -162,6 +166,26 @@ class KldScore:
         return {"kld_mean": self.kld_mean, "kld_p99": self.kld_p99, "same_top_p": self.same_top_p,
                 "rho_ppl": self.rho_ppl, "ppl": self.ppl, "seconds": round(self.seconds, 3),
                 **({"chunk_kld": list(self.chunk_kld)} if self.chunk_kld else {})}
+
+    @classmethod
+    def joined(cls, parts: Sequence[KldScore]) -> KldScore:
+        """The score on the chunks of `parts` together (windows of one text, each scored whole: every chunk holds
+        as many tokens, so each part weighs by its chunk count). The means and same-top-p add up exactly and
+        PPL through its logarithm; `kld_p99` is the largest part's, an upper bound of the joined 99th
+        percentile (at most 1% of any part lies above it), and `rho_ppl` the parts' mean, an approximation."""
+        if any(not p.chunk_kld for p in parts):
+            raise TbpwError("joining scores needs each part's per-chunk KLD: score with a llama-perplexity that "
+                            "prints its chunk rows")
+        weights = [len(p.chunk_kld) for p in parts]
+        total = sum(weights)
+
+        def mean(values: Iterable[float]) -> float:
+            return sum(w * v for w, v in zip(weights, values)) / total
+
+        return cls(kld_mean=mean(p.kld_mean for p in parts), kld_p99=max(p.kld_p99 for p in parts),
+                   same_top_p=mean(p.same_top_p for p in parts), rho_ppl=mean(p.rho_ppl for p in parts),
+                   ppl=math.exp(mean(math.log(p.ppl) for p in parts)), seconds=sum(p.seconds for p in parts),
+                   chunk_kld=tuple(c for p in parts for c in p.chunk_kld))
 
     @classmethod
     def from_json(cls, data: dict) -> KldScore:

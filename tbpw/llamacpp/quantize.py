@@ -134,14 +134,13 @@ def output_metadata_bytes(model: Path | str, imatrix: Path | str | None, kv: Map
 
 
 def output_metadata(model: Path | str, imatrix: Path | str | None) -> OutputMetadata:
-    """What `output_metadata_bytes` counts, kept to price several sets of `--override-kv` keys (reads `model` once)."""
-    from gguf import GGUFReader
+    """What `output_metadata_bytes` counts, kept to price several sets of `--override-kv` keys (reads `model`'s
+    layout once: gguf's GGUFReader would spend seconds on the tokenizer's arrays of every plan written)."""
+    from tbpw.model import gguf_layout
 
-    reader = GGUFReader(str(model))
-    end = 0
-    for f in [*reader.fields.values(), *(t.field for t in reader.tensors)]:
-        end = max(end, f.offset + sum(int(p.nbytes) for p in f.parts))
-    existing = {name: int(sum(p.nbytes for p in f.parts)) for name, f in reader.fields.items()}
+    layout = gguf_layout.read(model)
+    end = layout.infos_end
+    existing = {name: stop - start for name, (start, stop) in layout.kv_spans.items()}
 
     def set_value(key: str, value_bytes: int) -> int:
         # a present key keeps its name and type, only the value's size may change
@@ -165,7 +164,7 @@ def output_metadata(model: Path | str, imatrix: Path | str | None) -> OutputMeta
         delta += set_value("quantize.imatrix.entries_count", 4)
         if imx.chunk_count > 0:
             delta += set_value("quantize.imatrix.chunks_count", 4)
-    return OutputMetadata(unpadded=end + delta, alignment=int(reader.alignment), existing=written)
+    return OutputMetadata(unpadded=end + delta, alignment=layout.alignment, existing=written)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ llama-quantize's (b11312, `tensor_type_fallback`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -41,13 +42,18 @@ def _known(name: str) -> bool:
     return name in GGMLQuantizationType.__members__ or name in MISSING_FROM_GGUF
 
 
+@functools.lru_cache(maxsize=256)  # planning asks for the same few names tens of thousands of times
+def _name_of(text: str) -> str:
+    name = text.strip().upper()
+    if not _known(name):
+        raise KeyError(text)
+    return name
+
+
 def type_name(t: GGMLQuantizationType | ExtraType | int | str) -> str:
     """The canonical (upper-case) name of a ggml type given by name, enum member or enum value."""
     if isinstance(t, str):
-        name = t.strip().upper()
-        if not _known(name):
-            raise KeyError(t)
-        return name
+        return _name_of(t)
     if isinstance(t, ExtraType):
         return t.name
     value = int(t)
@@ -73,6 +79,7 @@ def type_id(t: str) -> int:
     return GGMLQuantizationType[name].value
 
 
+@functools.lru_cache(maxsize=256)
 def block_and_size(t: str) -> tuple[int, int]:
     """(elements per block, bytes per block) of the type named `t`."""
     name = type_name(t)

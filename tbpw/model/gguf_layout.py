@@ -49,6 +49,7 @@ class GgufLayout:
     alignment: int
     # byte range [start, end) of each key/value entry (key, type and value) in the file, in file order
     kv_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    infos_end: int = 0  # where the tensor infos end (before the padding to `alignment`)
     mapping: mmap.mmap | None = field(default=None, repr=False)
 
     def release(self, tensor: TensorLayout) -> None:
@@ -119,14 +120,69 @@ class _Cursor:
         raise struct.error(f"unknown GGUF value type {vtype}")
 
 
+@dataclass(frozen=True)
+class _Header:
+    version: int
+    fields: dict[str, Any]
+    spans: dict[str, tuple[int, int]]
+    infos: list[tuple[str, tuple[int, ...], int, int]]  # name, dims, ggml type, offset
+    end: int
+
+
+# Headers parsed in this process, by path and file identity: a run opens the same model for every plan it writes,
+# and stepping over a large vocabulary's strings is most of an open. The few most recent are kept.
+_HEADERS: dict[tuple[str, tuple[int, ...]], _Header] = {}
+_HEADERS_KEPT = 4
+
+
 def read(path: Path | str) -> GgufLayout:
+    from tbpw.files.digest import identity
+
     path = Path(path)
     try:
         with open(path, "rb") as fh:
             mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            key = (str(path.resolve()), tuple(identity(path)))
         mm = np.frombuffer(mapping, dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise TbpwError(f"{path} cannot be read ({exc}): give a .gguf model") from exc
+    header = _HEADERS.get(key)
+    if header is None:
+        header = _parse_header(path, mm)
+        while len(_HEADERS) >= _HEADERS_KEPT:
+            del _HEADERS[next(iter(_HEADERS))]
+        _HEADERS[key] = header
+    version, fields, spans, infos = header.version, header.fields, header.spans, header.infos
+    alignment = int(fields.get("general.alignment", _DEFAULT_ALIGNMENT) or _DEFAULT_ALIGNMENT)
+    infos_end = header.end
+    data_offset = -(-infos_end // alignment) * alignment
+    tensors = []
+    for name, dims, ttype, offset in infos:
+        try:
+            qtype = ggml_type(ttype)
+        except ValueError:
+            raise TbpwError(f"{path}: tensor {name} has ggml type {ttype}, unknown to the gguf package: update gguf") from None
+        blck, size = block_and_size(qtype.name)
+        n_elements = int(np.prod(dims)) if dims else 1
+        n_bytes = n_elements // blck * size
+        start = data_offset + offset
+        if start + n_bytes > mm.size:
+            raise TbpwError(f"{path} is truncated: tensor {name} runs past the end of the file")
+        raw = mm[start:start + n_bytes]
+        np_shape = tuple(reversed(dims))
+        data: np.ndarray
+        if qtype == GGMLQuantizationType.F32:
+            data = raw.view(np.float32).reshape(np_shape)
+        elif qtype == GGMLQuantizationType.F16:
+            data = raw.view(np.float16).reshape(np_shape)
+        else:  # rows of bytes, as GGUFReader shows quantized (and BF16) tensors
+            data = raw.reshape(*np_shape[:-1], np_shape[-1] // blck * size)
+        tensors.append(TensorLayout(name, dims, qtype, start, n_bytes, data))
+    return GgufLayout(path=path, version=version, fields=dict(fields), tensors=tensors, data_offset=data_offset,
+                      alignment=alignment, kv_spans=dict(spans), infos_end=infos_end, mapping=mapping)
+
+
+def _parse_header(path: Path, mm: np.ndarray) -> _Header:
     cur = _Cursor(mm.data)  # the mapped bytes as a memoryview
     try:
         if bytes(mm[:4]) != b"GGUF":
@@ -152,28 +208,4 @@ def read(path: Path | str) -> GgufLayout:
             infos.append((name, dims, ttype, offset))
     except struct.error as exc:
         raise TbpwError(f"{path} is a damaged GGUF file ({exc})") from exc
-    alignment = int(fields.get("general.alignment", _DEFAULT_ALIGNMENT) or _DEFAULT_ALIGNMENT)
-    data_offset = -(-cur.pos // alignment) * alignment
-    tensors = []
-    for name, dims, ttype, offset in infos:
-        try:
-            qtype = ggml_type(ttype)
-        except ValueError:
-            raise TbpwError(f"{path}: tensor {name} has ggml type {ttype}, unknown to the gguf package: update gguf") from None
-        blck, size = block_and_size(qtype.name)
-        n_elements = int(np.prod(dims)) if dims else 1
-        n_bytes = n_elements // blck * size
-        start = data_offset + offset
-        if start + n_bytes > mm.size:
-            raise TbpwError(f"{path} is truncated: tensor {name} runs past the end of the file")
-        raw = mm[start:start + n_bytes]
-        np_shape = tuple(reversed(dims))
-        if qtype == GGMLQuantizationType.F32:
-            data = raw.view(np.float32).reshape(np_shape)
-        elif qtype == GGMLQuantizationType.F16:
-            data = raw.view(np.float16).reshape(np_shape)
-        else:  # rows of bytes, as GGUFReader shows quantized (and BF16) tensors
-            data = raw.reshape(*np_shape[:-1], np_shape[-1] // blck * size)
-        tensors.append(TensorLayout(name, dims, qtype, start, n_bytes, data))
-    return GgufLayout(path=path, version=version, fields=fields, tensors=tensors, data_offset=data_offset,
-                      alignment=alignment, kv_spans=spans, mapping=mapping)
+    return _Header(version, fields, spans, infos, cur.pos)

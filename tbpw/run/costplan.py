@@ -291,14 +291,17 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
     if recipe.calibrate is not None:
         groups = (size.tensors if size and size.tensors and recipe.calibrate.grouping == "tensor"
                   else size.roles if size else ASSUMED_ROLES)
-        probes = groups * len(recipe.calibrate.probes) + 1  # each group at each probe type, and the floor
+        # each group at each probe type, and the floor (the background alone) unless that is the float model
+        probes = groups * len(recipe.calibrate.probes) + (recipe.calibrate.background != "float")
     choose = recipe.choose
-    finals = 0
+    finals = later_rounds = 0
     if choose is not None:
         tables = (len(recipe.calibrate.strengths) if recipe.calibrate is not None and choose.tables == "calibrated"
                   else 1 + (len(recipe.calibrate.strengths) if recipe.calibrate is not None else 0))
         candidates = tables * len(recipe.allocators or [None]) + choose.refine_rounds * choose.refine_tries
         finals = min(choose.finalists, candidates) if choose.screen_chunks else 0
+        # at most: the finalists go on through every later round (a run per round)
+        later_rounds = -(-choose.chunks // choose.screen_chunks) - 1 if choose.screen_chunks else 0
 
     evaluators = {part: len(pipeline.evaluators_for(part)) for part in ("all", "select", "tasks")}
     conditional = pipeline.conditional  # task -> target: it runs for the target's selected quant alone
@@ -317,7 +320,8 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
         tasks = [n for n in among if n.startswith("eval-") and n.endswith("+tasks")]
         whole = [n for n in among if n.startswith("eval-") and n not in tasks]
         evaluations = len(whole) * evaluators["select" if split else "all"] + runs(tasks, "eval-") * evaluators["tasks"]
-        return (plans + calibrating + chosen * candidates, calibrating + chosen * (candidates + finals), evaluations,
+        return (plans + calibrating + chosen * candidates, calibrating + chosen * (candidates + finals * later_rounds),
+                evaluations,
                 runs(among, "bench-"))
 
     disk = disk_needed(recipe, size) if size is not None else None
@@ -346,7 +350,9 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
         tokens += recipe.calibrate.ctx * recipe.calibrate.chunks * (probes + 1)
     if choose is not None:
         chosen = sum(1 for n in todo if n.startswith("quant-") and n.endswith("-choose"))
-        tokens += choose.ctx * chosen * (candidates * (choose.screen_chunks or choose.chunks) + finals * choose.chunks)
+        # at most: every candidate on the first round, the finalists on the remaining chunks
+        rest = choose.chunks - choose.screen_chunks if choose.screen_chunks else 0
+        tokens += choose.ctx * chosen * (candidates * (choose.screen_chunks or choose.chunks) + finals * rest)
     if recipe.bench.enabled:
         b = recipe.bench
         tokens += benches * b.repetitions * (b.pp + b.tg + sum(b.pg or []))

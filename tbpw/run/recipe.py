@@ -209,10 +209,11 @@ class ChooseOptions(Strict):
     # the error tables whose plans are candidates: all (the measured one and the calibrated ones), or only the
     # calibrated ones (the measured table's quants are still written and evaluated, just not scored here)
     tables: Literal["all", "calibrated"] = "calibrated"
-    # score every distinct plan on this many chunks first, and only the leader and the plans tied with it
-    # (tbpw.select.scoring.tied_with_leader) on all `chunks`; 0: every plan on all of them
+    # score in rounds of this many chunks, each chunk once per plan: every distinct plan on the first round, then
+    # only the leader and the plans tied with it so far (tbpw.select.scoring.tied_with_leader), until one is left
+    # or they have all `chunks`; 0: every plan on all of them at once
     screen_chunks: int = Field(4, ge=0)
-    finalists: int = Field(2, ge=1)  # at most this many plans go on from the screening
+    finalists: int = Field(2, ge=1)  # at most this many plans go on from a round
     refine_rounds: int = Field(0, ge=0)  # then improve the winner by type swaps that calibration KLD confirms
     refine_tries: int = Field(4, ge=1)
 

@@ -59,7 +59,7 @@ class Sensitivity:
     measured: dict[str, dict[str, float]]  # group -> probe type -> KLD increase
     proxy: dict[str, dict[str, float]]  # group -> probe type -> summed proxy error
     probe_bpw: dict[str, dict[str, float]]  # tensor -> probe type -> its bpw as that type (after fallbacks)
-    floor_kld: float  # KLD of the all-float requantization (the measurement's noise floor)
+    floor_kld: float  # KLD of the background alone, subtracted from each probe's (0 for a float background)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -268,7 +268,8 @@ def _calibrate(model: Path, imatrix: Path | str | None, calibration_text: Path, 
             say(f"  {label}: KLD {score.kld_mean:.6f}")
             return score.kld_mean
 
-        floor = delta(rest, "all float" if bg == "float" else f"all {bg}")
+        # The float model scored against its own logits is 0 (a deterministic run of the same file): not run.
+        floor = 0.0 if bg == "float" else delta(rest, f"all {bg}")
         measured: dict[str, dict[str, float]] = {}
         for group, names in groups.items():
             measured[group] = {}

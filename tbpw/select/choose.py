@@ -36,15 +36,15 @@ class Selection:
     best: str
     plan: Plan
     path: Path  # the best candidate's quantized GGUF (kept in work_dir)
-    # candidate -> the score the choice was made on: the finalists' on all the chunks, or, when the screening left
-    # one plan, every plan's screening score (scoring a lone finalist further would change nothing)
+    # candidate -> the score the choice was made on: on the chunks of the last round, for the plans scored in it
+    # (when a round left one plan, that round's plans: scoring a lone survivor further would change nothing)
     scores: dict[str, KldScore]
     duplicates: dict[str, str] = field(default_factory=dict)  # candidate -> the earlier one with the same types
     base: BaseLogits | None = None
     seconds: float = 0.0
-    screening: dict[str, KldScore] = field(default_factory=dict)  # candidate -> its score on the screening chunks
+    screening: dict[str, KldScore] = field(default_factory=dict)  # candidate -> its score on the first round
     runs: int = 0  # KLD runs made (scores kept from earlier runs cost none)
-    chunks: int = 0  # the chunks `scores` are on
+    chunks: int = 0  # the chunks `scores` are on (the first ones of the text)
 
     def to_json(self) -> dict:
         return {"best": self.best, "path": str(self.path), "scores": {k: v.to_json() for k, v in self.scores.items()},
@@ -63,9 +63,11 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
     `calibration_text`, and return the lowest mean KL divergence (ties: the earlier candidate).
 
     Candidates with the same type map are scored once (and, through `scorer`'s kept scores, once across targets
-    and runs). With `screen_chunks` (fewer than `chunks`), every distinct plan is first scored on that many chunks
-    and only the leader and the plans statistically tied with it (`scoring.finalists`, at most `finalists`) are
-    scored on all `chunks` (none, when only the leader is left). `written` maps candidate names to GGUFs already written from their plans (they are
+    and runs). With `screen_chunks` (fewer than `chunks`), plans are scored in rounds of that many chunks, each
+    chunk once: every distinct plan on the first round, and after each round only the leader and the plans
+    statistically tied with it on all the chunks so far (`scoring.finalists`, at most `finalists`) go on to the
+    next. The choice ends when one plan is left (it is not scored further) or when the survivors have been
+    scored on all `chunks`. `written` maps candidate names to GGUFs already written from their plans (they are
     scored as they are, not written again). The winner's GGUF stays (in `work_dir`, or where `written` had it);
     the ones written here are deleted unless `keep`.
     """
@@ -107,33 +109,46 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
                 made.append(name)
         return paths[name]
 
-    def score(name: str, n_chunks: int, label: str) -> KldScore:
+    def score(name: str, start: int, stop: int) -> KldScore:
         types = plans[name].types()
-        found = scorer.lookup(types, n_chunks)
+        found = scorer.lookup(types, stop, start)
         if found is None:
-            log_name = f"{name}.kld.log" if label == "calibration" else f"{name}.{label}.kld.log"
-            found = scorer.score(file_of(name), types, n_chunks, log_path=work / log_name)
-        say(f"  {name}: {label} KLD {found.kld_mean:.6f} on {n_chunks} chunks ({plans[name].achieved_bpw:.4f} bpw)")
+            span = "" if (start, stop) == (0, chunks) else f".{start}-{stop}"
+            found = scorer.score(file_of(name), types, stop, start=start, log_path=work / f"{name}{span}.kld.log")
         return found
 
-    screening: dict[str, KldScore] = {}
-    finals, used = distinct, chunks
-    if 0 < screen_chunks < chunks and len(distinct) > 1:
-        screening = {name: score(name, screen_chunks, "screening") for name in distinct}
-        finals = scoring_finalists(screening, distinct, finalists)
-    if len(finals) == 1 and screening:
-        scores, used = screening, screen_chunks
-        best = finals[0]
-    else:
-        scores = {name: score(name, chunks, "calibration") for name in finals}
-        best = min(scores, key=lambda n: (scores[n].kld_mean, names.index(n)))
+    step = screen_chunks if 0 < screen_chunks < chunks and len(distinct) > 1 else chunks
+    parts: dict[str, list[KldScore]] = {name: [] for name in distinct}
+    alive, screening = distinct, {}
+    for start in range(0, chunks, step):
+        stop = min(start + step, chunks)
+        scores = {}
+        for name in alive:
+            parts[name].append(score(name, start, stop))
+            if len(parts[name]) == 1:
+                scores[name] = parts[name][0]
+            elif all(p.chunk_kld for p in parts[name]):
+                scores[name] = KldScore.joined(parts[name])
+            else:  # a tool that prints no chunk rows: the span is scored whole
+                scores[name] = parts[name][-1] = score(name, 0, stop)
+                del parts[name][:-1]
+            say(f"  {name}: calibration KLD {scores[name].kld_mean:.6f} on {stop} chunks "
+                f"({plans[name].achieved_bpw:.4f} bpw)")
+        if start == 0 and stop < chunks:
+            screening = scores
+        if stop == chunks:
+            break
+        alive = scoring_finalists(scores, distinct, finalists)
+        if len(alive) == 1:
+            break
+    best = min(scores, key=lambda n: (scores[n].kld_mean, names.index(n)))
     file_of(best)
     if not keep:
         for name in made:
             if name != best:
                 paths[name].unlink(missing_ok=True)
-    return Selection(best, plans[best], paths[best], scores, duplicates, scorer.base(used),
-                     scorer.seconds - seconds_before, screening, scorer.runs - runs_before, used)
+    return Selection(best, plans[best], paths[best], scores, duplicates, scorer.base(stop),
+                     scorer.seconds - seconds_before, screening, scorer.runs - runs_before, stop)
 
 
 def copy_selected(selection: Selection, out: Path | str) -> Path:

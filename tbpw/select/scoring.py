@@ -2,12 +2,13 @@
 distinct file scored once.
 
 - The float model's logits are saved once per (model, text, ctx, build, GPU layers), with as many chunks as any
-  user asked for (calibrate and choose share them: pass the largest count as `chunks`); fewer chunks are read
-  from a truncated copy (llama-perplexity --kl-divergence scores every chunk of the file it is given).
-- A score is kept keyed by the file's complete type map, the imatrix's content and the chunk count: a plan two
+  user asked for (calibrate and choose share them: pass the largest count as `chunks`); a span of chunks is
+  read from a copy of just those (llama-perplexity --kl-divergence scores every chunk of the file it is given),
+  so a plan scored on the first chunks goes on to the next ones without scoring the first again.
+- A score is kept keyed by the file's complete type map, the imatrix's content and the span of chunks: a plan two
   targets (or a probe two calibrations) share is scored once, and a rerun scores nothing it already has.
-- Screening: `tied_with_leader` is the statistical rule `select_plan` uses to decide which plans, scored on a few
-  chunks, go on to be scored on all of them.
+- Screening: `tied_with_leader` is the statistical rule `select_plan` uses after each round to decide which plans
+  go on to more chunks.
 
 Everything lives under $TBPW_HOME/calibration/<key>/ (or `cache_dir`); only calibration text is ever read.
 """
@@ -26,7 +27,7 @@ from tbpw.files import paths
 from tbpw.files.atomic import write_json
 from tbpw.files.digest import content_sha256
 from tbpw.files.lock import waiting_lock
-from tbpw.llamacpp.perplexity import BaseLogits, KldScore, base_logits, kld, truncate_base
+from tbpw.llamacpp.perplexity import BaseLogits, KldScore, base_logits, base_window, kld
 from tbpw.model.inventory import ModelInventory, fingerprint
 
 SCORING_VERSION = 1
@@ -146,18 +147,20 @@ class Scorer:
         self.log(f"  float logits: {want} chunks of {self.ctx} tokens ({made.seconds:.1f} s)")
         return BaseLogits(logits, self.text, self.ctx, want, made.ppl, made.ppl_error, 0.0)
 
-    def base(self, chunks: int) -> BaseLogits:
-        """The float model's logits on the first `chunks` chunks of the text."""
+    def base(self, chunks: int, start: int = 0) -> BaseLogits:
+        """The float model's logits on chunks [start, chunks) of the text."""
         full = self._full(chunks)
-        return truncate_base(full, chunks, self.folder / f"base.first-{chunks}.logits")
+        name = f"base.first-{chunks}.logits" if start == 0 else f"base.{start}-{chunks}.logits"
+        return base_window(full, start, chunks, self.folder / name)
 
-    def _score_path(self, types: Mapping[str, str], chunks: int) -> Path:
+    def _score_path(self, types: Mapping[str, str], chunks: int, start: int) -> Path:
         base_chunks = self._full(chunks).chunks
-        return self.folder / "scores" / f"{types_key(types, self.imatrix_hash)}-{chunks}-of-{base_chunks}.json"
+        span = f"{chunks}" if start == 0 else f"{start}-{chunks}"
+        return self.folder / "scores" / f"{types_key(types, self.imatrix_hash)}-{span}-of-{base_chunks}.json"
 
-    def lookup(self, types: Mapping[str, str], chunks: int) -> KldScore | None:
-        """The score of a model with `types` on `chunks` chunks, when one was made before."""
-        path = self._score_path(types, chunks)
+    def lookup(self, types: Mapping[str, str], chunks: int, start: int = 0) -> KldScore | None:
+        """The score of a model with `types` on chunks [start, chunks), when one was made before."""
+        path = self._score_path(types, chunks, start)
         if not path.is_file():
             return None
         try:
@@ -165,14 +168,15 @@ class Scorer:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
-    def score(self, model: Path | str, types: Mapping[str, str], chunks: int, *,
+    def score(self, model: Path | str, types: Mapping[str, str], chunks: int, *, start: int = 0,
               log_path: Path | str | None = None) -> KldScore:
-        """Score the quantized `model` (whose tensors have `types`) on `chunks` chunks, or return the kept score."""
-        found = self.lookup(types, chunks)
+        """Score the quantized `model` (whose tensors have `types`) on chunks [start, chunks), or return the kept
+        score."""
+        found = self.lookup(types, chunks, start)
         if found is not None:
             return found
-        result = kld(model, self.base(chunks), threads=self.threads, ngl=self.ngl, log_path=log_path)
+        result = kld(model, self.base(chunks, start), threads=self.threads, ngl=self.ngl, log_path=log_path)
         self.runs += 1
         self.seconds += result.seconds
-        write_json(self._score_path(types, chunks), result.to_json())
+        write_json(self._score_path(types, chunks, start), result.to_json())
         return result
