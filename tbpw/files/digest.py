@@ -5,6 +5,8 @@ the same: a file replaced by another of the same size and mtime has a new inode 
 back changes the ctime), so it is hashed again. The memo lives in the cache (`digests.json`); losing it only
 costs a re-hash. Only files of MEMO_MIN_BYTES or more are remembered: a smaller one hashes faster than the memo
 is rewritten, and a run hashes many small ones (stage records, tables, logs).
+
+`PerFile` keeps what a process read from a file (a parsed header, a loaded imatrix) under the same rule.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from tbpw.errors import TbpwError
 from tbpw.files import paths
@@ -37,6 +41,28 @@ def identity(path: Path | str) -> list[int]:
     """What must stay the same for a remembered hash to count: device, inode, size, mtime and ctime (ns)."""
     st = os.stat(path)
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+T = TypeVar("T")
+
+
+class PerFile(Generic[T]):
+    """What this process made from a file, kept while the file's `identity` is unchanged: the `keep` most recent
+    files' values. A run opens the same model and imatrix for every plan it writes; reading them again is most of
+    the cost of a plan."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._values: dict[tuple[str, tuple[int, ...]], T] = {}
+
+    def get(self, path: Path | str, make: Callable[[], T]) -> T:
+        key = (str(Path(path).resolve()), tuple(identity(path)))
+        if key not in self._values:
+            value = make()
+            while len(self._values) >= self.keep:
+                del self._values[next(iter(self._values))]
+            self._values[key] = value
+        return self._values[key]
 
 
 def content_sha256(path: Path | str) -> str:

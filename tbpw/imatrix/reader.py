@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tbpw.errors import TbpwError, os_error
-from tbpw.files.digest import content_sha256
+from tbpw.files.digest import PerFile, content_sha256
 
 if TYPE_CHECKING:
     from tbpw.model.inventory import ModelInventory
@@ -62,7 +62,7 @@ class ImatrixMatch:
     extra: list[str]  # imatrix entries naming no tensor of the model (ignored)
 
 
-_LOADED: dict[tuple[str, tuple[int, ...]], Imatrix] = {}  # the last imatrix loaded, by path and identity
+_LOADED: PerFile[Imatrix] = PerFile(keep=1)  # the last imatrix loaded
 
 
 @dataclass
@@ -88,17 +88,15 @@ class Imatrix:
                 magic = fh.read(4)
         except OSError as exc:
             raise os_error(exc, "read the imatrix", path) from None
-        from tbpw.files.digest import identity
 
-        # A run reads the same imatrix for every plan it writes (gguf's reader takes ~30 ms on a small model's):
-        # kept per process while the file's identity is unchanged. Nothing changes a loaded imatrix.
-        key = (str(path.resolve()), tuple(identity(path)))
-        if key not in _LOADED:
+        def load() -> Imatrix:
             loaded = _load_gguf(path) if magic == b"GGUF" else _load_dat(path)
             _check_values(loaded)
-            _LOADED.clear()
-            _LOADED[key] = loaded
-        return _LOADED[key]
+            return loaded
+
+        # gguf's reader takes ~30 ms on a small model's imatrix, for every plan a run writes; nothing changes a
+        # loaded imatrix
+        return _LOADED.get(path, load)
 
     # ----- queries -----
 

@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from tbpw.errors import TbpwError
+from tbpw.files.digest import PerFile
 from tbpw.model.ggml_types import ExtraType, block_and_size, ggml_type
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -129,29 +130,19 @@ class _Header:
     end: int
 
 
-# Headers parsed in this process, by path and file identity: a run opens the same model for every plan it writes,
-# and stepping over a large vocabulary's strings is most of an open. The few most recent are kept.
-_HEADERS: dict[tuple[str, tuple[int, ...]], _Header] = {}
-_HEADERS_KEPT = 4
+# Stepping over a large vocabulary's strings is most of an open: the few most recent headers are kept.
+_HEADERS: PerFile[_Header] = PerFile(keep=4)
 
 
 def read(path: Path | str) -> GgufLayout:
-    from tbpw.files.digest import identity
-
     path = Path(path)
     try:
         with open(path, "rb") as fh:
             mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            key = (str(path.resolve()), tuple(identity(path)))
         mm = np.frombuffer(mapping, dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise TbpwError(f"{path} cannot be read ({exc}): give a .gguf model") from exc
-    header = _HEADERS.get(key)
-    if header is None:
-        header = _parse_header(path, mm)
-        while len(_HEADERS) >= _HEADERS_KEPT:
-            del _HEADERS[next(iter(_HEADERS))]
-        _HEADERS[key] = header
+    header = _HEADERS.get(path, lambda: _parse_header(path, mm))
     version, fields, spans, infos = header.version, header.fields, header.spans, header.infos
     alignment = int(fields.get("general.alignment", _DEFAULT_ALIGNMENT) or _DEFAULT_ALIGNMENT)
     infos_end = header.end
