@@ -43,7 +43,6 @@ class BaseLogits:
     ppl: float
     ppl_error: float
     seconds: float
-    first: int = 0  # the text's chunk this file starts at (base_window)
 
 
 def _common(model: Path | str, ctx: int, chunks: int | None, threads: int | None, ngl: int | None,
@@ -138,7 +137,7 @@ def base_window(base: BaseLogits, start: int, stop: int, out: Path | str) -> Bas
                         raise TbpwError(f"{base.path} is cut short: save the base logits again")
                     dst.write(block)
                     left -= len(block)
-    return BaseLogits(out, base.text, base.ctx, stop - start, base.ppl, base.ppl_error, 0.0, first=base.first + start)
+    return BaseLogits(out, base.text, base.ctx, stop - start, base.ppl, base.ppl_error, 0.0)
 
 
 def kl_divergence(model: Path | str, logits: Path | str, *, ctx: int, chunks: int | None = None,
