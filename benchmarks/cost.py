@@ -7,6 +7,8 @@ multiple of one plain stock quantization, beside the fork's own 7-target `--targ
 
 The run is `tbpw run`'s own stages (tbpw.run.pipeline, the recipe written into --work) on fresh caches: the error
 table, the sensitivity, the tensor store and the calibration scores all start empty, so every stage is timed cold.
+With `choose`, a target's final quant is its chosen plan (written by the choice); the allocators' measured-table
+quants are a stage of their own only when the recipe asks for them (`--recipe-set choose.measured_quants=true`).
 The targets are the exact bpw of 7 stock types on this model (read from `llama-quantize --dry-run`, no
 quantization), the imatrix is stock llama-imatrix on the calibration side of tbpw's Wikipedia split (made once,
 used by both tbpw and the fork, and not counted). Evaluation of the results is not part of either run.
@@ -196,7 +198,8 @@ def run(args: argparse.Namespace) -> Result:
     result.notes.append("recipe: " + ", ".join(f"{k}: {v}" for k, v in (
         ("calibrate", recipe.calibrate.model_dump() if recipe.calibrate else None),
         ("choose", recipe.choose.model_dump() if recipe.choose else None),
-        ("store", recipe.store), ("sampling", recipe.measure.sampling.model_dump(exclude_defaults=True) or "default"))))
+        ("allocator quants", recipe.writes_allocator_quants()), ("store", recipe.store),
+        ("sampling", recipe.measure.sampling.model_dump(exclude_defaults=True) or "default"))))
     pipe = Pipeline(recipe, log=log)
     calibration = DatasetFile(text, "text")
     counts = Counts()
@@ -216,17 +219,20 @@ def run(args: argparse.Namespace) -> Result:
     tables = {recipe.measure.metric.name: table}
     if recipe.calibrate is not None:
         tables.update(stage("calibrate", lambda: pipe.calibrate(model, imatrix, table, calibration)))
+    # as tbpw run's graph: each allocator's measured-table plan is a quant of its own only when the recipe says so;
+    # with `choose`, the chosen plan is the target's final quant
+    own_quants = recipe.allocators if recipe.writes_allocator_quants() else []
     for level, bpw in targets.items():
         target, budget = RecipeTarget(bpw=bpw), Target.parse(bpw=bpw)
-        made = stage(f"final quants {level}", lambda t=target, b=budget: {
-            a.name: pipe.plan(model, imatrix, table, t, b, a) for a in recipe.allocators})
+        made = stage(f"allocator quants {level}", lambda t=target, b=budget: {
+            a.name: pipe.plan(model, imatrix, table, t, b, a) for a in own_quants}) if own_quants else {}
         if recipe.choose is not None:
-            stage(f"choose {level}", lambda t=target, b=budget, m=made: pipe.choose(model, imatrix, tables, t, b, m,
-                                                                                   calibration))
+            stage(f"choose and the final quant {level}", lambda t=target, b=budget, m=made: pipe.choose(
+                model, imatrix, tables, t, b, m, calibration))
     if args.new_target:
         target, budget = RecipeTarget(bpw=args.new_target), Target.parse(bpw=args.new_target)
         before, start, store_before, cpu = counts.copy(), time.monotonic(), _store_elements(pipe), cpu_seconds()
-        made = {a.name: pipe.plan(model, imatrix, table, target, budget, a) for a in recipe.allocators}
+        made = {a.name: pipe.plan(model, imatrix, table, target, budget, a) for a in own_quants}
         if recipe.choose is not None:
             pipe.choose(model, imatrix, tables, target, budget, made, calibration)
         result.new_target = Stage(f"new target {args.new_target} bpw (warm)", time.monotonic() - start,
@@ -272,7 +278,8 @@ def markdown(r: Result, args: argparse.Namespace) -> str:
               "| store quantization (x plain) |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[str, list[Stage]] = {}
     for s in r.stages:
-        groups.setdefault(s.name.rsplit(" ", 1)[0] if s.name.startswith(("final", "choose")) else s.name, []).append(s)
+        per_target = s.name.startswith(("allocator quants", "choose"))
+        groups.setdefault(s.name.rsplit(" ", 1)[0] if per_target else s.name, []).append(s)
     total = Stage("total", 0.0, Counts())
     for name, members in groups.items():
         row = Stage(name if len(members) == 1 else f"{name} ({len(members)} targets)",

@@ -20,7 +20,7 @@ plus the E[a] the fork's metric uses.
 It runs tbpw's own path as `tbpw run` does: quants assembled from the tensor store (`--no-store`: llama-quantize
 writes each), the measurement's default sampling, one set of float logits on the calibration text shared by the
 calibration and every level's choice (a plan two levels share is scored once), and the choice's screening
-(`--screen-chunks`, `--finalists`; defaults: the recipe's). `--json` keeps every candidate's calibration scores,
+(`--screen-chunks`, `--finalists`, `--margin`; defaults: the recipe's). `--json` keeps every candidate's calibration scores,
 per chunk, for studying the choice's rules.
 """
 
@@ -301,7 +301,8 @@ def run_benchmark(args: argparse.Namespace) -> Run:
         if args.select and len(picked) > 1:
             t = time.monotonic()
             sel = select_plan(picked, planner, calibration, work / "select", ctx=ctx, chunks=args.cal_chunks,
-                              screen_chunks=args.screen_chunks, finalists=args.finalists, written=written,
+                              screen_chunks=args.screen_chunks, finalists=args.finalists, margin=args.margin,
+                              written=written,
                               scorer=scorer, log=log if args.verbose else None)
             # every candidate's full calibration score, for studying the choice's rules (kept scores cost nothing)
             full = {name: scorer.score(written[name], c.plan.types(), args.cal_chunks).to_json()
@@ -398,7 +399,8 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
     sampling = f" at scale {args.sampling_scale}" if args.sampling_scale != 1.0 else ""
     writer = "assembled from the tensor store" if args.store else "written by llama-quantize"
     screening = (f"screens every plan on {args.screen_chunks} calibration chunks first (at most {args.finalists} "
-                 "finalists go on)" if args.screen_chunks else "scores every plan on every calibration chunk")
+                 f"finalists go on, margin {args.margin:g})" if args.screen_chunks
+                 else "scores every plan on every calibration chunk")
     path_note = (f"- error tables measured with the default row sampling{sampling}; quants {writer}; calibration "
                  f"probes keep the other tensors {args.background}; tbpw-select {screening}")
     lines = [f"### {run.model}", ""]
@@ -516,6 +518,8 @@ def main() -> None:
     p.add_argument("--screen-chunks", type=int, default=ChooseOptions().screen_chunks,
                    help="the choice screens every plan on this many chunks first (0: none)")
     p.add_argument("--finalists", type=int, default=ChooseOptions().finalists)
+    p.add_argument("--margin", type=float, default=ChooseOptions().margin,
+                   help="a plan goes on from a round only if it may beat the leader by more than this part of its KLD")
     p.add_argument("--select-tables", choices=["all", "calibrated"], default=ChooseOptions().tables,
                    help="the tables whose plans tbpw-select chooses among (every variant is still evaluated)")
     p.add_argument("--work", default="/tmp/tbpw-quality")

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from benchmarks.synthetic_gemma4 import write_model
 from tbpw.cli import main
 from tbpw.run.costplan import disk_needed, model_size
-from tbpw.run.recipe import read
+from tbpw.run.recipe import ChooseOptions, read
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny.yaml"
 
@@ -48,6 +48,14 @@ def test_the_real_layout_is_sized_from_its_tensor_table(tmp_path, wiki_text):
     recipe.keep = "chosen"  # one plan per target stays, and one target's other plan exists until it is deleted
     kept = (4.5 + 6.5 + 6.5) * size.n_elements / 8 + 4.5 * size.n_elements / 8
     assert kept - 8 <= disk_needed(recipe, size) <= 1.01 * kept
+    recipe.keep = "all"
+    recipe.choose = ChooseOptions()  # the chosen plan is the target's one quant; the allocators' are candidates
+    chosen = (4.5 + 6.5) * size.n_elements / 8 + 4.5 * size.n_elements / 8
+    in_flight = 6.5 * size.n_elements / 8  # a candidate file while it is scored
+    assert chosen + in_flight - 8 <= disk_needed(recipe, size) <= 1.01 * (chosen + in_flight)
+    recipe.choose = ChooseOptions(measured_quants=True)  # and each allocator's plan on the measured table too
+    both = (4.5 + 6.5) * 3 * size.n_elements / 8 + 4.5 * size.n_elements / 8
+    assert both + in_flight - 8 <= disk_needed(recipe, size) <= 1.01 * (both + in_flight)
 
 
 @pytest.mark.tools
@@ -71,6 +79,19 @@ def test_plan_lists_every_stage_and_writes_nothing(tiny_model, wiki_text, tmp_pa
     assert re.search(r"^plan: time: roughly [\d.]+ (s|min|h) on this machine's CPU for the stages to run", result.stdout, re.M)
     assert re.search(r"^basis: one quantization of the model ~\d+ s: libggml quantizes [\d.]+ M weights/s",
                      result.stdout, re.M)
+
+
+@pytest.mark.tools
+def test_with_choose_each_allocators_plan_is_a_quant_only_when_asked(tiny_model, wiki_text, tmp_path):
+    def quants(choose: str) -> list[str]:
+        args = [*_sets(tiny_model, wiki_text, tmp_path / "out"), "--set", "compare_stock=[]", "--set", choose]
+        result = CliRunner().invoke(main, ["run", str(RECIPE), *args, "--plan"])
+        assert result.exit_code == 0, result.output
+        return re.findall(r"^run +(quant-\S+)$", result.stdout, re.M)
+
+    assert quants("choose={}") == ["quant-like-Q4_K_M-choose", "quant-3.5bpw-choose"]
+    assert quants("choose={measured_quants: true}") == [
+        "quant-like-Q4_K_M-knapsack", "quant-like-Q4_K_M-choose", "quant-3.5bpw-knapsack", "quant-3.5bpw-choose"]
 
 
 @pytest.mark.tools

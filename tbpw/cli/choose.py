@@ -4,9 +4,9 @@
                    [--grouping role|tensor] [--strength 1.0] [--ctx 512] [--chunks 8] [--background float|Q8_0]
                    [--no-store] -o CALIBRATED.json
     tbpw choose MODEL.gguf --imatrix I.gguf (--target-bpw X | --target-size N) --error-table T.json ...
-                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--screen-chunks 4]
-                [--finalists 2] [--refine-rounds N] [--pin REGEX=TYPE ...] [--constraints FILE] [--no-store] [--json]
-                -o OUT.gguf
+                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--screen-chunks 2]
+                [--finalists 3] [--margin 0.02] [--refine-rounds N] [--pin REGEX=TYPE ...] [--constraints FILE]
+                [--no-store] [--json] -o OUT.gguf
 
 `calibrate` writes an error table rescaled to measured KL divergence (tbpw.select.calibrate), usable wherever a
 table is (`tbpw quantize --error-table`, `tbpw choose`). `choose` plans the target with every allocator on
@@ -126,8 +126,11 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--screen-chunks", type=click.IntRange(min=0), default=0, show_default=True,
                   help="score in rounds of this many chunks: every plan on the first, then only the leader and the "
                        "plans tied with it, until one is left or all chunks are scored (0: every plan on every chunk)")
-    @click.option("--finalists", type=click.IntRange(min=1), default=2, show_default=True,
+    @click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
                   help="at most this many plans go on from a round")
+    @click.option("--margin", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.02, show_default=True,
+                  help="after a round, a plan goes on only if it may beat the leader by more than this part of the "
+                       "leader's KLD (0: by anything)")
     @click.option("--refine-rounds", type=click.IntRange(min=0), default=0, show_default=True,
                   help="then rounds of measured type swaps, each kept only when the calibration KLD drops")
     @click.option("--refine-tries", type=click.IntRange(min=1), default=4, show_default=True)
@@ -141,7 +144,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="print the scores and the choice as one JSON object")
     @click.option("-o", "--output", "out", required=True, help="the GGUF to write")
     def choose(model, imatrix, target_bpw, target_size, tables, allocators, text, ctx, chunks, screen_chunks, finalists,
-               refine_rounds, refine_tries, pins, constraints_file, options, threads, store, as_json, out):
+               margin, refine_rounds, refine_tries, pins, constraints_file, options, threads, store, as_json, out):
         """Plan a target with every allocator on every table; write the plan with the lowest calibration KLD."""
         from tbpw.allocate.apply import plan_path_for
         from tbpw.allocate.budget import Target
@@ -180,7 +183,8 @@ def tbpw_register_commands(cli: click.Group) -> None:
         text = _existing(text, "text")
         say = None if as_json else lambda line: console.print(line, highlight=False)
         choice = choose_plan(planner, _tables(table_paths, Path(model)), refs, target, text, out, work, ctx=ctx, chunks=chunks,
-                             screen_chunks=screen_chunks, finalists=finalists, refine_rounds=refine_rounds,
+                             screen_chunks=screen_chunks, finalists=finalists, margin=margin,
+                             refine_rounds=refine_rounds,
                              refine_tries=refine_tries, log=say,
                              scorer=Scorer(planner.model, text, imatrix=planner.imatrix, ctx=ctx, chunks=chunks,
                                            threads=threads, log=say))

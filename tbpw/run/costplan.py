@@ -146,7 +146,8 @@ def disk_needed(recipe: Recipe, size: ModelSize) -> int:
     with `keep: chosen`, a target's plans before the ones not kept are deleted."""
     n = size.n_elements
     total = 2 * n if size.needs_copy else 0  # the F16/BF16 GGUF of a converted or requantized source
-    plans_per_target = len(recipe.allocators or [None]) + (1 if recipe.choose is not None else 0)
+    allocator_quants = len(recipe.allocators or [None]) if recipe.writes_allocator_quants() else 0
+    plans_per_target = allocator_quants + (1 if recipe.choose is not None else 0)
     kept_per_target = 1 if recipe.keep == "chosen" else plans_per_target
     largest = 0
     for t in recipe.targets:

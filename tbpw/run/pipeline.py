@@ -398,7 +398,7 @@ class Pipeline:
                             folder / "model.gguf", folder / "work",
                             written={candidate_name(a, metric): q.path for a, q in written.items()},
                             ctx=opts.ctx, chunks=opts.chunks, screen_chunks=opts.screen_chunks,
-                            finalists=opts.finalists, refine_rounds=opts.refine_rounds,
+                            finalists=opts.finalists, margin=opts.margin, refine_rounds=opts.refine_rounds,
                             refine_tries=opts.refine_tries, ngl=self.recipe.ngl,
                             scorer=self.scorer(model, imatrix, text, opts.ctx),
                             log=lambda line: self.log(f"  choose{line}"))
@@ -577,9 +577,10 @@ class Pipeline:
         for target in r.targets:
             stock_quant = stock[target.stock.upper()] if target.stock else None
             made = {}
-            self.rivals[target.label] = [f"quant-{target.label}-{a.name}" for a in r.allocators] + (
+            own_quants = r.allocators if r.writes_allocator_quants() else []
+            self.rivals[target.label] = [f"quant-{target.label}-{a.name}" for a in own_quants] + (
                 [f"quant-{target.label}-choose"] if r.choose is not None else [])
-            for a in r.allocators:
+            for a in own_quants:
                 name = f"quant-{target.label}-{a.name}"
                 made[a.name] = quants[name] = g.add(name, stage("plan_for"), model, imatrix, table, target, stock_quant,
                                                     a, resources=Resources(memory=size))

@@ -207,13 +207,20 @@ class ChooseOptions(Strict):
     ctx: int = Field(512, ge=32)
     chunks: int = Field(16, ge=1)
     # the error tables whose plans are candidates: all (the measured one and the calibrated ones), or only the
-    # calibrated ones (the measured table's quants are still written and evaluated, just not scored here)
+    # calibrated ones
     tables: Literal["all", "calibrated"] = "calibrated"
+    # also write and evaluate each allocator's plan on the measured table as a quant of its own (quant-<target>-
+    # <allocator>), beside the choice: what calibrating and choosing buy, at a full quantization and an evaluation
+    # per allocator and target; the choice's quant was better at all 37 levels of docs/quality.md
+    measured_quants: bool = False
     # score in rounds of this many chunks, each chunk once per plan: every distinct plan on the first round, then
     # only the leader and the plans tied with it so far (tbpw.select.scoring.tied_with_leader), until one is left
     # or they have all `chunks`; 0: every plan on all of them at once
-    screen_chunks: int = Field(4, ge=0)
-    finalists: int = Field(2, ge=1)  # at most this many plans go on from a round
+    screen_chunks: int = Field(2, ge=0)
+    finalists: int = Field(3, ge=1)  # at most this many plans go on from a round
+    # and only those that may beat the leader by more than this part of its KLD: closer plans are not worth the
+    # chunks (docs/quality.md: the replays pick the same plans or better with 10-30% fewer chunks)
+    margin: float = Field(0.02, ge=0.0, lt=1.0)
     refine_rounds: int = Field(0, ge=0)  # then improve the winner by type swaps that calibration KLD confirms
     refine_tries: int = Field(4, ge=1)
 
@@ -329,6 +336,11 @@ class Recipe(Strict):
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"two files would both be {twice[0]!r} in the tables: give one a `label`")
         return value
+
+    def writes_allocator_quants(self) -> bool:
+        """Whether each allocator's plan on the measured table is a quant of its own (quant-<target>-<allocator>):
+        always without `choose`; with it only when asked (`choose.measured_quants`)."""
+        return self.choose is None or self.choose.measured_quants
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -57,7 +57,8 @@ class Selection:
 
 def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibration_text: Path | str,
                 work_dir: Path | str, *, ctx: int = 512, chunks: int = 16, screen_chunks: int = 0, finalists: int = 2,
-                ngl: int | None = None, keep: bool = False, written: Mapping[str, Path] | None = None,
+                margin: float = 0.0, ngl: int | None = None, keep: bool = False,
+                written: Mapping[str, Path] | None = None,
                 scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> Selection:
     """Write the candidate plans, score them against the float model on `chunks` x `ctx` tokens of
     `calibration_text`, and return the lowest mean KL divergence (ties: the earlier candidate).
@@ -66,7 +67,8 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
     and runs). With `screen_chunks` (fewer than `chunks`), plans are scored in rounds of that many chunks, each
     chunk once: every distinct plan on the first round, and after each round only the leader and the plans
     statistically tied with it on all the chunks so far (`scoring.finalists`, at most `finalists`) go on to the
-    next. The choice ends when one plan is left (it is not scored further) or when the survivors have been
+    next; with `margin`, only those that may still beat the leader by more than that part of its KLD. The
+    choice ends when one plan is left (it is not scored further) or when the survivors have been
     scored on all `chunks`. `written` maps candidate names to GGUFs already written from their plans (they are
     scored as they are, not written again). The winner's GGUF stays (in `work_dir`, or where `written` had it);
     the ones written here are deleted unless `keep`.
@@ -76,8 +78,8 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise TbpwError("candidate plan names must be unique")
-    if screen_chunks < 0 or finalists < 1:
-        raise TbpwError("screen_chunks must be 0 (no screening) or more, finalists at least 1")
+    if screen_chunks < 0 or finalists < 1 or not 0 <= margin < 1:
+        raise TbpwError("screen_chunks must be 0 (no screening) or more, finalists at least 1, margin in [0, 1)")
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: None)
@@ -138,7 +140,7 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
             screening = scores
         if stop == chunks:
             break
-        alive = scoring_finalists(scores, distinct, finalists)
+        alive = scoring_finalists(scores, distinct, finalists, margin)
         if len(alive) == 1:
             break
     best = min(scores, key=lambda n: (scores[n].kld_mean, names.index(n)))
@@ -184,14 +186,15 @@ class Choice:
 def choose(planner: Planner, tables: Mapping[str, ErrorTableLike], allocators: Sequence[tuple[str, Mapping]],
            target: Target, calibration_text: Path | str, out: Path | str, work_dir: Path | str, *,
            written: Mapping[str, Path] | None = None, ctx: int = 512, chunks: int = 16, screen_chunks: int = 0,
-           finalists: int = 2, refine_rounds: int = 0, refine_tries: int = 4, ngl: int | None = None,
-           scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> Choice:
+           finalists: int = 2, margin: float = 0.0, refine_rounds: int = 0, refine_tries: int = 4,
+           ngl: int | None = None, scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> Choice:
     """Plan `target` with every allocator on every table, keep the plan closest to the float model on
     calibration text (optionally improved by measured swaps: tbpw.select.refine) and write it to `out`.
 
     Candidates are named `candidate_name(allocator, table)`; `written` maps names to GGUFs already written from
-    exactly those plans; `screen_chunks` and `finalists` as in `select_plan`; a shared `scorer` keeps the float
-    logits and the scores for other targets. Only the calibration text is ever read; `work_dir` keeps the logs."""
+    exactly those plans; `screen_chunks`, `finalists` and `margin` as in `select_plan`; a shared `scorer` keeps
+    the float logits and the scores for other targets. Only the calibration text is ever read; `work_dir` keeps
+    the logs."""
     candidates, problems = [], {}
     for table_name, table in tables.items():
         problem = planner.problem(table, target)
@@ -204,7 +207,8 @@ def choose(planner: Planner, tables: Mapping[str, ErrorTableLike], allocators: S
     scorer = scorer or Scorer(planner.model, calibration_text, imatrix=planner.imatrix, ctx=ctx, chunks=chunks,
                               threads=planner.threads, ngl=ngl, cache_dir=work / "scores", log=log)
     selection = select_plan(candidates, planner, calibration_text, work, ctx=ctx, chunks=chunks,
-                            screen_chunks=screen_chunks, finalists=finalists, ngl=ngl, written=written, scorer=scorer,
+                            screen_chunks=screen_chunks, finalists=finalists, margin=margin, ngl=ngl, written=written,
+                            scorer=scorer,
                             log=log)
     plan, score, refined = selection.plan, selection.scores[selection.best], []
     if refine_rounds:

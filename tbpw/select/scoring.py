@@ -8,7 +8,7 @@ distinct file scored once.
 - A score is kept keyed by the file's complete type map, the imatrix's content and the span of chunks: a plan two
   targets (or a probe two calibrations) share is scored once, and a rerun scores nothing it already has.
 - Screening: `tied_with_leader` is the statistical rule `select_plan` uses after each round to decide which plans
-  go on to more chunks.
+  go on to more chunks: those that may still beat the leader, by more than a margin when one is given.
 
 Everything lives under $TBPW_HOME/calibration/<key>/ (or `cache_dir`); only calibration text is ever read.
 """
@@ -44,14 +44,18 @@ def t95(df: int) -> float:
     return _T95[max(known)] if df <= 30 else 1.645
 
 
-def tied_with_leader(leader: KldScore, other: KldScore) -> bool:
-    """False only when `other` is clearly worse than `leader` on the same chunks.
+def tied_with_leader(leader: KldScore, other: KldScore, margin: float = 0.0) -> bool:
+    """False when `other` is clearly worse than `leader` on the same chunks, or (with `margin`) when it is clearly
+    not better than `leader` by more than `margin` of the leader's KLD: either way, scoring it further cannot make
+    it the choice by an amount that matters.
 
     The difference of their mean KLD is compared with its uncertainty, taken from the chunks themselves: with
-    per-chunk differences d_1..d_k (paired: both plans scored the same tokens), `other` is behind when
-    mean(d) > t(0.95, k-1) * sd(d) / sqrt(k) + the print precision of both means. The per-chunk values carry the
-    rounding of llama-perplexity's running means, which only widens sd(d) (more ties, never fewer). Without
-    per-chunk values (fewer than 2 chunks, or a tool that did not print them) every plan is tied."""
+    per-chunk differences d_1..d_k (paired: both plans scored the same tokens), `other` is out when
+    mean(d) > t(0.95, k-1) * sd(d) / sqrt(k) + the print precision of both means - margin * mean(leader), i.e.
+    when the upper 95% bound of its possible lead is under `margin` of the leader's KLD (margin 0: under 0, it is
+    behind). The per-chunk values carry the rounding of llama-perplexity's running means, which only widens sd(d)
+    (more ties, never fewer). Without per-chunk values (fewer than 2 chunks, or a tool that did not print them)
+    every plan is tied."""
     a, b = leader.chunk_kld, other.chunk_kld
     if len(a) < 2 or len(a) != len(b):
         return True
@@ -59,15 +63,16 @@ def tied_with_leader(leader: KldScore, other: KldScore) -> bool:
     k = len(d)
     mean = sum(d) / k
     sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (k - 1))
-    return other.kld_mean - leader.kld_mean <= t95(k - 1) * sd / math.sqrt(k) + 2 * PRINT_PRECISION
+    return (other.kld_mean - leader.kld_mean
+            <= t95(k - 1) * sd / math.sqrt(k) + 2 * PRINT_PRECISION - margin * leader.kld_mean)
 
 
-def finalists(screened: Mapping[str, KldScore], order: Sequence[str], limit: int) -> list[str]:
-    """The plans to score on every chunk: the screening leader and those tied with it, best first, at most `limit`
-    (ties between equal screening scores go to the earlier plan in `order`)."""
+def finalists(screened: Mapping[str, KldScore], order: Sequence[str], limit: int, margin: float = 0.0) -> list[str]:
+    """The plans to score on more chunks: the leader and those tied with it (`tied_with_leader` with `margin`),
+    best first, at most `limit` (ties between equal scores go to the earlier plan in `order`)."""
     ranked = sorted(screened, key=lambda n: (screened[n].kld_mean, order.index(n)))
     leader = screened[ranked[0]]
-    return [n for n in ranked if n == ranked[0] or tied_with_leader(leader, screened[n])][:max(1, limit)]
+    return [n for n in ranked if n == ranked[0] or tied_with_leader(leader, screened[n], margin)][:max(1, limit)]
 
 
 def types_key(types: Mapping[str, str], imatrix_hash: str | None) -> str:
