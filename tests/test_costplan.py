@@ -83,15 +83,24 @@ def test_plan_lists_every_stage_and_writes_nothing(tiny_model, wiki_text, tmp_pa
 
 @pytest.mark.tools
 def test_with_choose_each_allocators_plan_is_a_quant_only_when_asked(tiny_model, wiki_text, tmp_path):
-    def quants(choose: str) -> list[str]:
-        args = [*_sets(tiny_model, wiki_text, tmp_path / "out"), "--set", "compare_stock=[]", "--set", choose]
-        result = CliRunner().invoke(main, ["run", str(RECIPE), *args, "--plan"])
+    def plan(*sets: str) -> str:
+        args = [*_sets(tiny_model, wiki_text, tmp_path / "out"), "--set", "compare_stock=[]"]
+        result = CliRunner().invoke(main, ["run", str(RECIPE), *args, *(x for s in sets for x in ("--set", s)), "--plan"])
         assert result.exit_code == 0, result.output
-        return re.findall(r"^run +(quant-\S+)$", result.stdout, re.M)
+        return result.stdout
 
-    assert quants("choose={}") == ["quant-like-Q4_K_M-choose", "quant-3.5bpw-choose"]
-    assert quants("choose={measured_quants: true}") == [
+    def quants(stdout: str) -> list[str]:
+        return re.findall(r"^run +(quant-\S+)$", stdout, re.M)
+
+    one_candidate = plan("choose={}")
+    assert quants(one_candidate) == ["quant-like-Q4_K_M-choose", "quant-3.5bpw-choose"]
+    assert quants(plan("choose={measured_quants: true}")) == [
         "quant-like-Q4_K_M-knapsack", "quant-like-Q4_K_M-choose", "quant-3.5bpw-knapsack", "quant-3.5bpw-choose"]
+    # a lone candidate is scored once per target, on all the chunks; two go through rounds of 2 of the 16 chunks:
+    # both on the first, then at most both on each of the 7 others (the rounds stop once one is left)
+    assert ", 2 KLD runs on calibration text" in one_candidate
+    two = plan("choose={}", "allocators=[{name: knapsack}, {name: lagrangian}]")
+    assert ", at most 32 KLD runs on calibration text" in two
 
 
 @pytest.mark.tools

@@ -234,14 +234,15 @@ class CostPlan:
     size: ModelSize | None
     basis: list[str] = field(default_factory=list)
     uncounted: list[str] = field(default_factory=list)
+    klds_at_most: bool = False  # screening in rounds stops once one plan is left: the count is an upper bound
 
     def summary(self) -> list[str]:
         """The lines every run starts with."""
         to_run = sum(1 for _, status in self.stages if status == "run")
         reused = sum(1 for _, status in self.stages if status == "reuse?")
         lines = [f"plan: {len(self.stages)} stages ({to_run} to run, {reused} finished earlier and reused if their "
-                 f"inputs are unchanged); {self.quantizations} quantizations, {self.calibration_klds} "
-                 f"KLD runs on calibration text, {self.evaluations} evaluation runs, {self.benches} llama-bench runs"]
+                 f"inputs are unchanged); {self.quantizations} quantizations, "
+                 f"{'at most ' if self.klds_at_most else ''}{self.calibration_klds} KLD runs on calibration text, {self.evaluations} evaluation runs, {self.benches} llama-bench runs"]
         if self.size is None:
             lines.append("plan: disk and time are not estimated: the model's size is not known before it is "
                          "downloaded or converted")
@@ -301,8 +302,9 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
                   else 1 + (len(recipe.calibrate.strengths) if recipe.calibrate is not None else 0))
         candidates = tables * len(recipe.allocators or [None]) + choose.refine_rounds * choose.refine_tries
         finals = min(choose.finalists, candidates) if choose.screen_chunks else 0
-        # at most: the finalists go on through every later round (a run per round)
-        later_rounds = -(-choose.chunks // choose.screen_chunks) - 1 if choose.screen_chunks else 0
+        # at most: the finalists go on through every later round (a run per round); a lone candidate is scored
+        # once, on all the chunks
+        later_rounds = -(-choose.chunks // choose.screen_chunks) - 1 if choose.screen_chunks and candidates > 1 else 0
 
     evaluators = {part: len(pipeline.evaluators_for(part)) for part in ("all", "select", "tasks")}
     conditional = pipeline.conditional  # task -> target: it runs for the target's selected quant alone
@@ -327,7 +329,8 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
 
     disk = disk_needed(recipe, size) if size is not None else None
     free = shutil.disk_usage(existing_parent(root)).free
-    plan = CostPlan(stages, *counts(names), disk, free, None, size)
+    plan = CostPlan(stages, *counts(names), disk, free, None, size,
+                    klds_at_most=later_rounds > 0 and any(n.endswith("-choose") for n in names))
     rates = rates or measure_rates(recipe.measure.threads)
     if size is None or rates is None:
         if rates is None and size is not None:
