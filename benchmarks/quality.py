@@ -228,8 +228,9 @@ def run_benchmark(args: argparse.Namespace) -> Run:
             def sensitivity(step: str, table: ErrorTable, probes: list[str], grouping: str) -> Sensitivity:
                 t = time.monotonic()
                 found = calibrate(model, imatrix, calibration, table, probe_types=probes, grouping=grouping,
-                                  ctx=ctx, chunks=args.cal_chunks, background=args.background, threads=threads,
-                                  cache_dir=work / "sensitivity-cache", scorer=scorer, store=store,
+                                  ctx=ctx, chunks=args.calibrate_chunks or args.cal_chunks,
+                                  background=args.background, threads=threads, cache_dir=work / "sensitivity-cache",
+                                  scorer=scorer, store=store,
                                   log=log if args.verbose else None)
                 run.steps[step] = time.monotonic() - t
                 if found.meta.get("cached"):
@@ -412,7 +413,7 @@ def markdown(run: Run, args: argparse.Namespace) -> str:
               + f" on {args.imatrix_chunks} chunks of the calibration side; KLD against the float logits on "
               f"{args.chunks} chunks of the held-out evaluation side",
               f"- tbpw variants: allocator/table for allocators {', '.join(args.allocators)} and tables "
-              f"{', '.join(args.metrics)}" + (f" (+kld: calibrated on {args.cal_chunks} calibration chunks, probes "
+              f"{', '.join(args.metrics)}" + (f" (+kld: calibrated on {args.calibrate_chunks or args.cal_chunks} calibration chunks, probes "
                                               f"{', '.join(args.probes)}, per {args.grouping}"
                                               + ("; +kldi: the same, each role's scales corrected by the KLD of the "
                                                  "whole role at once over the sum of its tensors alone"
@@ -508,6 +509,8 @@ def main() -> None:
     p.add_argument("--refine-tries", type=int, default=4, help="swaps scored per round")
     p.add_argument("--chunks", type=int, default=100, help="evaluation chunks (held-out text)")
     p.add_argument("--cal-chunks", type=int, default=16, help="calibration chunks for calibration and selection")
+    p.add_argument("--calibrate-chunks", type=int, default=0,
+                   help="calibration chunks for the calibration alone (0: --cal-chunks; the recipes: 8)")
     p.add_argument("--imatrix-chunks", type=int, default=100)
     p.add_argument("--ctx", type=int, default=0, help="context (default 256 for bench, 512 otherwise)")
     p.add_argument("--threads", type=int, default=2)
