@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # gguf_writers: the same random-llama writer the tests use
 
+from benchmarks.childmemory import monitor  # noqa: E402
+
 
 def timed_child(code: str) -> tuple[float, float, str]:
     """Run Python `code` in a child; (wall seconds, peak RSS MiB of it and its children, stdout)."""
@@ -47,20 +49,7 @@ def timed_child(code: str) -> tuple[float, float, str]:
     return wall, peak, out
 
 
-# VmHWM is this process's own peak RSS (ru_maxrss would include what the parent held when it forked);
-# RUSAGE_CHILDREN covers the children it waited for (llama-quantize). A thread samples RssAnon, since the
-# RSS of a measurement is mostly clean pages of the memory-mapped model, which the kernel can drop.
-_MONITOR = textwrap.dedent("""
-    import re, threading, time
-    def _status(key):
-        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-    _anon = [0]
-    def _watch():
-        while True:
-            _anon[0] = max(_anon[0], _status("RssAnon"))
-            time.sleep(0.02)
-    threading.Thread(target=_watch, daemon=True).start()
-""")
+_MONITOR = monitor(0.02)  # benchmarks/childmemory.py: what the child reports and why
 _PEAK = ("import resource, json; _anon[0] = max(_anon[0], _status('RssAnon')); "
          "r = max(_status('VmHWM'), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); anon = _anon[0]")
 

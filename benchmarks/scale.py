@@ -36,21 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.childmemory import monitor  # noqa: E402
 from benchmarks.synthetic_gemma4 import write_imatrix, write_model  # noqa: E402
 
-# A thread samples RssAnon; VmHWM is the process's own peak; RUSAGE_CHILDREN covers llama-quantize.
-_MONITOR = textwrap.dedent("""
-    import json, re, resource, threading, time
-    def _status(key):
-        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-    _anon = [0]
-    def _watch():
-        while True:
-            _anon[0] = max(_anon[0], _status("RssAnon"))
-            time.sleep(0.05)
-    threading.Thread(target=_watch, daemon=True).start()
-    _start = time.monotonic()
-""")
+_MONITOR = monitor(0.05)  # benchmarks/childmemory.py: what the child reports and why
 _REPORT = textwrap.dedent("""
     _anon[0] = max(_anon[0], _status("RssAnon"))
     _own, _kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
