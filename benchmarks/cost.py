@@ -267,7 +267,7 @@ def _store_elements(pipe) -> int:
 
 def markdown(r: Result, args: argparse.Namespace) -> str:
     unit, unit_cpu = r.unit_seconds, r.unit_cpu
-    lines = [f"### {r.label}", "",
+    lines = [f"### {args.name or r.label}", "",
              f"- {r.model_elements / 1e6:.1f} M weights; the unit is one plain stock `llama-quantize --imatrix ... "
              f"Q4_K_M` ({unit:.2f} s wall, {unit_cpu:.2f} s CPU; best of 2, {args.threads} threads); targets: the exact "
              "bpw of " + ", ".join(f"{k} ({v:.4f})" for k, v in r.targets.items()),
