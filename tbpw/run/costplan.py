@@ -242,7 +242,8 @@ class CostPlan:
         reused = sum(1 for _, status in self.stages if status == "reuse?")
         lines = [f"plan: {len(self.stages)} stages ({to_run} to run, {reused} finished earlier and reused if their "
                  f"inputs are unchanged); {self.quantizations} quantizations, "
-                 f"{'at most ' if self.klds_at_most else ''}{self.calibration_klds} KLD runs on calibration text, {self.evaluations} evaluation runs, {self.benches} llama-bench runs"]
+                 f"{'at most ' if self.klds_at_most else ''}{self.calibration_klds} KLD runs on calibration text, "
+                 f"{self.evaluations} evaluation runs, {self.benches} llama-bench runs"]
         if self.size is None:
             lines.append("plan: disk and time are not estimated: the model's size is not known before it is "
                          "downloaded or converted")
@@ -304,7 +305,8 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
         finals = min(choose.finalists, candidates) if choose.screen_chunks else 0
         # at most: the finalists go on through every later round (a run per round); a lone candidate is scored
         # once, on all the chunks
-        later_rounds = -(-choose.chunks // choose.screen_chunks) - 1 if choose.screen_chunks and candidates > 1 else 0
+        screened = choose.screen_chunks and candidates > 1
+        later_rounds = -(-choose.chunks // choose.screen_chunks) - 1 if screened else 0
 
     evaluators = {part: len(pipeline.evaluators_for(part)) for part in ("all", "select", "tasks")}
     conditional = pipeline.conditional  # task -> target: it runs for the target's selected quant alone
