@@ -88,3 +88,18 @@ def test_choose_bad_input_is_one_line(tiny_model, stock_imatrix, table_file, spl
     for word in words:
         assert word in line
     assert not out.exists()
+
+
+def test_choose_options_default_to_the_recipes_screening_rule():
+    """The CLI spells the recipe's defaults out (importing the recipe model would slow every command's start);
+    they must not drift apart. Screening itself stays off unless asked (--screen-chunks 0)."""
+    import click
+
+    from tbpw.run.recipe import ChooseOptions
+
+    command = main.get_command(click.Context(main), "choose")
+    assert command is not None
+    params = {p.name: p.default for p in command.params}
+    recipe = ChooseOptions()
+    assert (params["finalists"], params["margin"], params["chunks"]) == (recipe.finalists, recipe.margin, recipe.chunks)
+    assert params["screen_chunks"] == 0

@@ -4,7 +4,7 @@
                    [--grouping role|tensor] [--strength 1.0] [--ctx 512] [--chunks 8] [--background float|Q8_0]
                    [--no-store] -o CALIBRATED.json
     tbpw choose MODEL.gguf --imatrix I.gguf (--target-bpw X | --target-size N) --error-table T.json ...
-                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--screen-chunks 2]
+                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--screen-chunks 0]
                 [--finalists 3] [--margin 0.02] [--refine-rounds N] [--pin REGEX=TYPE ...] [--constraints FILE]
                 [--no-store] [--json] -o OUT.gguf
 
