@@ -1,6 +1,6 @@
 """Time tbpw's collector against stock llama-imatrix on the same model, text, context, chunks and threads.
 
-    .venv/bin/python benchmarks/collector.py [--model M.gguf] [--text T.txt] [--ctx 512] [--chunks N]
+    .venv/bin/python -m benchmarks.collector [--model M.gguf] [--text T.txt] [--ctx 512] [--chunks N]
                                              [--threads 2] [--repeat 5]
 
 Prints the median wall time and CPU time (user + system) of each, process start and model load
@@ -20,10 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tbpw.llamacpp.imatrix import make_imatrix
 
-from tbpw.llamacpp.imatrix import make_imatrix  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SHARED = Path(os.environ.get("TBPW_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "fork-tiny"

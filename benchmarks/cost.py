@@ -2,16 +2,17 @@
 """What tbpw's quality path costs: measure, calibrate, choose and the final quants of 7 targets, each stage as a
 multiple of one plain stock quantization, beside the fork's own 7-target `--target-bpw` run (one cold, six warm).
 
-    .venv/bin/python benchmarks/cost.py --model bench|synthetic|PATH [--fork-build DIR] [--recipe-set KEY=VALUE ...]
-        [--levels IQ3_XXS,Q2_K,...] [--new-target 4.25] [--out docs/cost.md]
+    .venv/bin/python -m benchmarks.cost --model bench|synthetic|PATH [--fork-build DIR] [--recipe-set KEY=VALUE ...]
+        [--levels IQ3_XXS,Q2_K,...] [--new-target 4.25] [--out docs/results/cost.md]
 
-The run is `tbpw run`'s own stages (tbpw.run.pipeline, the recipe written into --work) on fresh caches: the error
-table, the sensitivity, the tensor store and the calibration scores all start empty, so every stage is timed cold.
-With `choose`, a target's final quant is its chosen plan (written by the choice); the allocators' measured-table
-quants are a stage of their own only when the recipe asks for them (`--recipe-set choose.measured_quants=true`).
-The targets are the exact bpw of 7 stock types on this model (read from `llama-quantize --dry-run`, no
-quantization), the imatrix is stock llama-imatrix on the calibration side of tbpw's Wikipedia split (made once,
-used by both tbpw and the fork, and not counted). Evaluation of the results is not part of either run.
+The run is `tbpw run`'s own graph (tbpw.run.pipeline, the recipe written into --work), executed one stage at a
+time up to the targets' quants, on fresh caches: the error table, the sensitivity, the tensor store and the
+calibration scores all start empty, so every stage is timed cold. With `choose`, a target's final quant is its
+chosen plan (written by the choice); the allocators' measured-table quants are a stage of their own only when the
+recipe asks for them (`--recipe-set choose.measured_quants=true`). The targets are the sizes of 7 stock types on
+this model (`targets: [{stock: LEVEL}]`: each level's stock file is made by the run, and not counted), the imatrix
+is the run's, stock llama-imatrix on the calibration side of tbpw's Wikipedia split (made once, used by both tbpw
+and the fork, and not counted). Evaluation of the results is not part of either run.
 Counted: llama-quantize runs, KLD runs, float-logit runs, and the quantization the tensor store did, in
 plain-quantization equivalents (tensor elements quantized / model elements).
 Then one more target on the warm caches (`--new-target`): its cost apart from its scoring runs, against 1.5x.
@@ -23,22 +24,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from tbpw.data import assets
+from tbpw.llamacpp import perplexity as perplexity_mod
+from tbpw.llamacpp import quantize as quantize_mod
+from tbpw.llamacpp.build import BuildInfo
+from tbpw.model.inventory import ModelInventory
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # gguf_writers: the synthetic model's writer
-
-from tbpw.data import assets  # noqa: E402
-from tbpw.llamacpp import perplexity as perplexity_mod  # noqa: E402
-from tbpw.llamacpp import quantize as quantize_mod  # noqa: E402
-from tbpw.llamacpp.build import BuildInfo  # noqa: E402
-from tbpw.llamacpp.imatrix import make_imatrix  # noqa: E402
-from tbpw.llamacpp.parsers import parse_quantize  # noqa: E402
-from tbpw.model.inventory import ModelInventory  # noqa: E402
 
 DEFAULT_LEVELS = ("IQ3_XXS", "Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
 RECIPE = """\
@@ -47,6 +44,7 @@ model: {{gguf: {model}}}
 datasets:
   calibration: {{name: file, options: {{path: {text}}}}}
   evaluation: {{name: file, options: {{path: {text}}}}}
+imatrix: {{ctx: {ctx}, chunks: {imatrix_chunks}}}
 measure: {{threads: {threads}}}
 targets: [{targets}]
 allocators: [{{name: knapsack}}, {{name: lagrangian}}]
@@ -132,11 +130,11 @@ def count_tools(counts: Counts) -> None:
 def resolve_model(spec: str, work: Path, template: Path) -> tuple[Path, str, int]:
     """(F16 GGUF, label, ctx)."""
     if spec == "bench":
-        from scripts.training.bench_model import bench_model
+        from testmodels.training.bench_model import bench_model
 
         return bench_model(log=log).gguf, "bench", 256
     if spec == "synthetic":
-        from gguf_writers import write_llama_like
+        from testmodels.gguf_writers import write_llama_like
 
         model = work / "synthetic-2048x5632x4.gguf"  # benchmarks/measure.py's 214 M llama, random F16 weights
         if not model.is_file():
@@ -148,12 +146,45 @@ def resolve_model(spec: str, work: Path, template: Path) -> tuple[Path, str, int
     return path, path.stem, 512
 
 
-def stock_bpw(model: Path, imatrix: Path, level: str, work: Path) -> float:
-    """The exact bpw of stock `level` on this model, from llama-quantize --dry-run (no quantization)."""
-    run = quantize_mod.quantize(model, work / "dry.gguf", imatrix=imatrix, base_type=level, extra=["--dry-run"],
-                                log_path=work / f"dry-{level}.log")
-    types = parse_quantize(run.output).types()
-    return ModelInventory.load(model).bpw(types)
+@dataclass
+class Timed:
+    """A task's call, timed and counted as it runs (the executor runs one task at a time, in this process)."""
+
+    call: Any
+    name: str
+    counts: Counts
+    measured: dict[str, Stage]
+
+    def __call__(self, *args, log, **kwargs):
+        before, store_before = self.counts.copy(), _store_elements()
+        start, cpu = time.monotonic(), cpu_seconds()
+        value = self.call(*args, log=log, **kwargs)
+        self.measured[self.name] = Stage(self.name, time.monotonic() - start, self.counts.minus(before),
+                                         cpu_seconds() - cpu, _store_elements() - store_before)
+        return value
+
+
+def run_stages(recipe_path: Path, sets: list[str], wanted, counts: Counts) -> tuple[dict[str, Stage], dict]:
+    """`tbpw run`'s own stages for the tasks `wanted(name)` picks (and what they need), one at a time, each timed
+    and counted: (task -> its Stage, task -> its result). Evaluation and llama-bench are not among them."""
+    from tbpw.run import recipe as recipe_mod
+    from tbpw.run.execute import execute
+    from tbpw.run.pipeline import Pipeline
+    from tbpw_plugins.executors.local import Local, LocalOptions
+
+    recipe = recipe_mod.load(recipe_path, sets)
+    pipe = Pipeline(recipe, log=log)
+    try:
+        graph = pipe.graph()
+        part = graph.tasks.needed_by(name for name in graph.quants if wanted(name))
+        measured: dict[str, Stage] = {}
+        for task in part:
+            task.call = Timed(task.call, task.name, counts, measured)
+        results = execute(part, Local(LocalOptions(workers=1)), log=log, check=pipe.worker_check(),
+                          show_progress=False)
+    finally:
+        pipe.close()
+    return measured, results
 
 
 def run(args: argparse.Namespace) -> Result:
@@ -162,23 +193,6 @@ def run(args: argparse.Namespace) -> Result:
     model, label, ctx = resolve_model(args.model, work, Path(args.template))
     ctx = args.ctx or ctx
     inventory = ModelInventory.load(model)
-    text = assets.wiki_split().calibration
-    imatrix = work / f"{label}.imatrix.gguf"
-    if not imatrix.is_file():
-        make_imatrix(model, text, imatrix, collector="stock", chunks=args.imatrix_chunks, ctx=ctx, threads=args.threads,
-                     log_path=work / "imatrix.log")
-    plain = []
-    for _ in range(2):
-        cpu = cpu_seconds()
-        seconds = quantize_mod.quantize(model, work / "plain.gguf", imatrix=imatrix, base_type="Q4_K_M",
-                                        threads=args.threads, log_path=work / "plain.log").seconds
-        plain.append((seconds, cpu_seconds() - cpu))
-    (work / "plain.gguf").unlink()
-    unit, unit_cpu = min(plain)
-    targets = {level: stock_bpw(model, imatrix, level, work) for level in args.levels}
-    result = Result(label, inventory.n_elements, unit, unit_cpu, targets)
-    log(f"{label}: {inventory.n_elements / 1e6:.1f} M weights; one plain Q4_K_M quantization {unit:.2f} s; "
-        f"targets {', '.join(f'{k} {v:.4f}' for k, v in targets.items())}")
 
     # fresh caches: every stage is timed cold
     caches = work / f"caches-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -186,58 +200,60 @@ def run(args: argparse.Namespace) -> Result:
                      ("TBPW_STORE", "store"), ("TBPW_CALIBRATION_CACHE", "calibration")):
         os.environ[var] = str(caches / sub)
     recipe_path = work / f"cost-{label}.yaml"
-    recipe_path.write_text(RECIPE.format(label=label, model=model, text=text, threads=args.threads, ctx=ctx,
-                                         targets=", ".join(f"{{bpw: {v!r}}}" for v in targets.values())))
-    from tbpw.allocate.budget import Target
-    from tbpw.data.files import DatasetFile
-    from tbpw.run import recipe as recipe_mod
-    from tbpw.run.pipeline import Pipeline
-    from tbpw.run.recipe import RecipeTarget
+    recipe_path.write_text(RECIPE.format(label=label, model=model, text=assets.wiki_split().calibration,
+                                         threads=args.threads, ctx=ctx, imatrix_chunks=args.imatrix_chunks,
+                                         targets=", ".join(f"{{stock: {level}}}" for level in args.levels)))
+    sets = [f"output_dir={caches / 'run'}", *args.recipe_set]
+    counts = Counts()
+    count_tools(counts)
+    count_store()
+    measured, results = run_stages(recipe_path, sets, lambda name: name.startswith("quant-"), counts)
+    imatrix = results["imatrix"]
+    targets = {level: results[f"stock-{level}"].bpw for level in args.levels}
 
-    recipe = recipe_mod.load(recipe_path, [f"output_dir={caches / 'run'}", *args.recipe_set])
+    plain = []  # the unit: one plain stock Q4_K_M quantization with the run's imatrix, best of two
+    for _ in range(2):
+        cpu = cpu_seconds()
+        seconds = quantize_mod.quantize(model, work / "plain.gguf", imatrix=imatrix, base_type="Q4_K_M",
+                                        threads=args.threads, log_path=work / "plain.log").seconds
+        plain.append((seconds, cpu_seconds() - cpu))
+    (work / "plain.gguf").unlink()
+    unit, unit_cpu = min(plain)
+    result = Result(label, inventory.n_elements, unit, unit_cpu, targets)
+    log(f"{label}: {inventory.n_elements / 1e6:.1f} M weights; one plain Q4_K_M quantization {unit:.2f} s; "
+        f"targets {', '.join(f'{k} {v:.4f}' for k, v in targets.items())}")
+    from tbpw.run import recipe as recipe_mod
+
+    recipe = recipe_mod.load(recipe_path, sets)
     result.notes.append("recipe: " + ", ".join(f"{k}: {v}" for k, v in (
         ("calibrate", recipe.calibrate.model_dump() if recipe.calibrate else None),
         ("choose", recipe.choose.model_dump() if recipe.choose else None),
         ("allocator quants", recipe.writes_allocator_quants()), ("store", recipe.store),
         ("sampling", recipe.measure.sampling.model_dump(exclude_defaults=True) or "default"))))
-    pipe = Pipeline(recipe, log=log)
-    calibration = DatasetFile(text, "text")
-    counts = Counts()
-    count_tools(counts)
-
-    def stage(name: str, body, note: str = ""):
-        before, store_before = counts.copy(), _store_elements(pipe)
-        start, cpu = time.monotonic(), cpu_seconds()
-        value = body()
-        seconds = time.monotonic() - start
-        result.stages.append(Stage(name, seconds, counts.minus(before), cpu_seconds() - cpu,
-                                   (_store_elements(pipe) - store_before) / inventory.n_elements, note))
-        log(f"  {name}: {seconds:.1f} s = {seconds / unit:.1f}x")
-        return value
-
-    table = stage("measure", lambda: pipe.measure(model, imatrix))
-    tables = {recipe.measure.metric.name: table}
-    if recipe.calibrate is not None:
-        tables.update(stage("calibrate", lambda: pipe.calibrate(model, imatrix, table, calibration)))
-    # as tbpw run's graph: each allocator's measured-table plan is a quant of its own only when the recipe says so;
-    # with `choose`, the chosen plan is the target's final quant
-    own_quants = recipe.allocators if recipe.writes_allocator_quants() else []
-    for level, bpw in targets.items():
-        target, budget = RecipeTarget(bpw=bpw), Target.parse(bpw=bpw)
-        made = stage(f"allocator quants {level}", lambda t=target, b=budget: {
-            a.name: pipe.plan(model, imatrix, table, t, b, a) for a in own_quants}) if own_quants else {}
-        if recipe.choose is not None:
-            stage(f"choose and the final quant {level}", lambda t=target, b=budget, m=made: pipe.choose(
-                model, imatrix, tables, t, b, m, calibration))
+    result.notes.append("not counted: the imatrix (made once, used by both) and each level's stock file, whose size "
+                        "is the target (`targets: [{stock: LEVEL}]`)")
+    # the stages as tbpw run's graph made them: with `choose`, a target's final quant is its chosen plan; each
+    # allocator's measured-table plan is a quant of its own only when the recipe says so
+    for name in ("measure", "calibrate"):
+        if name in measured:
+            result.stages.append(measured[name])
+    for level in args.levels:
+        own = [s for n, s in measured.items() if n.startswith(f"quant-like-{level}-") and not n.endswith("-choose")]
+        if own:
+            result.stages.append(_summed(f"allocator quants {level}", own))
+        if f"quant-like-{level}-choose" in measured:
+            chosen = measured[f"quant-like-{level}-choose"]
+            result.stages.append(Stage(f"choose and the final quant {level}", chosen.seconds, chosen.counts, chosen.cpu,
+                                       chosen.store_equivalents))
+    for stage in result.stages:
+        stage.store_equivalents /= inventory.n_elements
     if args.new_target:
-        target, budget = RecipeTarget(bpw=args.new_target), Target.parse(bpw=args.new_target)
-        before, start, store_before, cpu = counts.copy(), time.monotonic(), _store_elements(pipe), cpu_seconds()
-        made = {a.name: pipe.plan(model, imatrix, table, target, budget, a) for a in own_quants}
-        if recipe.choose is not None:
-            pipe.choose(model, imatrix, tables, target, budget, made, calibration)
-        result.new_target = Stage(f"new target {args.new_target} bpw (warm)", time.monotonic() - start,
-                                  counts.minus(before), cpu_seconds() - cpu,
-                                  (_store_elements(pipe) - store_before) / inventory.n_elements)
+        extra = f"targets=[{', '.join(f'{{stock: {level}}}' for level in args.levels)}, {{bpw: {args.new_target}}}]"
+        more, _ = run_stages(recipe_path, [*sets, extra], lambda name: name.startswith(f"quant-{args.new_target:g}bpw-"),
+                             counts)
+        new = _summed(f"new target {args.new_target} bpw (warm)", list(more.values()))
+        new.store_equivalents /= inventory.n_elements
+        result.new_target = new
 
     if args.fork_build:
         build = BuildInfo.load(Path(args.fork_build))
@@ -259,10 +275,34 @@ def run(args: argparse.Namespace) -> Result:
     return result
 
 
-def _store_elements(pipe) -> int:
-    """Elements the run's tensor store has quantized so far (its sources are made per model and imatrix)."""
-    store = pipe.store if pipe.recipe.store else None
-    return 0 if store is None else store.quantized_elements
+def _summed(name: str, stages: list[Stage]) -> Stage:
+    total = Stage(name, sum(s.seconds for s in stages), Counts(), sum(s.cpu for s in stages),
+                  sum(s.store_equivalents for s in stages))
+    for s in stages:
+        for k, v in vars(s.counts).items():
+            setattr(total.counts, k, getattr(total.counts, k) + v)
+    return total
+
+
+_STORES: list = []  # every tensor store this process made (each stage makes its own)
+
+
+def count_store() -> None:
+    """Keep every tensor store the stages make, to add up what they quantized (tbpw counts it per store)."""
+    from tbpw.quantize.store import TensorStore
+
+    made = TensorStore.__post_init__
+
+    def keep(self, _made=made):
+        _made(self)
+        _STORES.append(self)
+
+    TensorStore.__post_init__ = keep  # type: ignore[method-assign]
+
+
+def _store_elements() -> int:
+    """Tensor elements the tensor stores of this process have quantized so far."""
+    return sum(store.quantized_elements for store in _STORES)
 
 
 def markdown(r: Result, args: argparse.Namespace) -> str:
@@ -355,7 +395,7 @@ def main() -> None:
                    help="synthetic: the GGUF whose tokenizer the 214 M model takes (the fork's tiny model)")
     p.add_argument("--load-note", default="see the run's date", help="what the machine's load was, for the docs")
     p.add_argument("--name", help="section name in the output (default: the model's label)")
-    p.add_argument("--out", default=str(REPO / "docs" / "cost.md"))
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / "cost.md"))
     args = p.parse_args()
     args.levels = [x.strip() for x in args.levels.split(",") if x.strip()]
     result = run(args)

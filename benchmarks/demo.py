@@ -1,6 +1,6 @@
 """Time the offline demo recipe end to end, against one plain stock quantization of the same model.
 
-    .venv/bin/python benchmarks/demo.py [--recipe recipes/demo.yaml] [--keep]
+    .venv/bin/python -m benchmarks.demo [--recipe recipes/demo.yaml] [--keep]
 
 Runs `tbpw run` on a fresh output folder (cold: every stage computed; the measurement cache is
 bypassed with a fresh cache folder), then again (warm: every stage skipped), and prints both wall
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def _timed(cmd: list[str], env: dict) -> float:

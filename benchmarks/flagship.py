@@ -1,9 +1,9 @@
 """The flagship recipe end to end on the synthetic Gemma-4-26B-A4B: every stage of `recipes/gemma4-q4.yaml` on the
 real tensor layout, at reduced depth, with tbpw's offline datasets in place of the hub's.
 
-    .venv/bin/python benchmarks/flagship.py --work DIR [--layers 2] [--targets 4.5] [--stock Q4_K_M] [--tasks 4]
+    .venv/bin/python -m benchmarks.flagship --work DIR [--layers 2] [--targets 4.5] [--stock Q4_K_M] [--tasks 4]
 
-- The model: `benchmarks/synthetic_gemma4.py` at `--layers` (every tensor at its real name, shape and type; 2
+- The model: `testmodels/synthetic_gemma4.py` at `--layers` (every tensor at its real name, shape and type; 2
   layers are 4.8 GB of F16, the 262,144 x 2816 embedding and output included; llama.cpp runs no Gemma 4 without a
   sliding-window layer, and the last kept layer is a full-attention one, so 2 is the least), with the tiny Gemma 4 fixture's
   gemma4 BPE tokenizer (converted by the pinned convert_hf_to_gguf.py) padded to the model's vocabulary, so
@@ -16,7 +16,7 @@ real tensor layout, at reduced depth, with tbpw's offline datasets in place of t
   types, chunks, tasks, bench lengths) so that it runs in well under an hour on 2 CPU cores.
 - The check: the run ends with a report whose entries carry the MoE type maps (`ffn_gate_up_exps`,
   `ffn_down_exps` in the selected quant's types), the plans not kept are deleted, and every stage's wall time
-  (from its manifest) is printed as a table for docs/scale.md.
+  (from its manifest) is printed as a table for docs/results/scale.md.
 
 Nothing is committed: the model, its imatrix and the run live in --work (deleted at the end unless --keep).
 """
@@ -31,10 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from testmodels.synthetic_gemma4 import padded_tokenizer, write_model
 
-from benchmarks.synthetic_gemma4 import padded_tokenizer, write_model  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TINY_MOE = REPO / "tests" / "fixtures" / "tiny-moe-hf"
 RECIPE = REPO / "recipes" / "gemma4-q4.yaml"

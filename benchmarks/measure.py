@@ -1,6 +1,6 @@
 """Speed of `tbpw measure` against one plain llama-quantize Q4_K_M run on the same model and threads.
 
-    .venv/bin/python benchmarks/measure.py MODEL.gguf [--imatrix I.gguf] [--threads N] [--metric wmse]
+    .venv/bin/python -m benchmarks.measure MODEL.gguf [--imatrix I.gguf] [--threads N] [--metric wmse]
         [--sampling default --sampling fork --sampling scale=0.25,sampled_share=1] [--synthetic 2048,5632,4]
         [--accuracy blk.1.]
 
@@ -29,11 +29,9 @@ import textwrap
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # gguf_writers: the same random-llama writer the tests use
+from benchmarks.childmemory import monitor
 
-from benchmarks.childmemory import monitor  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def timed_child(code: str) -> tuple[float, float, str]:
@@ -105,9 +103,8 @@ def measure_run(model: Path, imatrix: Path | None, threads: int, metric: str, sa
 
 
 def make_synthetic(spec: str, template: Path, folder: Path) -> tuple[Path, Path]:
-    from gguf_writers import write_llama_like
-
     from tbpw.llamacpp.tools import run_tool
+    from testmodels.gguf_writers import write_llama_like
 
     n_embd, n_ff, n_layer = (int(v) for v in spec.split(","))
     model = folder / f"synthetic-{n_embd}x{n_ff}x{n_layer}.gguf"

@@ -1,13 +1,13 @@
 """Wall time of one recipe under the executors, as ratios to a sequential run made in the same process.
 
-    nice .venv/bin/python benchmarks/parallel.py [--recipe tests/recipes/tiny.yaml] [--set KEY=VALUE ...]
+    nice .venv/bin/python -m benchmarks.parallel [--recipe tests/recipes/tiny.yaml] [--set KEY=VALUE ...]
                                                  [--repeat 1] [--no-ray]
 
 Runs the recipe cold (a fresh output folder and a fresh measurement cache, so every stage is computed)
 with `local` and 1 worker (the baseline: one stage at a time), `local` with 2 workers, and `ray` on a local
 cluster of this machine's CPUs (1 CPU per task; the cluster's start-up is timed separately and not counted).
 Prints each wall time and its speed-up over the baseline (baseline time / its time): the figures of
-docs/distributed.md. The tiny recipe's model and texts default to the shared fixtures (../shared, or
+docs/results/speed.md. The tiny recipe's model and texts default to the shared fixtures (../shared, or
 $TBPW_SHARED).
 """
 
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def _fixture_sets() -> list[str]:

@@ -1,9 +1,9 @@
 """tbpw at Gemma-4-26B-A4B's scale: measure, allocate and quantize at increasing depth, against one stock quantization.
 
-    nice .venv/bin/python benchmarks/scale.py --work DIR [--layers 1 --layers 2 --layers 12] [--threads 2]
+    nice .venv/bin/python -m benchmarks.scale --work DIR [--layers 1 --layers 2 --layers 12] [--threads 2]
         [--types Q4_K,Q6_K,Q8_0] [--target-bpw 4.5] [--store] [--keep] [--json OUT.json]
 
-For each depth it writes the synthetic model and imatrix of benchmarks/synthetic_gemma4.py into DIR, then runs,
+For each depth it writes the synthetic model and imatrix of testmodels/synthetic_gemma4.py into DIR, then runs,
 each stage in a fresh child process so that its peak memory is its own:
 
   1. stock   llama-quantize --imatrix I MODEL out.gguf Q4_K_M THREADS          (the baseline)
@@ -33,11 +33,10 @@ import textwrap
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.childmemory import monitor
+from testmodels.synthetic_gemma4 import write_imatrix, write_model
 
-from benchmarks.childmemory import monitor  # noqa: E402
-from benchmarks.synthetic_gemma4 import write_imatrix, write_model  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 _MONITOR = monitor(0.05)  # benchmarks/childmemory.py: what the child reports and why
 _REPORT = textwrap.dedent("""
@@ -79,7 +78,7 @@ def measure(model: Path, imatrix: Path, table: Path, cache: Path, threads: int, 
 
 def allocate(model: Path, imatrix: Path, table: Path, plan: Path, target_bpw: float) -> dict:
     return child(f"""
-        from tbpw.allocate.budget import Target
+        from tbpw.model.budget import Target
         from tbpw.allocate.service import Planner
         from tbpw.files.atomic import write_json
         from tbpw.measure.table import ErrorTable

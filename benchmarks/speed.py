@@ -1,10 +1,10 @@
 """Speed targets that used to be wall-clock assertions in tests, as ratios against a baseline run in this process.
 
-    .venv/bin/python benchmarks/speed.py [--repeat 3]
+    .venv/bin/python -m benchmarks.speed [--repeat 3]
 
 - Opening a GGUF with a 262,144-token vocabulary: tbpw's inventory (which steps over metadata arrays) against
   gguf's GGUFReader (a numpy view per entry). Target: the inventory at most 1/10 of GGUFReader's time.
-- The exact knapsack on a problem with the shapes of a 26B MoE (tests/test_allocators.py's `_moe_like_problem`)
+- The exact knapsack on a problem with the shapes of a 26B MoE (testmodels/problems.py's `moe_like_problem`)
   against the Lagrangian solver on the same problem. Target: at most 10x the Lagrangian's time (measured
   2.9x on a 2-core machine: 0.35 s against 0.12 s; the test once asserted "under 20 s").
 
@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the MoE-shaped problem the allocator tests use, the GGUF writers
-
-from gguf_writers import write_large_vocabulary  # noqa: E402
+from testmodels.gguf_writers import write_large_vocabulary
 
 
 def median_seconds(fn: Callable[[], object], repeat: int) -> float:
@@ -42,11 +37,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     from gguf import GGUFReader
-    from test_allocators import _moe_like_problem
 
     from tbpw.model.inventory import ModelInventory
     from tbpw_plugins.allocators.knapsack import Knapsack
     from tbpw_plugins.allocators.lagrangian import Lagrangian
+    from testmodels.problems import moe_like_problem
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +49,7 @@ def main() -> int:
         ours = median_seconds(lambda: ModelInventory.load(model), args.repeat)
         theirs = median_seconds(lambda: GGUFReader(str(model)), max(1, args.repeat // 2))
         rows.append(("inventory / GGUFReader, 262k vocabulary", ours, theirs, 0.1))
-    problem = _moe_like_problem(4.5)
+    problem = moe_like_problem(4.5)
     exact = median_seconds(lambda: Knapsack(Knapsack.Options()).allocate(problem), args.repeat)
     lagrangian = median_seconds(lambda: Lagrangian(Lagrangian.Options()).allocate(problem), args.repeat)
     rows.append(("knapsack / lagrangian, MoE-sized problem", exact, lagrangian, 10.0))

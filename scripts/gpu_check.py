@@ -1,7 +1,7 @@
 """The CUDA check, prepared here and run in one go on a GPU machine that has no network.
 
-    python scripts/gpu_check.py prepare                  # here: fills .gpu/ (git-ignored) with what travels
-    python scripts/gpu_check.py run --out DIR            # there (or here with --backend cpu, to test the script)
+    python -m scripts.gpu_check prepare                  # here: fills .gpu/ (git-ignored) with what travels
+    python -m scripts.gpu_check run --out DIR            # there (or here with --backend cpu, to test the script)
 
 `prepare` cuts a slim llama.cpp source tree from tbpw's cache (the pinned sdist, ~8 MB compressed), downloads
 the wheels the GPU image lacks (pydantic and gguf with their pure dependencies, for the machine's Python 3.12),
@@ -46,7 +46,6 @@ IMATRIX_TOLERANCE = 2e-3  # relative: GPU and CPU sum activations in another ord
 
 
 def prepare(folder: Path, shared: Path) -> None:
-    sys.path.insert(0, str(REPO))
     from tbpw.data.taskformats import HellaSwagTask, write_hellaswag
     from tbpw.llamacpp import sources
 

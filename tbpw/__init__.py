@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from tbpw.version import __version__
 
 # name -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -46,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "DecidableTensor": "tbpw.allocate.problem",
     "Candidate": "tbpw.allocate.problem",
     "Member": "tbpw.allocate.problem",
-    "Target": "tbpw.allocate.budget",
+    "Target": "tbpw.model.budget",
     # what an error metric receives
     "ColumnStats": "tbpw.measure.slices",
     "MetricContext": "tbpw.measure.slices",
@@ -59,9 +59,9 @@ _EXPORTS: dict[str, str] = {
     # what an evaluator receives
     "EvalContext": "tbpw.evaluate.context",
     # what an executor receives and reports, and what it gives a job's tools
-    "Job": "tbpw.run.graph",
-    "JobEvent": "tbpw.run.graph",
-    "Resources": "tbpw.run.graph",
+    "Job": "tbpw.jobs",
+    "JobEvent": "tbpw.jobs",
+    "Resources": "tbpw.jobs",
     "ToolSlot": "tbpw.llamacpp.resources",
     "cpu_count": "tbpw.llamacpp.resources",
     "visible_gpus": "tbpw.llamacpp.resources",
@@ -115,7 +115,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from tbpw.allocate.budget import Target
     from tbpw.allocate.problem import AllocationContext, AllocationProblem, Candidate, DecidableTensor, Member
     from tbpw.data import assets as demo_assets
     from tbpw.data.files import DatasetContext, DatasetFile, DatasetKind
@@ -125,12 +124,14 @@ if TYPE_CHECKING:
     from tbpw.files.atomic import atomic_path, write_json, write_text
     from tbpw.files.digest import content_sha256, sha256_file
     from tbpw.files.pinned import PinnedArchive, extract_member, fetch_pinned
+    from tbpw.jobs import Job, JobEvent, Resources
     from tbpw.llamacpp.features import ensure_tool_features
     from tbpw.llamacpp.quantize import fork_target_types
     from tbpw.llamacpp.resources import ToolSlot, cpu_count, split_threads, stop_tool_processes, visible_gpus
     from tbpw.measure.candidates import fork_pareto
     from tbpw.measure.sampling import MT19937, normal_float32
     from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
+    from tbpw.model.budget import Target
     from tbpw.model.ggml_types import FORK_TYPES, IQ_TYPES, effective_type, nominal_bpw, type_name
     from tbpw.plugin.base import (
         Allocator,
@@ -144,4 +145,3 @@ if TYPE_CHECKING:
         PluginOptions,
     )
     from tbpw.plugin.hookspecs import hookimpl
-    from tbpw.run.graph import Job, JobEvent, Resources

@@ -7,14 +7,14 @@ import math
 
 import pytest
 from click.testing import CliRunner
+from instances import allocate
 from tables import Cand, Entry, Table
 
-from tbpw.allocate.budget import Target, parse_size
 from tbpw.allocate.constraints import Constraints
 from tbpw.allocate.plan import Plan, make_plan
 from tbpw.allocate.problem import AllocationProblem, build_problem, reachable_bpw
-from tbpw.allocate.service import allocate
 from tbpw.errors import TbpwError
+from tbpw.model.budget import Target, parse_size
 from tbpw.model.inventory import ModelInventory
 
 ALLOCATORS = ("lagrangian", "knapsack", "greedy")

@@ -8,8 +8,8 @@ import random
 
 import numpy as np
 import pytest
+from instances import allocate
 
-from tbpw.allocate.budget import Target
 from tbpw.allocate.problem import (
     AllocationContext,
     AllocationProblem,
@@ -19,11 +19,12 @@ from tbpw.allocate.problem import (
     build_problem,
     reachable_bpw,
 )
-from tbpw.allocate.service import allocate
 from tbpw.errors import TbpwError
-from tbpw.model.ggml_types import FORK_TYPES, effective_type, nominal_bpw, row_bytes
+from tbpw.model.budget import Target
+from tbpw.model.ggml_types import FORK_TYPES, nominal_bpw
 from tbpw_plugins.allocators.knapsack import Knapsack
 from tbpw_plugins.allocators.lagrangian import Lagrangian, lower_hull
+from testmodels.problems import moe_like_problem
 
 ALLOCATORS = ("lagrangian", "knapsack", "greedy")
 
@@ -116,37 +117,11 @@ def test_knapsack_never_worse_than_lagrangian_or_greedy(inventory, request, tabl
     assert strictly_better > 20  # it is not merely equal
 
 
-def _moe_like_problem(bpw: float) -> AllocationProblem:
-    """~300 tensors x 20 types with the shapes of a 26B MoE (30 layers, 128 experts), seeded errors."""
-    rng = random.Random(3)
-    shapes = [("token_embd.weight", 2816, 262144)]
-    for layer in range(30):
-        for role, ne0, rows in (("ffn_gate_exps", 2816, 704 * 128), ("ffn_up_exps", 2816, 704 * 128),
-                                ("ffn_down_exps", 768, 2816 * 128), ("attn_q", 2816, 4096), ("attn_k", 2816, 1024),
-                                ("attn_v", 2816, 1024), ("attn_output", 4096, 2816), ("ffn_gate", 2816, 2112),
-                                ("ffn_up", 2816, 2112), ("ffn_down", 2112, 2816)):
-            shapes.append((f"blk.{layer}.{role}.weight", ne0, rows))
-    tensors = []
-    for name, ne0, rows in shapes:
-        cands: dict[str, Candidate] = {}
-        for t in FORK_TYPES:
-            t = effective_type(t, ne0)
-            nbytes = rows * row_bytes(t, ne0)
-            error = rows * 2.0 ** (-2.0 * nominal_bpw(t)) * (0.7 + 0.6 * rng.random())
-            if t not in cands or error < cands[t].error:
-                cands[t] = Candidate(t, nbytes, error, 8.0 * nbytes / (ne0 * rows))
-        member = Member(name, ne0, rows, {c.type: c.error for c in cands.values()})
-        tensors.append(DecidableTensor(name, ne0 * rows, tuple(sorted(cands.values(), key=lambda c: c.bytes)), None,
-                                       name.split(".")[-2], 1, (member,)))
-    elements = sum(t.n_elements for t in tensors)
-    return AllocationProblem(tuple(tensors), int(bpw * elements / 8), elements, 0, False, Target(bpw=bpw))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("bpw", [2.5, 4.5])
 def test_knapsack_is_exact_on_a_moe_sized_problem(bpw):
     """Its speed on this problem is a benchmark (benchmarks/speed.py), not a test."""
-    problem = _moe_like_problem(bpw)
+    problem = moe_like_problem(bpw)
     solver = Knapsack(Knapsack.Options())
     choice = solver.allocate(problem)
     assert solver.exact  # proven optimal after Lagrangian reduction, despite ~6.6 M exact buckets
@@ -275,7 +250,7 @@ def test_fork_native_needs_paths(inventory, fork_table):
 
 @pytest.fixture(scope="module")
 def measured_table(tiny_model, stock_imatrix, tmp_path_factory):
-    from tbpw.measure.engine import measure
+    from instances import measure
 
     return measure(tiny_model, stock_imatrix, sampling={"scale": 0.25}, progress=False,
                    cache_dir=tmp_path_factory.mktemp("measure-cache"))

@@ -9,11 +9,10 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from instances import allocate
 
 from tbpw.allocate.apply import apply_plan, plan_path_for, verify_output
-from tbpw.allocate.budget import Target
 from tbpw.allocate.problem import build_problem
-from tbpw.allocate.service import allocate
 from tbpw.errors import TbpwError
 from tbpw.llamacpp.quantize import (
     output_metadata_bytes,
@@ -21,6 +20,7 @@ from tbpw.llamacpp.quantize import (
     tensor_type_text,
 )
 from tbpw.measure import forkstate
+from tbpw.model.budget import Target
 from tbpw.model.inventory import ModelInventory
 
 
@@ -109,7 +109,7 @@ def test_overrides_need_a_quantized_base_and_a_failed_check_leaves_no_file(inven
 @pytest.mark.tools
 @pytest.mark.parametrize("size", ["2000k", "2.6m"])
 def test_size_target_is_a_real_file_size(inventory, full_table, tiny_model, fork_imatrix, tmp_path, size):
-    from tbpw.allocate.budget import parse_size
+    from tbpw.model.budget import parse_size
 
     metadata = output_metadata_bytes(tiny_model, fork_imatrix)
     problem = build_problem(inventory, full_table, Target.parse(size=size), metadata_bytes=metadata)

@@ -1,5 +1,6 @@
-"""The shape of the code: imports point one way, the core names no plugin, plugins use only the public API,
-the packaging lists what the tree holds, and starting the command line stays light."""
+"""The shape of the code: imports point one way (down a declared order of floors, TYPE_CHECKING imports included),
+the core names no plugin, plugins use only the public API, the packaging lists what the tree holds, and starting
+the command line stays light."""
 
 from __future__ import annotations
 
@@ -81,6 +82,62 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (found := visit(node)):
             return found
     return None
+
+
+# The floors of the core, bottom first: a module imports its own package and the floors below it, never one above
+# (the facade `tbpw`, at the top, re-exports from every floor; plugins import only the facade). The contracts sit
+# low enough for their users: `Target` in model, the executor's jobs in tbpw.jobs, the options base in tbpw.options;
+# the plugin base classes sit above the types they name, and the floors below them are handed plugin instances.
+FLOORS = (
+    "tbpw.version",
+    "tbpw.errors",
+    "tbpw.options",  # the options base and plugin references every stage's options model builds on
+    "tbpw.files",
+    "tbpw.model",  # GGUF layout, inventory, ggml type facts, targets and budgets
+    "tbpw.imatrix",
+    "tbpw.llamacpp",  # the one package that touches llama.cpp
+    "tbpw.quantize",  # the tensor store
+    "tbpw.jobs",  # what an executor receives
+    "tbpw.data",
+    "tbpw.evaluate",
+    "tbpw.measure",
+    "tbpw.allocate",
+    "tbpw.plugin",  # the plugin contracts and registry
+    "tbpw.select",
+    "tbpw.stages",  # one module per stage: options, step, cost
+    "tbpw.run",  # recipes, the pipeline's wiring, the report
+    "tbpw.cli",
+    "tbpw.testing",
+    "tbpw",
+)
+
+
+def _floor(module: str) -> int:
+    """The floor of a core module: its longest matching entry of FLOORS."""
+    matches = [i for i, name in enumerate(FLOORS) if module == name or module.startswith(name + ".")]
+    return max(matches, key=lambda i: len(FLOORS[i]))
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a core module from a higher floor than its own."""
+    core = [m for m in graph if m == "tbpw" or m.startswith("tbpw.")]
+    return sorted(f"{m} -> {t}" for m in core for t in graph[m]
+                  if (t == "tbpw" or t.startswith("tbpw.")) and _floor(t) > _floor(m))
+
+
+def test_every_core_package_has_a_floor():
+    packages = {".".join(m.split(".")[:2]) for m in _sources() if m.startswith("tbpw.")}
+    assert packages <= set(FLOORS), sorted(packages - set(FLOORS))
+
+
+def test_no_import_points_up_the_floors():
+    assert _upward(_graph()) == []
+
+
+def test_the_floor_check_finds_a_wrong_way_import():
+    assert _upward({"tbpw.measure.engine": {"tbpw.plugin.manager", "tbpw.model.inventory"},
+                    "tbpw.llamacpp.quantize": {"tbpw.allocate.budget"}}) == [
+        "tbpw.llamacpp.quantize -> tbpw.allocate.budget", "tbpw.measure.engine -> tbpw.plugin.manager"]
 
 
 def test_no_import_cycle_anywhere_in_the_core_or_the_plugins():

@@ -7,9 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from gguf_writers import write_llama_like
+from instances import measure
 
-from tbpw.allocate.budget import Target
 from tbpw.allocate.plan import make_plan
 from tbpw.allocate.service import Planner
 from tbpw.errors import TbpwError
@@ -19,10 +18,11 @@ from tbpw.llamacpp.perplexity import base_logits, kld
 from tbpw.llamacpp.quantize import tensor_type_text
 from tbpw.llamacpp.tools import run_tool
 from tbpw.measure import candidates
-from tbpw.measure.engine import measure
 from tbpw.model import gguf_layout
+from tbpw.model.budget import Target
 from tbpw.model.ggml_types import STOCK_EXTRA_TYPES, can_write, effective_type, nominal_bpw, type_id, type_name
 from tbpw.model.inventory import ModelInventory
+from testmodels.gguf_writers import write_llama_like
 
 
 def test_facts_of_the_types_beyond_the_fork():

@@ -90,16 +90,33 @@ def test_choose_bad_input_is_one_line(tiny_model, stock_imatrix, table_file, spl
     assert not out.exists()
 
 
-def test_choose_options_default_to_the_recipes_screening_rule():
-    """The CLI spells the recipe's defaults out (importing the recipe model would slow every command's start);
-    they must not drift apart. Screening itself stays off unless asked (--screen-chunks 0)."""
+@pytest.mark.parametrize("command,model", [("choose", "ChooseOptions"), ("calibrate", "CalibrateOptions")])
+def test_the_flags_default_to_the_options_a_recipe_gets(command, model):
+    """One set of defaults: each flag that sets an options field shows and uses that field's default, so
+    `tbpw choose` screens in rounds as a recipe's `choose: {}` does (--screen-chunks 2; 0 turns it off)."""
     import click
 
-    from tbpw.run.recipe import ChooseOptions
+    from tbpw.select import options
 
-    command = main.get_command(click.Context(main), "choose")
-    assert command is not None
-    params = {p.name: p.default for p in command.params}
-    recipe = ChooseOptions()
-    assert (params["finalists"], params["margin"], params["chunks"]) == (recipe.finalists, recipe.margin, recipe.chunks)
-    assert params["screen_chunks"] == 0
+    cls = getattr(options, model)
+    cli = main.get_command(click.Context(main), command)
+    assert cli is not None
+    defaults = {p.name: p.default for p in cli.params}
+    fields = {"choose": ["ctx", "chunks", "screen_chunks", "finalists", "margin", "refine_rounds", "refine_tries"],
+              "calibrate": ["grouping", "ctx", "chunks", "background"]}[command]
+    for field in fields:
+        expected = cls.model_fields[field].get_default(call_default_factory=True)
+        assert defaults[field] == (tuple(expected) if isinstance(expected, list) else expected), field
+    if command == "calibrate":
+        assert defaults["probes"] == tuple(cls().probes) and defaults["strength"] == cls().strengths[0]
+    else:
+        assert defaults["screen_chunks"] == 2
+
+
+def test_a_flag_out_of_its_options_range_is_one_line(tiny_model, stock_imatrix, table_file, split_text, tmp_path):
+    cal, _ = split_text
+    result = CliRunner().invoke(main, ["choose", str(tiny_model), "--imatrix", str(stock_imatrix), "--target-bpw", "4",
+                                       "--error-table", str(table_file), "-f", str(cal), "--screen-chunks", "1",
+                                       "-o", str(tmp_path / "never.gguf")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: tbpw choose: ") and "screen_chunks is 0 (no screening) or at least 2" in result.output

@@ -142,7 +142,7 @@ def test_moe_expert_sums_add_up_to_the_router_input(moe_pair):
 @pytest.mark.tools
 @pytest.mark.slow
 def test_gemma4_moe_fixture_equals_stock(wiki_text: Path, tmp_path: Path):
-    """The Gemma 4 MoE of tests/fixtures (scripts/make_tiny_moe.py): fused gate_up experts, a shared FFN,
+    """The Gemma 4 MoE of tests/fixtures (python -m testmodels.make_tiny_moe): fused gate_up experts, a shared FFN,
     sliding-window layers; one expert of layer 1 gets no token on this text (partial data)."""
     from tbpw.llamacpp.convert import convert_hf, missing_modules
 

@@ -2,7 +2,7 @@
 needs, known before any work; a run whose output disk lacks the room is refused before it starts.
 
 The model size comes from what the recipe names without converting it: on the real Gemma-4-26B-A4B layout
-(benchmarks/synthetic_gemma4.py, written sparse: its header and a hole, no disk used) it is the model card's
+(testmodels/synthetic_gemma4.py, written sparse: its header and a hole, no disk used) it is the model card's
 25.2 B weights with 3.8 B active per token.
 """
 
@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.synthetic_gemma4 import write_model
 from tbpw.cli import main
-from tbpw.run.costplan import disk_needed, model_size
-from tbpw.run.recipe import ChooseOptions, read
+from tbpw.run.costplan import disk_needed
+from tbpw.run.recipe import read
+from tbpw.select.options import ChooseOptions
+from tbpw.stages.model import size as model_size
+from testmodels.synthetic_gemma4 import write_model
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny.yaml"
 
@@ -40,7 +42,7 @@ def test_the_real_layout_is_sized_from_its_tensor_table(tmp_path, wiki_text):
                            "compare_stock: [Q4_K_M]\n")
     recipe, problems = read(recipe_file)
     assert recipe is not None and not problems
-    size = model_size(recipe)
+    size = model_size(recipe.model)
     assert size is not None and not size.needs_copy and size.vocab == 262144
     assert round(size.n_elements / 1e9, 1) == 25.2 and round(size.n_active / 1e9, 1) == 3.8
     quants = (4.5 + 6.5) * 2 * size.n_elements / 8 + 4.5 * size.n_elements / 8  # two plans per target, one stock
@@ -70,7 +72,8 @@ def test_plan_lists_every_stage_and_writes_nothing(tiny_model, wiki_text, tmp_pa
     assert not out.exists()
     listed = re.findall(r"^(run|reuse\?|as is) +(\S+)$", result.stdout, re.M)
     recipe = check(RECIPE, [a for a in args if a != "--set"])
-    assert [name for _, name in listed] == [t.name for t in Pipeline(recipe, claim=None).graph()]
+    graph = Pipeline(recipe, claim=None).graph()
+    assert [name for _, name in listed] == [t.name for t in graph.tasks if t.name not in graph.releases]
     assert dict((name, status) for status, name in listed)["model"] == "as is"  # a float GGUF, used without a copy
     assert {status for status, name in listed if name != "model"} == {"run"}  # nothing made yet
     # 2 stock types and 2 plans (knapsack, for the stock target and for 3.5 bpw); 4 quants x 1 evaluator; 4 benches
@@ -123,3 +126,19 @@ def test_a_run_whose_disk_is_too_small_is_refused_before_any_work(tiny_model, wi
     assert planned.exit_code == 2 and "plan: disk: at least" in planned.stdout
     assert planned.stderr.startswith("error: ") and "the run writes at least" in planned.stderr
     assert not out.exists()
+
+
+@pytest.mark.tools
+def test_the_plan_is_the_sum_of_the_stages_own_estimates(tiny_model, wiki_text, tmp_path, monkeypatch):
+    """costplan knows no stage: change one stage's estimate and the plan follows, with no edit to costplan."""
+    from tbpw.stages import choose
+    from tbpw.stages.cost import Cost
+
+    args = [*_sets(tiny_model, wiki_text, tmp_path / "out"), "--set", "compare_stock=[]", "--set", "choose={}", "--plan"]
+    before = CliRunner().invoke(main, ["run", str(RECIPE), *args])
+    assert before.exit_code == 0 and ", 2 KLD runs on calibration text" in before.stdout, before.output
+    monkeypatch.setattr(choose, "cost", lambda size, choosing, calibrate: Cost(quantizations=5, klds=21))
+    after = CliRunner().invoke(main, ["run", str(RECIPE), *args])
+    assert after.exit_code == 0, after.output
+    # two targets, each choice now estimated at 5 quantizations and 21 KLD runs; 1 stock quantization stays
+    assert "11 quantizations, 42 KLD runs on calibration text" in after.stdout

@@ -14,12 +14,12 @@ from xml.etree import ElementTree
 
 import pytest
 from click.testing import CliRunner
+from instances import allocate
 
-from tbpw.allocate.budget import Target
 from tbpw.allocate.problem import build_problem
-from tbpw.allocate.service import allocate
 from tbpw.errors import TbpwError
 from tbpw.measure import forkstate
+from tbpw.model.budget import Target
 from tbpw.model.inventory import ModelInventory
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tbpw-cheapest-allocator"

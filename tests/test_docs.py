@@ -8,6 +8,9 @@
 - Every tbpw module and name the docs cite resolves, every repository path they cite exists, and so does
   every entry of the README's layout.
 - The README's custom allocator imports only `tbpw`, is about 20 lines, and works as shown.
+- docs/ is the manual and docs/results/ the benchmarks' dated output: every results page names, near its top, a
+  `python -m benchmarks.X` (or `scripts.X`) command that regenerates it, and no manual page holds a benchmark's
+  generated sections.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from click.testing import CliRunner
 from tbpw.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+MANUAL = sorted((REPO / "docs").glob("*.md"))
+RESULTS = sorted((REPO / "docs" / "results").glob("*.md"))  # dated benchmark output, each naming its command
+DOCS = [REPO / "README.md", *MANUAL, *RESULTS]
 FENCE = re.compile(r"^\s*```(\w*)\s*$")
 COMMAND_START = re.compile(r"(?:^|[|;]\s*|&&\s*)tbpw\s+(?=-|[a-z])")
 OPTION = re.compile(r"(?<![\w.=/<-])(--?[A-Za-z][\w-]*)")
-TOP_LEVEL = ("tbpw/", "plugins/", "vendor/", "scripts/", "benchmarks/", "tests/", "recipes/", "examples/", "docs/",
-             ".ci/")
+TOP_LEVEL = ("tbpw/", "plugins/", "vendor/", "scripts/", "benchmarks/", "testmodels/", "tests/", "recipes/", "examples/",
+             "docs/", ".ci/")
 
 
 def _rel(path: Path) -> str:
@@ -318,6 +323,39 @@ def test_every_entry_of_the_readme_layout_exists():
     assert checked > 15
 
 
+# ------------------------------------------------------------------------------- manual and results
+
+REGENERATE = re.compile(r"python3? -m ((?:benchmarks|scripts)\.[A-Za-z_]\w*)")
+RESULTS_TOP = 20  # lines: the header that says what a results page measures and how to make it again
+GENERATED = ("<!-- quality:", "<!-- cost:")  # the sections benchmarks/quality.py and benchmarks/cost.py write
+
+
+def test_there_are_results_pages():
+    assert {p.name for p in RESULTS} >= {"quality.md", "cost.md", "scale.md", "gpu.md"}
+
+
+@pytest.mark.parametrize("page", RESULTS, ids=[p.name for p in RESULTS])
+def test_every_results_page_names_a_command_that_regenerates_it(page: Path):
+    top = "\n".join(page.read_text(encoding="utf-8").splitlines()[:RESULTS_TOP])
+    modules = REGENERATE.findall(top)
+    assert modules, f"{_rel(page)} names no `python -m benchmarks.X` or `python -m scripts.X` in its first {RESULTS_TOP} lines"
+    missing = [m for m in modules if not (REPO / (m.replace(".", "/") + ".py")).is_file()]
+    assert not missing, f"{_rel(page)} names modules that do not exist: {missing}"
+
+
+def test_the_command_finder_finds_module_commands():
+    assert REGENERATE.findall("    nice .venv/bin/python -m benchmarks.scale --work DIR") == ["benchmarks.scale"]
+    assert REGENERATE.findall("PYTHONPATH=/tmp/site python3 -m scripts.gpu_check run") == ["scripts.gpu_check"]
+    assert REGENERATE.findall(".venv/bin/python benchmarks/quality.py --model bench") == []
+
+
+@pytest.mark.parametrize("page", MANUAL, ids=[p.name for p in MANUAL])
+def test_manual_pages_hold_no_generated_sections(page: Path):
+    text = page.read_text(encoding="utf-8")
+    found = [marker for marker in GENERATED if marker in text]
+    assert not found, f"{_rel(page)} holds {found}: benchmark output belongs in docs/results/"
+
+
 # --------------------------------------------------------------------------- the custom allocator
 
 
@@ -338,21 +376,22 @@ def test_readme_custom_allocator_is_short_and_imports_only_tbpw():
 
 
 def test_readme_custom_allocator_allocates_within_the_budget(plugin_manager, inventory, fork_table):
+    from instances import allocate
+
     from tbpw import TbpwError
-    from tbpw.allocate.budget import Target
     from tbpw.allocate.problem import build_problem
-    from tbpw.allocate.service import allocate
+    from tbpw.model.budget import Target
 
     module = types.ModuleType("my_allocator")
     exec(compile(_readme_allocator(), "README.md (my_allocator.py)", "exec"), module.__dict__)
     name = plugin_manager.register(module, name="readme-allocator")
     try:
         problem = build_problem(inventory, fork_table, Target(bpw=4.0))
-        cheapest = allocate(inventory, problem, "cheapest", manager=plugin_manager)
-        spent = allocate(inventory, problem, "cheapest", {"spend_on": ["attn_v", "ffn_down"]}, manager=plugin_manager)
+        cheapest = allocate(inventory, problem, "cheapest")
+        spent = allocate(inventory, problem, "cheapest", {"spend_on": ["attn_v", "ffn_down"]})
         assert cheapest.achieved_bpw < spent.achieved_bpw <= 4.0
         assert cheapest.allocator == "cheapest" and spent.allocator_options == {"spend_on": ["attn_v", "ffn_down"]}
         with pytest.raises(TbpwError, match=r"no option 'spend_onn' \(did you mean 'spend_on'\?\)"):
-            allocate(inventory, problem, "cheapest", {"spend_onn": []}, manager=plugin_manager)
+            allocate(inventory, problem, "cheapest", {"spend_onn": []})
     finally:
         plugin_manager.unregister(name)

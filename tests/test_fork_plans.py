@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from instances import allocate
 
 from tbpw.allocate.apply import apply_plan
-from tbpw.allocate.budget import Target
 from tbpw.allocate.problem import build_problem
-from tbpw.allocate.service import allocate
+from tbpw.model.budget import Target
 from tbpw.model.inventory import ModelInventory
 from tbpw_plugins.allocators.lagrangian import Lagrangian
 

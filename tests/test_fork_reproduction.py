@@ -13,10 +13,11 @@ revision) quantizes a few IQ1_M blocks differently from b11312's, which tbpw use
 from __future__ import annotations
 
 import pytest
+from instances import measure
 
 from tbpw.measure import forkstate
 from tbpw.measure.candidates import fork_pareto
-from tbpw.measure.engine import measure, plan_tensor
+from tbpw.measure.engine import plan_tensor
 from tbpw.measure.table import ErrorTable
 from tbpw.model.ggml_types import FORK_TYPES
 from tbpw.model.inventory import ModelInventory

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
-from gguf_writers import write_llama_like
 
 from tbpw.errors import TbpwError
 from tbpw.imatrix.reader import Imatrix
 from tbpw.llamacpp.tools import run_tool
 from tbpw.model.inventory import ModelInventory
+from testmodels.gguf_writers import write_llama_like
 
 pytestmark = pytest.mark.tools
 

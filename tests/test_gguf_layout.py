@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
-from gguf_writers import write_large_vocabulary
 
 from tbpw.errors import TbpwError
 from tbpw.model import gguf_layout
 from tbpw.model.inventory import ModelInventory
+from testmodels.gguf_writers import write_large_vocabulary
 
 
 def _same_as_reader(path) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from tbpw import Resources, TbpwError
+from tbpw.jobs import WorkerCheck
 from tbpw.llamacpp import resources
 from tbpw.run.execute import RunInterrupted, execute
-from tbpw.run.graph import Ref, TaskGraph, WorkerCheck, resolve
+from tbpw.run.graph import Ref, TaskGraph, resolve
 from tbpw_plugins.executors.local import Local, LocalOptions
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGUFReader
-from gguf_writers import write_expert_tensor_file, write_imatrix
 
 from tbpw.errors import TbpwError
 from tbpw.imatrix.reader import Imatrix
 from tbpw.llamacpp.tools import run_tool
 from tbpw.model.inventory import ModelInventory
+from testmodels.gguf_writers import write_expert_tensor_file, write_imatrix
 
 
 def _raw(path, name):

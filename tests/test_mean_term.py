@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from instances import measure
 
 from tbpw.imatrix.reader import Imatrix
-from tbpw.measure.engine import measure
 
 TENSOR = "blk.1.ffn_up.weight"
 

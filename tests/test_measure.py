@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_writers import write_expert_tensor_file, write_imatrix
+from instances import measure
 
 from tbpw.imatrix.reader import Imatrix
-from tbpw.measure.engine import MeasurementInterrupted, measure, plan_tensor
+from tbpw.measure.engine import MeasurementInterrupted, plan_tensor
 from tbpw.measure.sampling import (
     HASH_MAGIC,
     MT19937,
@@ -31,6 +31,7 @@ from tbpw.measure.sampling import (
 from tbpw.measure.slices import ColumnStats, MetricContext
 from tbpw.measure.table import ErrorTable
 from tbpw.model.inventory import ModelInventory
+from testmodels.gguf_writers import write_expert_tensor_file, write_imatrix
 
 DATA = Path(__file__).parent / "data" / "captured" / "libstdcxx-random.txt"
 FEW = ["blk.0.attn_v.weight", "blk.1.ffn_down.weight", "blk.2.attn_q.weight"]

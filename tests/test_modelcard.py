@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from gguf_writers import write_llama_like
 from task_files import hellaswag_from
 
 from tbpw.cli import main
@@ -19,8 +18,9 @@ from tbpw.errors import TbpwError
 from tbpw.llamacpp.quantize import quantize
 from tbpw.model import gguf_layout
 from tbpw.model.inventory import ModelInventory
-from tbpw.run import compare
-from tbpw.run.recipe import CompareFile
+from tbpw.stages import compare
+from tbpw.stages.compare import CompareFile
+from testmodels.gguf_writers import write_llama_like
 
 RECIPE = Path(__file__).parent / "recipes" / "tiny.yaml"
 

@@ -107,19 +107,22 @@ def test_model_stage_converts_a_hugging_face_folder_once(tmp_path, wiki_text):
     from tbpw.model.inventory import ModelInventory
     from tbpw.run import recipe as recipes
     from tbpw.run.pipeline import Pipeline
+    from tbpw.stages import model as model_stage
 
     hf = Path(__file__).parent / "fixtures" / "tiny-llama-hf"
     # three of its weights are below F16's smallest subnormal: F16 is refused unless clipping is allowed
     sets = [f"model={{path: {hf}, allow_f16_clipping: true}}", f"datasets.calibration.options.path={wiki_text}",
             f"datasets.evaluation.options.path={wiki_text}", f"output_dir={tmp_path / 'run'}"]
     logs: list[str] = []
-    pipeline = Pipeline(recipes.load(RECIPE, sets), log=logs.append)
-    base = pipeline.model()
+    recipe = recipes.load(RECIPE, sets)
+    pipeline = Pipeline(recipe, log=logs.append)
+    base, notes = model_stage.run(pipeline.context, recipe.model)
     inventory = ModelInventory.load(base)
     assert base.name == "base.gguf" and inventory.architecture == "llama"
     assert {t.stored_type for t in inventory.tensors if t.quantizable} == {"F16"}
-    assert pipeline.model() == base and logs == ["done  model" + logs[0].split("model", 1)[1], "skip  model"]
-    assert "3 underflow to zero" in pipeline.notes[0] and pipeline.notes[0] == pipeline.notes[1]  # kept when skipped
+    again, notes_again = model_stage.run(pipeline.context, recipe.model)
+    assert again == base and logs == ["done  model" + logs[0].split("model", 1)[1], "skip  model"]
+    assert "3 underflow to zero" in notes[0] and notes_again == notes  # kept when skipped
     pipeline.close()
 
 
@@ -127,6 +130,7 @@ def test_a_dataset_file_edited_in_place_is_noticed(tmp_path, tiny_model):
     """Same size, same mtime, other words: the data stage is keyed by content, not by its options."""
     from tbpw.run import recipe as recipes
     from tbpw.run.pipeline import Pipeline
+    from tbpw.stages import data
 
     text = tmp_path / "text.txt"
     text.write_text("".join(f"Paragraph {i} says the first thing.\n\n" for i in range(50)), encoding="utf-8")
@@ -137,9 +141,10 @@ def test_a_dataset_file_edited_in_place_is_noticed(tmp_path, tiny_model):
 
     def stage_of_calibration() -> tuple[list[str], str]:
         logs: list[str] = []
-        pipeline = Pipeline(recipes.load(RECIPE, sets), log=logs.append)
+        recipe = recipes.load(RECIPE, sets)
+        pipeline = Pipeline(recipe, log=logs.append)
         try:
-            made = pipeline.datasets()["calibration"]
+            made = data.run(pipeline.context, "calibration", recipe.datasets["calibration"])
         finally:
             pipeline.close()
         return [line.split()[0] for line in logs if line.split()[1] == "data-calibration"], made.path.read_text()

@@ -9,9 +9,8 @@ from collections import Counter
 
 import pytest
 from click.testing import CliRunner
+from instances import allocator
 
-from tbpw import __version__
-from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
 from tbpw.cli import main
 from tbpw.errors import TbpwError
@@ -19,7 +18,9 @@ from tbpw.files.digest import sha256_file
 from tbpw.llamacpp.perplexity import base_logits
 from tbpw.llamacpp.quantize import kv_override_args, output_metadata_bytes, quantize
 from tbpw.model import gguf_layout, provenance
+from tbpw.model.budget import Target
 from tbpw.model.inventory import ModelInventory
+from tbpw.version import __version__
 
 
 def test_values_fit_what_llama_quantize_takes():
@@ -64,7 +65,7 @@ def planned(tiny_model, stock_imatrix, fork_error_table, tmp_path_factory):
     planner = Planner(tiny_model, stock_imatrix, threads=2,
                       provenance={"metric": "fork", "calibration": "wiki-sample.txt", "recipe_sha256": "ab" * 32})
     size = ModelInventory.load(tiny_model).file_bytes() // 3
-    plan = planner.plan(fork_error_table, Target(size=size), "knapsack")
+    plan = planner.plan(fork_error_table, Target(size=size), allocator("knapsack"))
     applied = planner.write(plan, folder / "q.gguf")
     return plan, applied, size
 
@@ -91,7 +92,7 @@ def test_a_file_assembled_from_the_store_records_the_same_keys_as_llama_quantize
 
     planner = Planner(tiny_model, stock_imatrix, threads=2, provenance={"metric": "fork"},
                       store=TensorStore(tmp_path / "store", threads=2))
-    plan = planner.plan(fork_error_table, Target(bpw=4.5), "knapsack")
+    plan = planner.plan(fork_error_table, Target(bpw=4.5), allocator("knapsack"))
     applied = planner.write(plan, tmp_path / "assembled.gguf")
     assert applied.assembled
     kv = planner.provenance_kv(plan.target, plan.allocator, plan.allocator_options)

@@ -9,19 +9,23 @@ from __future__ import annotations
 import math
 
 import pytest
+from instances import allocate, allocator
 
-from scripts.training import bench_model
-from tbpw.allocate.budget import Target
 from tbpw.allocate.problem import build_problem
-from tbpw.allocate.service import Planner, allocate
+from tbpw.allocate.service import Planner
 from tbpw.errors import TbpwError
 from tbpw.llamacpp import perplexity
 from tbpw.llamacpp import quantize as quantize_mod
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
+from tbpw.model.budget import Target
 from tbpw.model.inventory import ModelInventory
 from tbpw.select import calibrate
 from tbpw.select.choose import PlanCandidate, select_plan
+from tbpw.select.options import CalibrateOptions, ChooseOptions
 from tbpw.select.scoring import Scorer
+from testmodels.training import bench_model
+
+PROBE_EACH_ROLE = CalibrateOptions(probes=["Q3_K"], grouping="role", ctx=128, chunks=2)
 
 
 def _record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
@@ -45,11 +49,12 @@ def test_selection_scores_on_calibration_text_only(tiny_model, stock_imatrix, fo
     planner = Planner(tiny_model, stock_imatrix, threads=2)
     target = Target.parse(bpw=4.5)
     problem = planner.problem(fork_error_table, target)
-    candidates = [PlanCandidate(name, planner.plan(fork_error_table, target, name, problem=problem))
+    candidates = [PlanCandidate(name, planner.plan(fork_error_table, target, allocator(name), problem=problem))
                   for name in ("knapsack", "greedy", "lagrangian")]
     calls = _record(monkeypatch)
 
-    sel = select_plan(candidates, planner, cal, tmp_path / "select", ctx=128, chunks=3)
+    sel = select_plan(candidates, planner, cal, tmp_path / "select",
+                      ChooseOptions(ctx=128, chunks=3, screen_chunks=0))
 
     perplexity_runs = [args for tool, args in calls if tool == "llama-perplexity"]
     texts = [args[args.index("-f") + 1] for args in perplexity_runs if "-f" in args]
@@ -70,8 +75,8 @@ def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_ima
     cal, _ = split_text
     cache = tmp_path / "sens"
     scorer = Scorer(tiny_model, cal, imatrix=stock_imatrix, ctx=128, chunks=2, threads=2, cache_dir=tmp_path / "scores")
-    sens = calibrate.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
-                                 ctx=128, chunks=2, threads=2, cache_dir=cache, scorer=scorer)
+    sens = calibrate.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, PROBE_EACH_ROLE, threads=2,
+                                 cache_dir=cache, scorer=scorer)
     assert sens.meta["cached"] is False
     scales = sens.group_scales()
     roles = {t.role for t in ModelInventory.load(tiny_model).tensors if t.quantizable}
@@ -94,8 +99,8 @@ def test_sensitivity_scales_are_finite_positive_and_cached(tiny_model, stock_ima
 
     monkeypatch.setattr(perplexity, "run_tool", no_tools)
     monkeypatch.setattr(quantize_mod, "run_tool", no_tools)
-    again = calibrate.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, probe_types=("Q3_K",), grouping="role",
-                                  ctx=128, chunks=2, threads=2, cache_dir=cache)
+    again = calibrate.calibrate(tiny_model, stock_imatrix, cal, fork_error_table, PROBE_EACH_ROLE, threads=2,
+                                  cache_dir=cache)
     assert again.meta["cached"] is True and again.group_scales() == scales
 
 

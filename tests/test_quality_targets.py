@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tbpw.llamacpp.perplexity import KldScore
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,26 +26,34 @@ def quality():
 
 
 def _row(quality, level: str, variant: str, kld: float, bpw: float = 4.0):
-    return quality.Row(level, variant, bpw, KldScore(kld, kld * 5, 95.0, 99.9, 10.0, 1.0), 1.0)
+    return quality.Row(level, variant, bpw, {"kld_mean": kld, "kld_p99": kld * 5, "same_top_p": 95.0}, 1.0)
 
 
 def test_ratios_are_against_the_better_of_stock_and_fork(quality):
-    run = quality.Run("m", targets={"A": 4.0, "B": 5.0})
+    run = quality.Result("m", "", targets={"A": 4.0, "B": 5.0})
     run.rows = [_row(quality, "A", "stock", 0.010), _row(quality, "A", "fork --target-bpw", 0.008),
-                _row(quality, "A", "tbpw-select", 0.005), _row(quality, "A", "tbpw-refine", 0.004, bpw=3.997),
+                _row(quality, "A", "quant-like-A-knapsack", 0.005),
+                _row(quality, "A", "quant-like-A-choose", 0.004, bpw=3.997),
                 _row(quality, "B", "stock", 0.002, 5.0), _row(quality, "B", "fork --target-bpw", 0.004, 5.0),
-                _row(quality, "B", "tbpw-select", 0.0018, 4.9995), _row(quality, "B", "tbpw-refine", 0.0018, 4.9995)]
+                _row(quality, "B", "quant-like-B-knapsack", 0.0019, 4.9995),
+                _row(quality, "B", "quant-like-B-choose", 0.0018, 4.9995)]
     text = "\n".join(quality.target_summary(run))
-    assert "chosen plan (tbpw-refine)" in text and "KLD / min(stock, fork) <= 0.85" in text
-    assert "| KLD / min(stock, fork) | 0.500 | 0.900 | 0.671 |" in text  # 0.004/0.008, 0.0018/0.002
+    assert "KLD / min(stock, fork) <= 0.85" in text
+    assert "| KLD / min(stock, fork) | 0.500 | 0.900 | 0.671 |" in text  # the chosen plans: 0.004/0.008, 0.0018/0.002
     assert "| shortfall (bpw) | 0.0030 | 0.0005 | |" in text
     assert "every level: missed at B (worst 0.900 at B)" in text and "geometric mean: 0.671, met" in text
 
 
 def test_without_fork_rows_the_stock_targets_apply(quality):
-    run = quality.Run("m", targets={"A": 4.0})
-    run.rows = [_row(quality, "A", "stock", 0.010), _row(quality, "A", "tbpw-select", 0.005)]
+    run = quality.Result("m", "", targets={"A": 4.0})
+    run.rows = [_row(quality, "A", "stock", 0.010), _row(quality, "A", "quant-like-A-choose", 0.005)]
     text = "\n".join(quality.target_summary(run))
-    assert "chosen plan (tbpw-select)" in text and "KLD / stock <= 0.6" in text and "mean <= 0.45" in text
+    assert "KLD / stock <= 0.6" in text and "mean <= 0.45" in text
     assert "every level: met (worst 0.500 at A)" in text and "geometric mean: 0.500, missed" in text
-    assert quality.target_summary(quality.Run("m")) == []
+    assert quality.target_summary(quality.Result("m", "")) == []
+
+
+def test_a_level_name_leaves_the_variant_family(quality):
+    assert quality.family(_row(quality, "Q3_K_M", "quant-like-Q3_K_M-choose", 0.1)) == "quant-<level>-choose"
+    assert quality.family(_row(quality, "IQ3_XXS", "quant-like-IQ3_XXS-knapsack", 0.1)) == "quant-<level>-knapsack"
+    assert quality.family(_row(quality, "Q2_K", "fork --target-bpw", 0.1)) == "fork --target-bpw"

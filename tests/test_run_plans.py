@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tbpw.allocate.budget import parse_size
 from tbpw.cli import main
+from tbpw.model.budget import parse_size
 from tbpw.model.inventory import ModelInventory
 from tbpw.run import recipe as recipes
 

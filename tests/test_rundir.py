@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tbpw.errors import TbpwError
-from tbpw.run.rundir import RunDir
+from tbpw.stages.rundir import RunDir
 
 
 def _writer(calls: list, text: str):

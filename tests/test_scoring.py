@@ -7,15 +7,17 @@ from __future__ import annotations
 import math
 
 import pytest
+from instances import allocator
 from test_parsers import captured
 
-from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
 from tbpw.llamacpp import parsers, perplexity
 from tbpw.llamacpp.perplexity import KldScore, base_logits, base_window, kld
 from tbpw.llamacpp.quantize import quantize
+from tbpw.model.budget import Target
 from tbpw.quantize.store import TensorStore
 from tbpw.select.choose import PlanCandidate, select_plan
+from tbpw.select.options import ChooseOptions
 from tbpw.select.scoring import Scorer, finalists, tied_with_leader
 
 
@@ -114,21 +116,21 @@ def test_an_identical_plan_is_scored_once_and_screening_scores_fewer(tiny_model,
     planner = Planner(tiny_model, stock_imatrix, threads=2, store=TensorStore(tmp_path / "store"))
     target = Target.parse(bpw=4.5)
     problem = planner.problem(fork_error_table, target)
-    candidates = [PlanCandidate(name, planner.plan(fork_error_table, target, name, problem=problem))
+    candidates = [PlanCandidate(name, planner.plan(fork_error_table, target, allocator(name), problem=problem))
                   for name in ("knapsack", "greedy", "lagrangian")]
     distinct = len({str(sorted(c.plan.types().items())) for c in candidates})
     assert distinct >= 2
     scorer = Scorer(tiny_model, cal, imatrix=stock_imatrix, ctx=128, chunks=4, threads=2, cache_dir=tmp_path / "scores")
 
-    sel = select_plan(candidates, planner, cal, tmp_path / "a", ctx=128, chunks=4, screen_chunks=2, finalists=1,
-                      scorer=scorer)
+    sel = select_plan(candidates, planner, cal, tmp_path / "a",
+                      ChooseOptions(ctx=128, chunks=4, screen_chunks=2, finalists=1, margin=0.0), scorer=scorer)
     assert len(sel.screening) == distinct and sel.scores == sel.screening and sel.chunks == 2
     assert sel.best == min(sel.screening, key=lambda n: sel.screening[n].kld_mean)
     assert sel.runs == distinct  # a lone finalist is not scored again
     assert sel.path.is_file()
 
-    wide = select_plan(candidates, planner, cal, tmp_path / "w", ctx=128, chunks=4, screen_chunks=2, finalists=3,
-                       scorer=scorer)
+    wide = select_plan(candidates, planner, cal, tmp_path / "w",
+                       ChooseOptions(ctx=128, chunks=4, screen_chunks=2, finalists=3, margin=0.0), scorer=scorer)
     tied = [n for n in wide.screening if tied_with_leader(wide.screening[sel.best], wide.screening[n])]
     if len(tied) > 1:  # the finalists are the tied plans, each scored on the 2 chunks it had not been scored on
         assert set(wide.scores) == set(tied) and wide.chunks == 4 and wide.runs == len(tied)
@@ -140,8 +142,8 @@ def test_an_identical_plan_is_scored_once_and_screening_scores_fewer(tiny_model,
     else:
         assert wide.runs == 0 and wide.best == sel.best
     # a margin nearly the leader's whole KLD: no plan may beat it by that much, so none goes on
-    strict = select_plan(candidates, planner, cal, tmp_path / "m", ctx=128, chunks=4, screen_chunks=2, finalists=3,
-                         margin=0.99, scorer=scorer)
+    strict = select_plan(candidates, planner, cal, tmp_path / "m",
+                         ChooseOptions(ctx=128, chunks=4, screen_chunks=2, finalists=3, margin=0.99), scorer=scorer)
     going_on = finalists(strict.screening, list(strict.screening), 3, margin=0.99)
     assert going_on == [sel.best] and strict.best == sel.best and strict.chunks == 2 and strict.runs == 0
     assert scorer.base_runs == 1  # one set of float logits serves 2 and 4 chunks
@@ -150,7 +152,8 @@ def test_an_identical_plan_is_scored_once_and_screening_scores_fewer(tiny_model,
         raise AssertionError("a kept score ran a tool")
 
     monkeypatch.setattr(perplexity, "run_tool", no_tools)
-    again = select_plan(candidates, planner, cal, tmp_path / "b", ctx=128, chunks=4, screen_chunks=2, finalists=1,
+    again = select_plan(candidates, planner, cal, tmp_path / "b",
+                        ChooseOptions(ctx=128, chunks=4, screen_chunks=2, finalists=1, margin=0.0),
                         scorer=Scorer(tiny_model, cal, imatrix=stock_imatrix, ctx=128, chunks=4, threads=2,
                                       cache_dir=tmp_path / "scores"))
     assert again.runs == 0 and again.best == sel.best

@@ -7,14 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from instances import allocator
 
-from tbpw.allocate.budget import Target
 from tbpw.allocate.service import Planner
 from tbpw.errors import TbpwError
 from tbpw.llamacpp.imatrix import make_imatrix
 from tbpw.llamacpp.quantize import quantize, tensor_type_text
 from tbpw.llamacpp.quantize_layout import KvOverride, output_layout, tensor_order
 from tbpw.model import gguf_layout
+from tbpw.model.budget import Target
 from tbpw.model.inventory import ModelInventory
 from tbpw.quantize import store as store_mod
 from tbpw.quantize.assemble import assemble
@@ -117,7 +118,7 @@ def test_the_planner_writes_through_the_store_and_verifies(tiny_model, stock_ima
     store = TensorStore(tmp_path / "store", threads=2)
     target = Target.parse(bpw=4.5)
     with_store = Planner(tiny_model, stock_imatrix, threads=2, store=store)
-    plan = with_store.plan(fork_error_table, target, "knapsack")
+    plan = with_store.plan(fork_error_table, target, allocator("knapsack"))
     applied = with_store.write(plan, tmp_path / "store.gguf")
     plain = Planner(tiny_model, stock_imatrix, threads=2).write(plan, tmp_path / "stock.gguf")
     assert applied.assembled and not plain.assembled
@@ -134,7 +135,7 @@ def test_the_planner_writes_through_the_store_and_verifies(tiny_model, stock_ima
 def test_a_type_the_bridge_cannot_write_goes_to_llama_quantize(tiny_model, stock_imatrix, fork_error_table,
                                                                  tmp_path, monkeypatch):
     planner = Planner(tiny_model, stock_imatrix, threads=2, store=TensorStore(tmp_path / "store"))
-    plan = planner.plan(fork_error_table, Target.parse(bpw=5.0), "knapsack")
+    plan = planner.plan(fork_error_table, Target.parse(bpw=5.0), allocator("knapsack"))
     refused = sorted(set(plan.types().values()) - {"F32", "F16"})[0]
     real = store_mod.StoreSource.supports
     monkeypatch.setattr(store_mod.StoreSource, "supports", lambda self, t: t != refused and real(self, t))
@@ -146,7 +147,7 @@ def test_a_type_the_bridge_cannot_write_goes_to_llama_quantize(tiny_model, stock
 
 @pytest.mark.tools
 def test_the_measurement_leaves_the_blobs_a_plan_needs(tiny_model, fork_imatrix, tmp_path):
-    from tbpw.measure.engine import measure
+    from instances import measure
 
     store = TensorStore(tmp_path / "store", threads=2)
     table = measure(tiny_model, fork_imatrix, metric="mse", candidates=["Q4_K", "Q6_K", "Q8_0"], threads=2,

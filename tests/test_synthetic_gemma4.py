@@ -1,4 +1,4 @@
-"""benchmarks/synthetic_gemma4.py: the Gemma-4-26B-A4B-shaped model the scale benchmark runs on.
+"""testmodels/synthetic_gemma4.py: the Gemma-4-26B-A4B-shaped model the scale benchmark runs on.
 
 Its name/shape table is the converter's: fed the tiny Gemma 4 MoE fixture's config, it gives exactly the
 tensors (names, shapes, types) and gemma4 keys the pinned convert_hf_to_gguf.py writes for that fixture.
@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from benchmarks.synthetic_gemma4 import (
+from tbpw.imatrix.reader import Imatrix
+from tbpw.llamacpp import parsers
+from tbpw.llamacpp.convert import convert_hf, missing_modules
+from tbpw.llamacpp.tools import run_tool
+from tbpw.model.inventory import ModelInventory
+from testmodels.synthetic_gemma4 import (
     GEMMA4_26B_A4B,
     gemma4_layout,
     gemma4_metadata,
@@ -22,11 +27,6 @@ from benchmarks.synthetic_gemma4 import (
     write_imatrix,
     write_model,
 )
-from tbpw.imatrix.reader import Imatrix
-from tbpw.llamacpp import parsers
-from tbpw.llamacpp.convert import convert_hf, missing_modules
-from tbpw.llamacpp.tools import run_tool
-from tbpw.model.inventory import ModelInventory
 
 TINY_MOE = Path(__file__).resolve().parent / "fixtures" / "tiny-moe-hf"
 

@@ -1,7 +1,7 @@
-"""The two test models made by scripts/: they convert, run in llama-imatrix and llama-perplexity, and quantize.
+"""The two test models made by testmodels/: they convert, run in llama-imatrix and llama-perplexity, and quantize.
 
-- tests/fixtures/tiny-llama-hf (scripts/make_tiny_llama.py): a trained llama whose rows are multiples of 256;
-- tests/fixtures/tiny-moe-hf (scripts/make_tiny_moe.py): a Gemma 4 mixture-of-experts with 3-D expert tensors.
+- tests/fixtures/tiny-llama-hf (python -m testmodels.make_tiny_llama): a trained llama whose rows are multiples of 256;
+- tests/fixtures/tiny-moe-hf (python -m testmodels.make_tiny_moe): a Gemma 4 mixture-of-experts with 3-D expert tensors.
 """
 
 from __future__ import annotations

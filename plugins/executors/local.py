@@ -49,7 +49,7 @@ def default_workers(cores: int, gpus: int) -> int:
 
     Two half-size jobs beat two full-size ones in a row: llama.cpp's tools scale sublinearly with threads and
     have single-threaded phases (loading, writing), and the graph keeps both workers busy (benchmarks/parallel.py:
-    1.65x with 2 workers on 2 cores, docs/distributed.md)."""
+    1.65x with 2 workers on 2 cores, docs/results/speed.md)."""
     return max(gpus, min(2, cores), min(8, cores // 2), 1)
 
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tbpw.allocate.budget import Target, padded
 from tbpw.allocate.problem import AllocationProblem
 from tbpw.errors import TbpwError
+from tbpw.model.budget import Target, padded
 from tbpw.model.ggml_types import effective_type, type_name
 from tbpw.model.inventory import ModelInventory
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tbpw.allocate.budget import Target, format_size, padded
 from tbpw.allocate.constraints import (
     Constraints,
     checked_type,
@@ -32,6 +31,7 @@ from tbpw.allocate.constraints import (
     role_rules,
 )
 from tbpw.errors import TbpwError
+from tbpw.model.budget import Target, format_size, padded
 from tbpw.model.ggml_types import effective_type, row_bytes, type_name
 from tbpw.model.inventory import ModelInventory, TensorInfo
 
@@ -363,3 +363,16 @@ def _check_reachable(problem: AllocationProblem) -> None:
     raise TbpwError(f"target size {format_size(problem.target.size or 0)} is {which} file this model allows with "
                     f"these candidates and constraints: give a size from {lo_b} to {hi_b} bytes")
 
+
+
+class AllocatorPlugin(Protocol):
+    """What planning uses of an allocator: an instance of the plugin contract `tbpw.Allocator` (tbpw.plugin.base),
+    which a caller above this floor makes from its name and options and hands in."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def options(self) -> Any: ...
+
+    def allocate(self, problem: AllocationProblem) -> dict[str, str]: ...

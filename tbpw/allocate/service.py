@@ -25,36 +25,35 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
-from tbpw import __version__
 from tbpw.allocate.apply import Applied, apply_plan
-from tbpw.allocate.budget import Target
 from tbpw.allocate.constraints import Constraints
 from tbpw.allocate.plan import Plan, make_plan
-from tbpw.allocate.problem import AllocationContext, AllocationProblem, ErrorTableLike, build_problem
+from tbpw.allocate.problem import (
+    AllocationContext,
+    AllocationProblem,
+    AllocatorPlugin,
+    ErrorTableLike,
+    build_problem,
+)
 from tbpw.errors import TbpwError
 from tbpw.files.digest import content_sha256
 from tbpw.imatrix.reader import Imatrix, ImatrixMatch
 from tbpw.llamacpp.build import active_build
 from tbpw.llamacpp.quantize import OutputMetadata, output_metadata
 from tbpw.model import provenance as records
+from tbpw.model.budget import Target
 from tbpw.model.inventory import ModelInventory
-from tbpw.plugin.manager import PluginManager, get_manager
+from tbpw.version import __version__
 
 if TYPE_CHECKING:
     from tbpw.quantize.store import StoreSource, TensorStore
 
 
-def allocate(inventory: ModelInventory, problem: AllocationProblem, name: str,
-             options: Mapping[str, Any] | BaseModel | None = None, *, manager: PluginManager | None = None,
+def allocate(inventory: ModelInventory, problem: AllocationProblem, allocator: AllocatorPlugin, *,
              metadata_bytes: int | None = None) -> Plan:
-    """Run the allocator plugin `name` on `problem` and return the checked plan."""
-    registry = (manager or get_manager()).allocators()
-    validated = options if isinstance(options, BaseModel) else registry.validate_options(name, dict(options or {}))
-    choice = registry.create(name, validated).allocate(problem)
-    return make_plan(inventory, problem, choice, allocator=name, options=validated.model_dump(mode="json"),
-                     metadata_bytes=metadata_bytes)
+    """Run `allocator` (a plugin instance) on `problem` and return the checked plan."""
+    return make_plan(inventory, problem, allocator.allocate(problem), allocator=allocator.name,
+                     options=allocator.options.model_dump(mode="json"), metadata_bytes=metadata_bytes)
 
 
 @dataclass
@@ -66,7 +65,6 @@ class Planner:
     constraints: Constraints = field(default_factory=Constraints)
     log_dir: Path | None = None  # where allocators that run tools keep their logs
     threads: int | None = None
-    manager: PluginManager | None = None
     # provenance fields the caller knows (metric, recipe_sha256, calibration, ...: tbpw.model.provenance.FIELDS)
     provenance: Mapping[str, str] = field(default_factory=dict)
     store: TensorStore | None = None  # None: every plan is written by llama-quantize
@@ -132,14 +130,13 @@ class Planner:
         return build_problem(self.inventory, table, target, self.constraints,
                              metadata_bytes=self.budget_metadata_bytes(target), context=context)
 
-    def plan(self, table: ErrorTableLike, target: Target, allocator: str,
-             options: Mapping[str, Any] | BaseModel | None = None, *, problem: AllocationProblem | None = None) -> Plan:
-        """The checked plan of `allocator` for `target` (pass `problem` to reuse one across allocators)."""
-        registry = (self.manager or get_manager()).allocators()
-        validated = options if isinstance(options, BaseModel) else registry.validate_options(allocator, dict(options or {}))
-        return allocate(self.inventory, problem or self.problem(table, target), allocator, validated,
-                        manager=self.manager,
-                        metadata_bytes=self.metadata_bytes(target, allocator, validated.model_dump(mode="json")))
+    def plan(self, table: ErrorTableLike, target: Target, allocator: AllocatorPlugin, *,
+             problem: AllocationProblem | None = None) -> Plan:
+        """The checked plan of `allocator` (a plugin instance) for `target` (pass `problem` to reuse one across
+        allocators)."""
+        options = allocator.options.model_dump(mode="json")
+        return allocate(self.inventory, problem or self.problem(table, target), allocator,
+                        metadata_bytes=self.metadata_bytes(target, allocator.name, options))
 
     @cached_property
     def store_source(self) -> StoreSource | None:

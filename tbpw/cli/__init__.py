@@ -16,8 +16,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from tbpw import __version__
 from tbpw.errors import Interrupted, TbpwError, interrupt_exit_status, os_error, sigterm_as_interrupt
+from tbpw.version import __version__
 
 EXIT_USER_ERROR = 2
 

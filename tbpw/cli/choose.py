@@ -4,11 +4,12 @@
                    [--grouping role|tensor] [--strength 1.0] [--ctx 512] [--chunks 8] [--background float|Q8_0]
                    [--no-store] -o CALIBRATED.json
     tbpw choose MODEL.gguf --imatrix I.gguf (--target-bpw X | --target-size N) --error-table T.json ...
-                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--screen-chunks 0]
+                [--allocator knapsack --allocator lagrangian] -f CALIBRATION.txt [--chunks 16] [--screen-chunks 2]
                 [--finalists 3] [--margin 0.02] [--refine-rounds N] [--pin REGEX=TYPE ...] [--constraints FILE]
                 [--no-store] [--json] -o OUT.gguf
 
-`calibrate` writes an error table rescaled to measured KL divergence (tbpw.select.calibrate), usable wherever a
+Their flags are the fields of the options a recipe's `calibrate:` and `choose:` take (tbpw.select.options), with the
+same defaults. `calibrate` writes an error table rescaled to measured KL divergence (tbpw.select.calibrate), usable wherever a
 table is (`tbpw quantize --error-table`, `tbpw choose`). `choose` plans the target with every allocator on
 every table, scores each plan against the float model on the calibration text and writes the best one
 (tbpw.select.choose.choose); the tools' logs stay in OUT's `<name>.choose/` folder. Both write their models
@@ -24,10 +25,11 @@ from pathlib import Path
 import click
 
 from tbpw.cli.quantize import _pins, _read_constraints
-from tbpw.cli.support import console
+from tbpw.cli.support import console, default, options_from_flags
 from tbpw.errors import TbpwError
 from tbpw.plugin.hookspecs import hookimpl
 from tbpw.run.overrides import key_values
+from tbpw.select.options import CalibrateOptions, ChooseOptions
 
 
 def _existing(path: str, what: str) -> Path:
@@ -67,15 +69,15 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--imatrix", required=True, help="the importance matrix the table was measured with")
     @click.option("--error-table", "table_file", required=True, help="the table to calibrate (`tbpw measure --out`)")
     @click.option("-f", "--file", "text", required=True, help="CALIBRATION text (never the text you evaluate on)")
-    @click.option("--probe", "probes", multiple=True, default=("Q3_K",), show_default=True,
+    @click.option("--probe", "probes", multiple=True, default=default(CalibrateOptions, "probes"), show_default=True,
                   help="probe type: each group is quantized alone to it (repeatable)")
-    @click.option("--grouping", type=click.Choice(["role", "tensor"]), default="role", show_default=True,
-                  help="one measurement per role across layers, or per tensor")
-    @click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+    @click.option("--grouping", type=click.Choice(["role", "tensor"]), default=default(CalibrateOptions, "grouping"),
+                  show_default=True, help="one measurement per role across layers, or per tensor")
+    @click.option("--strength", type=float, default=default(CalibrateOptions, "strengths")[0], show_default=True,
                   help="scale ** strength: 1 trusts the measured scales, 0.5 hedges against their noise")
-    @click.option("--ctx", type=click.IntRange(min=32), default=512, show_default=True)
-    @click.option("--chunks", type=click.IntRange(min=1), default=8, show_default=True)
-    @click.option("--background", default="float", show_default=True,
+    @click.option("--ctx", type=int, default=default(CalibrateOptions, "ctx"), show_default=True)
+    @click.option("--chunks", type=int, default=default(CalibrateOptions, "chunks"), show_default=True)
+    @click.option("--background", default=default(CalibrateOptions, "background"), show_default=True,
                   help="the type the tensors outside the probed group keep: float, or e.g. Q8_0")
     @click.option("--store/--no-store", default=True, show_default=True,
                   help="write the probes from the tensor store (else llama-quantize writes each)")
@@ -91,17 +93,19 @@ def tbpw_register_commands(cli: click.Group) -> None:
         from tbpw.select.calibrate import calibrated_table
         from tbpw.select.scoring import Scorer
 
+        options = options_from_flags(CalibrateOptions, "calibrate", probes=list(probes), grouping=grouping,
+                                     strengths=[strength], ctx=ctx, chunks=chunks, background=background)
         refuse_overwriting_inputs({"-o": out}, {"model": model, "imatrix": imatrix, "error table": table_file,
                                                 "calibration text": text})
         table = ErrorTable.read_json(_existing(table_file, "error table"))
         model, imatrix, text = _existing(model, "model"), _existing(imatrix, "imatrix"), _existing(text, "text")
         table.check_model(model, f"error table {table_file}")
-        sens = measure_sensitivity(model, imatrix, text, table, probe_types=probes, grouping=grouping, ctx=ctx,
-                                   chunks=chunks, background=background, threads=threads,
-                                   scorer=Scorer(model, text, imatrix=imatrix, ctx=ctx, chunks=chunks, threads=threads),
+        sens = measure_sensitivity(model, imatrix, text, table, options, threads=threads,
+                                   scorer=Scorer(model, text, imatrix=imatrix, ctx=options.ctx, chunks=options.chunks,
+                                                 threads=threads),
                                    store=TensorStore(threads=threads) if store else None,
                                    log=lambda line: console.print(line, highlight=False))
-        calibrated_table(table, sens, strength).write_json(out)
+        calibrated_table(table, sens, options.strengths[0]).write_json(out)
         scales = sens.group_scales()
         for group in sens.groups:
             measured = ", ".join(f"{t} +{sens.measured[group][t]:.6f} KLD (scale {scales[group][t]:.4g})"
@@ -121,19 +125,19 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--allocator", "allocators", multiple=True,
                   help="an allocator plugin to plan with (repeatable; default: the registry's default allocator)")
     @click.option("-f", "--file", "text", required=True, help="CALIBRATION text the plans are scored on")
-    @click.option("--ctx", type=click.IntRange(min=32), default=512, show_default=True)
-    @click.option("--chunks", type=click.IntRange(min=1), default=16, show_default=True)
-    @click.option("--screen-chunks", type=click.IntRange(min=0), default=0, show_default=True,
+    @click.option("--ctx", type=int, default=default(ChooseOptions, "ctx"), show_default=True)
+    @click.option("--chunks", type=int, default=default(ChooseOptions, "chunks"), show_default=True)
+    @click.option("--screen-chunks", type=int, default=default(ChooseOptions, "screen_chunks"), show_default=True,
                   help="score in rounds of this many chunks: every plan on the first, then only the leader and the "
                        "plans tied with it, until one is left or all chunks are scored (0: every plan on every chunk)")
-    @click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
+    @click.option("--finalists", type=int, default=default(ChooseOptions, "finalists"), show_default=True,
                   help="at most this many plans go on from a round")
-    @click.option("--margin", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.02, show_default=True,
+    @click.option("--margin", type=float, default=default(ChooseOptions, "margin"), show_default=True,
                   help="after a round, a plan goes on only if it may beat the leader by more than this part of the "
                        "leader's KLD (0: by anything)")
-    @click.option("--refine-rounds", type=click.IntRange(min=0), default=0, show_default=True,
+    @click.option("--refine-rounds", type=int, default=default(ChooseOptions, "refine_rounds"), show_default=True,
                   help="then rounds of measured type swaps, each kept only when the calibration KLD drops")
-    @click.option("--refine-tries", type=click.IntRange(min=1), default=4, show_default=True)
+    @click.option("--refine-tries", type=int, default=default(ChooseOptions, "refine_tries"), show_default=True)
     @click.option("--pin", "pins", multiple=True, metavar="REGEX=TYPE", help="fix matching tensors to a type (repeatable)")
     @click.option("--constraints", "constraints_file", default=None, help="YAML/JSON with pins, allowed_types, ...")
     @click.option("--option", "-O", "options", multiple=True, metavar="ALLOCATOR.KEY=VALUE",
@@ -147,13 +151,16 @@ def tbpw_register_commands(cli: click.Group) -> None:
                margin, refine_rounds, refine_tries, pins, constraints_file, options, threads, store, as_json, out):
         """Plan a target with every allocator on every table; write the plan with the lowest calibration KLD."""
         from tbpw.allocate.apply import plan_path_for
-        from tbpw.allocate.budget import Target
         from tbpw.allocate.constraints import Constraints
         from tbpw.allocate.service import Planner
         from tbpw.files.outputs import refuse_overwriting_inputs
+        from tbpw.model.budget import Target
         from tbpw.plugin.manager import get_manager
         from tbpw.select.choose import choose as choose_plan
 
+        choosing = options_from_flags(ChooseOptions, "choose", ctx=ctx, chunks=chunks, screen_chunks=screen_chunks,
+                                      finalists=finalists, margin=margin, refine_rounds=refine_rounds,
+                                      refine_tries=refine_tries)
         table_paths = _table_paths(tables)
         refuse_overwriting_inputs({"-o": out, "plan file": plan_path_for(out)},
                                   {"model": model, "imatrix": imatrix, "calibration text": text,
@@ -168,7 +175,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
             if not dot or allocator not in per_allocator:
                 raise TbpwError(f"--option {key}: write ALLOCATOR.KEY=VALUE for one of {', '.join(allocators)}")
             per_allocator[allocator][option] = value
-        refs = [(a, registry.validate_options(a, per_allocator[a]).model_dump()) for a in dict.fromkeys(allocators)]
+        plugins = [registry.create(a, per_allocator[a]) for a in dict.fromkeys(allocators)]
         constraints = _read_constraints(constraints_file)
         constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
         out = Path(out)
@@ -176,18 +183,13 @@ def tbpw_register_commands(cli: click.Group) -> None:
         from tbpw.quantize.store import TensorStore
         from tbpw.select.scoring import Scorer
 
-        if screen_chunks == 1:
-            raise TbpwError("--screen-chunks is 0 (no screening) or at least 2: the tie rule needs two chunks")
         planner = Planner(_existing(model, "model"), _existing(imatrix, "imatrix"), Constraints.parse(constraints),
                           log_dir=work, threads=threads, store=TensorStore(threads=threads) if store else None)
         text = _existing(text, "text")
         say = None if as_json else lambda line: console.print(line, highlight=False)
-        choice = choose_plan(planner, _tables(table_paths, Path(model)), refs, target, text, out, work, ctx=ctx, chunks=chunks,
-                             screen_chunks=screen_chunks, finalists=finalists, margin=margin,
-                             refine_rounds=refine_rounds,
-                             refine_tries=refine_tries, log=say,
-                             scorer=Scorer(planner.model, text, imatrix=planner.imatrix, ctx=ctx, chunks=chunks,
-                                           threads=threads, log=say))
+        choice = choose_plan(planner, _tables(table_paths, Path(model)), plugins, target, text, out, work, choosing,
+                             log=say, scorer=Scorer(planner.model, text, imatrix=planner.imatrix, ctx=choosing.ctx,
+                                                    chunks=choosing.chunks, threads=threads, log=say))
         result = {**choice.to_json(), "output": str(out), "achieved_bpw": choice.plan.achieved_bpw}
         if as_json:
             click.echo(json.dumps(result))

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from tbpw.cli.support import console
+from tbpw.cli.support import console, default
+from tbpw.measure.options import SamplingOptions
 from tbpw.plugin.hookspecs import hookimpl
-from tbpw.run.overrides import key_values
 
 if TYPE_CHECKING:
     from rich.console import JustifyMethod
@@ -26,7 +26,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--metric-option", "metric_options", multiple=True, metavar="KEY=VALUE",
                   help="an option of the metric, repeatable (e.g. cnif=false)")
     @click.option("--types", default=None, help="comma-separated candidate types (default: the fork's 20)")
-    @click.option("--sample-scale", type=float, default=1.0, show_default=True,
+    @click.option("--sample-scale", type=float, default=default(SamplingOptions, "scale"), show_default=True,
                   help="rows measured relative to the fork's sampling (0.25: a quarter)")
     @click.option("--fork-sampling", is_flag=True,
                   help="the fork's rows where it samples a slice (default: a fifth of them; exact slices stay exact)")
@@ -40,22 +40,18 @@ def tbpw_register_commands(cli: click.Group) -> None:
     def measure(model, imatrix, metric, metric_options, types, sample_scale, fork_sampling, all_rows, threads, out,
                 csv_path, cache_dir, quiet):
         """Measure bytes and error of every candidate type for every quantizable tensor of MODEL."""
+        from tbpw.cli.quantize import measure_options, measured_table
         from tbpw.files.outputs import refuse_overwriting_inputs
-        from tbpw.measure.engine import measure as run_measure
-        from tbpw.plugin.manager import get_manager
 
         refuse_overwriting_inputs({"--out": out, "--csv": csv_path}, {"model": model, "imatrix": imatrix})
         if out is not None and csv_path is not None and Path(out).resolve() == Path(csv_path).resolve():
             from tbpw.errors import TbpwError
 
             raise TbpwError(f"--out and --csv are both {out}: give each its own file")
-        metric = metric or get_manager().metrics().default_name()
-        table = run_measure(model, imatrix, metric=metric,
-                            metric_options=key_values(metric_options, flag="--metric-option", example="trim_fraction=0.02"),
-                            candidates=[t for t in types.split(",") if t.strip()] if types else None,
-                            sampling={"scale": sample_scale, "all_rows": all_rows,
-                                      **({"sampled_share": 1.0} if fork_sampling else {})}, threads=threads,
-                            cache_dir=cache_dir, progress=not quiet)
+        options = measure_options(metric, metric_options, types, threads, "measure", scale=sample_scale,
+                                  all_rows=all_rows, **({"sampled_share": 1.0} if fork_sampling else {}))
+        metric = options.metric.name
+        table = measured_table(model, imatrix, options, cache_dir=cache_dir, progress=not quiet)
         if out is not None:
             table.write_json(out)
         if csv_path is not None:

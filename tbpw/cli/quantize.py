@@ -50,9 +50,33 @@ def _read_constraints(path: str | None) -> dict[str, Any]:
     return data
 
 
-def error_table(model: str, imatrix: str, *, fork_state: str | None = None, table_file: str | None = None,
-                metric: str | None = None, metric_options: dict[str, Any] | None = None, types: str | None = None,
-                threads: int | None = None, cache_dir: str | None = None, progress: bool = True):
+def measure_options(metric: str | None, metric_options: tuple[str, ...], types: str | None, threads: int | None,
+                    command: str, **sampling: Any):
+    """The measurement's options (tbpw.measure.options.MeasureOptions) from a command's flags: the metric (default:
+    the registry's) with its KEY=VALUE options, comma-separated candidate types, threads, sampling fields."""
+    from tbpw.cli.support import options_from_flags
+    from tbpw.measure.options import MeasureOptions
+    from tbpw.plugin.manager import get_manager
+
+    ref = {"name": metric or get_manager().metrics().default_name(),
+           "options": key_values(metric_options, flag="--metric-option", example="trim_fraction=0.02")}
+    candidates = [t.strip() for t in types.split(",") if t.strip()] if types else None
+    return options_from_flags(MeasureOptions, command, metric=ref, candidates=candidates, threads=threads,
+                              sampling=sampling)
+
+
+def measured_table(model: str | Path, imatrix: str | Path | None, options, *, cache_dir: str | Path | None = None,
+                   progress: bool = True):
+    """The error table `options` (a MeasureOptions with its metric named) asks for: measured, or from the cache."""
+    from tbpw.measure.engine import measure
+    from tbpw.plugin.manager import get_manager
+
+    metric = get_manager().metrics().create(options.metric.name, options.metric.options)
+    return measure(model, imatrix, metric, options, cache_dir=cache_dir, progress=progress)
+
+
+def error_table(model: str, imatrix: str, options, *, fork_state: str | None = None, table_file: str | None = None,
+                cache_dir: str | None = None, progress: bool = True):
     """The (tensor, candidate) -> (bytes, error) table: a saved one when given, else measured (cached)."""
     if fork_state and table_file:
         from tbpw.errors import TbpwError
@@ -62,20 +86,13 @@ def error_table(model: str, imatrix: str, *, fork_state: str | None = None, tabl
         from tbpw.measure.forkstate import read
 
         return read(fork_state)
-    from tbpw.measure.engine import measure
     from tbpw.measure.table import ErrorTable
 
     if table_file:
         table = ErrorTable.read_json(table_file)
         table.check_model(model, f"error table {table_file}")
         return table
-    kwargs: dict[str, Any] = {"metric_options": metric_options or {}, "threads": threads, "progress": progress,
-                              "cache_dir": cache_dir}
-    if metric:
-        kwargs["metric"] = metric
-    if types:
-        kwargs["candidates"] = [t.strip() for t in types.split(",") if t.strip()]
-    return measure(model, imatrix, **kwargs)
+    return measured_table(model, imatrix, options, cache_dir=cache_dir, progress=progress)
 
 
 @hookimpl
@@ -107,12 +124,12 @@ def tbpw_register_commands(cli: click.Group) -> None:
                  pins, constraints_file, table_file, fork_state, dry_run, as_json, threads, out):
         """Quantize MODEL to an exact bpw or file-size target with the least measured error."""
         from tbpw.allocate.apply import plan_path_for, written_files
-        from tbpw.allocate.budget import Target
         from tbpw.allocate.constraints import Constraints
         from tbpw.allocate.service import Planner
         from tbpw.errors import TbpwError
         from tbpw.files.atomic import write_json
         from tbpw.files.outputs import refuse_overwriting_inputs
+        from tbpw.model.budget import Target
         from tbpw.plugin.manager import get_manager
 
         if out is None and not dry_run:
@@ -125,22 +142,20 @@ def tbpw_register_commands(cli: click.Group) -> None:
                                       {"model": model, "imatrix": imatrix, "constraints file": constraints_file,
                                        "error table": table_file, "fork state file": fork_state})
         target = Target.parse(bpw=target_bpw, size=target_size)
-        manager = get_manager()
-        allocator = allocator or manager.allocators().default_name()
-        validated = manager.allocators().validate_options(
-            allocator, key_values(options, flag="--option", example="bucket_bytes=4096"))
-        manager.allocators().create(allocator, validated).check_ready()
+        registry = get_manager().allocators()
+        plugin = registry.create(allocator or registry.default_name(),
+                                 key_values(options, flag="--option", example="bucket_bytes=4096"))
+        plugin.check_ready()
         constraints = _read_constraints(constraints_file)
         constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
         parsed = Constraints.parse(constraints)  # a mistake there fails before any measuring
-        table = error_table(model, imatrix, fork_state=fork_state, table_file=table_file, metric=metric,
-                            metric_options=key_values(metric_options, flag="--metric-option",
-                                                      example="trim_fraction=0.02"),
-                            types=types, threads=threads, cache_dir=cache_dir)
+        measuring = measure_options(metric, metric_options, types, threads, "quantize")
+        table = error_table(model, imatrix, measuring, fork_state=fork_state, table_file=table_file,
+                            cache_dir=cache_dir)
         measured_by = f"fork state {Path(fork_state).name}" if fork_state else getattr(table, "meta", {}).get("metric")
         planner = Planner(Path(model), Path(imatrix), parsed, log_dir=Path(out).parent if out else None,
-                          threads=threads, manager=manager, provenance={"metric": str(measured_by)} if measured_by else {})
-        plan = planner.plan(table, target, allocator, validated)
+                          threads=threads, provenance={"metric": str(measured_by)} if measured_by else {})
+        plan = planner.plan(table, target, plugin)
 
         result = plan.to_json()
         if dry_run:

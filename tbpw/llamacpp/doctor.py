@@ -6,11 +6,11 @@ import platform
 import sys
 from typing import Any
 
-from tbpw import __version__
 from tbpw.files import paths
 from tbpw.llamacpp import logflush
 from tbpw.llamacpp.build import TOOLS, BuildInfo, active_build
 from tbpw.llamacpp.features import detect
+from tbpw.version import __version__
 
 
 def report(build: BuildInfo | None = None) -> dict[str, Any]:

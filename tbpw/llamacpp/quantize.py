@@ -30,7 +30,7 @@ from tbpw.llamacpp.build import BuildInfo, active_build
 from tbpw.llamacpp.tools import ToolRun, run_tool
 
 if TYPE_CHECKING:
-    from tbpw.allocate.budget import Target
+    from tbpw.model.budget import Target
 
 # A quantized base type that never needs imatrix data by itself; every tensor that could use it is
 # named in the tensor-type file anyway, so it only sets the file's general.file_type.

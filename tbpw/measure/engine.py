@@ -12,7 +12,7 @@ tensors in flight and the next run resumes; the finished table is written atomic
 One process measures an entry at a time (`.lock`): a second one waits and then takes the finished table.
 A cached table that does not parse or does not match the model is discarded and measured again.
 
-    table = measure("model.gguf", "model.imatrix.gguf")  # the default metric; metric="NAME" for another
+    table = measure("model.gguf", "model.imatrix.gguf", metric)  # metric: an error-metric plugin instance
     for t in table.tensors: print(t.name, [(c.type, c.bytes, c.error) for c in t.candidates])
 """
 
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from tbpw.errors import Interrupted, TbpwError, os_error, sigterm_as_interrupt
 from tbpw.files import paths
@@ -40,8 +39,9 @@ from tbpw.imatrix.reader import Imatrix
 from tbpw.llamacpp import resources
 from tbpw.measure import candidates as cand
 from tbpw.measure.cache import cached_table, mismatch, note
-from tbpw.measure.sampling import SamplingOptions, rows_per_slice, sample_rows
-from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
+from tbpw.measure.options import MeasureOptions, SamplingOptions
+from tbpw.measure.sampling import rows_per_slice, sample_rows
+from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, MetricPlugin, TensorSample
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
 from tbpw.model.ggml_types import nominal_bpw
 from tbpw.model.inventory import ModelInventory, TensorInfo
@@ -79,31 +79,30 @@ class MeasurementInterrupted(Interrupted):
     """Ctrl-C or SIGTERM stopped a measurement; the finished tensors are saved and the next run resumes."""
 
 
-def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metric: str | None = None,
-            metric_options: Mapping[str, Any] | None = None, candidates: Sequence[str] | None = None,
-            sampling: SamplingOptions | Mapping[str, Any] | None = None, threads: int | None = None,
-            cache_dir: Path | str | None = None, progress: bool = True, tensors: Iterable[str] | None = None,
-            on_tensor: Callable[[TensorErrors], None] | None = None, store: StoreSource | None = None) -> ErrorTable:
+def measure(model_path: Path | str, imatrix_path: Path | str | None, metric: MetricPlugin,
+            options: MeasureOptions | None = None, *, cache_dir: Path | str | None = None, progress: bool = True,
+            tensors: Iterable[str] | None = None, on_tensor: Callable[[TensorErrors], None] | None = None,
+            store: StoreSource | None = None) -> ErrorTable:
     """Measure (or load from the cache) the error table of a model.
 
-    `metric` names an error-metric plugin (default: the registry's default), `metric_options` its options; `candidates` the ggml types to
-    try (default: the fork's 20); `sampling` the row sampling (default: the fork's); `tensors` limits the
-    measurement to some tensors (default: every quantizable one). `on_tensor` is called (in the calling
-    thread) with each tensor as it finishes. With `store` (tbpw.quantize.store, bound to this model and imatrix),
-    a tensor whose every row is measured leaves its quantized data there for each candidate type: exactly the
-    bytes llama-quantize writes, so plans need no quantization of it later.
+    `metric` is the error-metric plugin instance that scores the rows (the caller makes it from
+    `options.metric`, or the registry's default); `options` gives the candidate types (default: the fork's 20),
+    the row sampling (default: the fork's) and the threads. `tensors` limits the measurement to some tensors
+    (default: every quantizable one). `on_tensor` is called (in the calling thread) with each tensor as it
+    finishes. With `store` (tbpw.quantize.store, bound to this model and imatrix), a tensor whose every row is
+    measured leaves its quantized data there for each candidate type: exactly the bytes llama-quantize writes,
+    so plans need no quantization of it later.
     """
     from tbpw.llamacpp.build import active_build
-    from tbpw.plugin.manager import get_manager
 
+    options = options or MeasureOptions()
+    if options.metric is not None and options.metric.name != metric.name:
+        raise TbpwError(f"the options name the metric {options.metric.name!r}, the instance is {metric.name!r}: "
+                        "measure with the metric the options name")
     inventory = ModelInventory.load(model_path)
     imatrix = Imatrix.load(imatrix_path) if imatrix_path is not None else None
     match = imatrix.check_against(inventory) if imatrix is not None else None
-    registry = get_manager().metrics()
-    metric = metric or registry.default_name()
-    metric_opts = registry.validate_options(metric, dict(metric_options or {}))
-    sampling_opts = _sampling_options(sampling)
-    candidate_set = cand.normalize_types(candidates)
+    candidate_set = cand.normalize_types(options.candidates)
     names = _select(inventory, tensors)
     build = active_build()
     if store is not None and (store.inventory.path.resolve() != inventory.path.resolve() or
@@ -115,9 +114,9 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
         "engine": ENGINE_VERSION,
         "model": model_fingerprint(inventory),
         "imatrix": imatrix.content_hash() if imatrix is not None else None,
-        "metric": metric,
-        "metric_options": metric_opts.model_dump(mode="json"),
-        "sampling": sampling_opts.model_dump(mode="json"),
+        "metric": metric.name,
+        "metric_options": metric.options.model_dump(mode="json"),
+        "sampling": options.sampling.model_dump(mode="json"),
         "candidates": list(candidate_set),
         "tensors": names,
         "build": {"key": build.key, "number": build.build_number, "commit": build.build_commit, "backend": build.backend},
@@ -136,28 +135,22 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None = None, metr
         # whoever held the lock may have finished this very table
         if (cached := cached_table(final, inventory, names)) is not None:
             return cached
-        return _measure_entry(folder, meta, inventory, imatrix, names, registry, metric, metric_opts, build,
-                              candidate_set, sampling_opts, threads, progress, on_tensor, store)
+        from tbpw.llamacpp import ggml as ggml_bridge
+
+        engine = _Engine(inventory, imatrix, metric, ggml_bridge.load(build.library("ggml-base")), candidate_set,
+                         options.sampling, store)
+        return _measure_entry(folder, meta, engine, names, options.threads, progress, on_tensor)
 
 
-def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix: Imatrix | None, names: list[str],
-                   registry, metric: str, metric_opts, build, candidate_set: Sequence[str],
-                   sampling_opts: SamplingOptions, threads: int | None, progress: bool,
-                   on_tensor: Callable[[TensorErrors], None] | None, store: StoreSource | None) -> ErrorTable:
-    from tbpw.llamacpp import ggml as ggml_bridge
-
+def _measure_entry(folder: Path, meta: dict, engine: _Engine, names: list[str], threads: int | None,
+                   progress: bool, on_tensor: Callable[[TensorErrors], None] | None) -> ErrorTable:
     final = folder / "table.json"
     write_json(folder / "meta.json", meta)
     partial = folder / "partial.jsonl"
     done = _read_partial(partial)
-    done = {n: t for n, t in done.items() if n in names and not mismatch([t], inventory)}
+    done = {n: t for n, t in done.items() if n in names and not mismatch([t], engine.inventory)}
 
-    metric_obj = registry.create(metric, metric_opts)
-    setup = getattr(metric_obj, "setup", None)
-    if setup is not None:
-        setup(MeasureSetup(inventory=inventory, imatrix=imatrix, tensors=tuple(names)))
-    lib = ggml_bridge.load(build.library("ggml-base"))
-    engine = _Engine(inventory, imatrix, metric_obj, lib, candidate_set, sampling_opts, store)
+    engine.metric.setup(MeasureSetup(inventory=engine.inventory, imatrix=engine.imatrix, tensors=tuple(names)))
     todo = [n for n in names if n not in done]
     # Longest jobs first, so one big tensor does not finish alone at the end.
     todo.sort(key=lambda n: -engine.cost(n))
@@ -183,18 +176,6 @@ def _measure_entry(folder: Path, meta: dict, inventory: ModelInventory, imatrix:
     return table
 
 
-def _sampling_options(sampling: SamplingOptions | Mapping[str, Any] | None) -> SamplingOptions:
-    if isinstance(sampling, SamplingOptions):
-        return sampling
-    try:
-        return SamplingOptions.model_validate(dict(sampling or {}))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "sampling"
-        raise TbpwError(f"sampling option {where!r}: {first['msg']}; the sampling options are: "
-                        f"{', '.join(SamplingOptions.model_fields)}") from None
-
-
 def _select(inventory: ModelInventory, tensors: Iterable[str] | None) -> list[str]:
     decidable = [t.name for t in inventory.tensors if t.quantizable and len(t.shape) in (2, 3)]
     if tensors is None:
@@ -207,7 +188,7 @@ def _select(inventory: ModelInventory, tensors: Iterable[str] | None) -> list[st
 
 
 class _Engine:
-    def __init__(self, inventory: ModelInventory, imatrix: Imatrix | None, metric, lib, types: Sequence[str],
+    def __init__(self, inventory: ModelInventory, imatrix: Imatrix | None, metric: MetricPlugin, lib, types: Sequence[str],
                  sampling: SamplingOptions, store: StoreSource | None = None):
         self.inventory = inventory
         self.imatrix = imatrix
@@ -218,7 +199,6 @@ class _Engine:
         self.has_mean = bool(imatrix is not None and imatrix.has_means)
         self.stop = threading.Event()
         self._cost: dict[str, float] = {}
-        self.prepare = getattr(metric, "prepare_rows", None)  # optional for a plugin: rows as sampled otherwise
         self.store = store
 
     def candidates(self, info: TensorInfo) -> list[str]:
@@ -296,7 +276,7 @@ class _Engine:
                         return None
                     ctx = MetricContext(tensor=name, role=info.role, type=t, nominal_bpw=nominal_bpw(t),
                                         slice_rows=info.rows_per_expert, expert=sl.expert)
-                    prepared = self.prepare(rows, ctx) if self.prepare is not None else rows
+                    prepared = self.metric.prepare_rows(rows, ctx)
                     quantized = self.lib.quantize(t, prepared, imp)
                     if t in blobs:
                         if prepared is rows:  # the stored rows as llama-quantize reads them: its very bytes
@@ -318,16 +298,13 @@ class _Engine:
                 if parts[0] > 0:
                     return None
                 sums = parts[1]
-        factor = 1.0
-        tensor_factor = getattr(self.metric, "tensor_factor", None)
-        if tensor_factor is not None:
-            # the sampled rows, read again (and only) if the metric's per-tensor pass asks for them
-            sample = TensorSample(tensor=name, role=info.role, n_cols=info.row_length,
-                                  n_rows=sum(len(sl.rows) for sl in plan),
-                                  blocks=lambda: (self._rows(info, sl) for sl in plan))
-            ctx = MetricContext(tensor=name, role=info.role, type=info.stored_type,
-                                nominal_bpw=nominal_bpw(info.stored_type), slice_rows=info.rows_per_expert)
-            factor = float(tensor_factor(sample, ctx))
+        # the sampled rows are read again (and only) if the metric's per-tensor pass asks for them
+        sample = TensorSample(tensor=name, role=info.role, n_cols=info.row_length,
+                              n_rows=sum(len(sl.rows) for sl in plan),
+                              blocks=lambda: (self._rows(info, sl) for sl in plan))
+        ctx = MetricContext(tensor=name, role=info.role, type=info.stored_type,
+                            nominal_bpw=nominal_bpw(info.stored_type), slice_rows=info.rows_per_expert)
+        factor = float(self.metric.tensor_factor(sample, ctx))
         return TensorErrors(name, info.n_elements,
                             [CandidateError(t, info.bytes_as(t), float(sums[k] * factor)) for k, t in enumerate(types)])
 

@@ -19,26 +19,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from tbpw.measure.options import SamplingOptions
 
 HASH_MAGIC = 0xEABADA55CAFED00D
 _MASK64 = (1 << 64) - 1
-
-
-class SamplingOptions(BaseModel):
-    """How many rows to measure. The defaults are the fork's; `scale` < 1 measures fewer, > 1 more."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    budget_elements: int = Field(1 << 20, gt=0, description="elements per tensor when the imatrix has E[a]")
-    budget_elements_no_mean: int = Field(1 << 19, gt=0, description="elements per tensor without E[a]")
-    min_rows: int = Field(512, ge=1, description="rows per slice at least (with E[a])")
-    min_rows_no_mean: int = Field(256, ge=1, description="rows per slice at least (without E[a])")
-    max_rows: int = Field(4096, ge=1, description="rows per slice at most")
-    scale: float = Field(1.0, gt=0, description="multiplies the budget and both row limits")
-    sampled_share: float = Field(0.2, gt=0, le=1, description="where the fork samples a slice (does not measure "
-                                 "every row), measure this share of its row count; 1: the fork's rows exactly")
-    all_rows: bool = Field(False, description="measure every row (exact, slow)")
 
 
 def djb2(data: bytes) -> int:

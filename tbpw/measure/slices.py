@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,3 +47,23 @@ class TensorSample:
     n_rows: int  # sampled rows over all slices
     blocks: Callable[[], Iterator[np.ndarray]]  # each call yields the float32 rows of every slice again
 
+
+
+class MetricPlugin(Protocol):
+    """What the measurement uses of an error metric: an instance of the plugin contract `tbpw.ErrorMetric`
+    (tbpw.plugin.base), which a caller above this floor makes from its name and options and hands in."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def options(self) -> Any: ...
+
+    def setup(self, setup: MeasureSetup) -> None: ...
+
+    def prepare_rows(self, rows: np.ndarray, context: MetricContext) -> np.ndarray: ...
+
+    def slice_error(self, original: np.ndarray, reconstructed: np.ndarray, stats: ColumnStats,
+                    context: MetricContext) -> float: ...
+
+    def tensor_factor(self, sample: TensorSample, context: MetricContext) -> float: ...

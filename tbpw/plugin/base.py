@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from tbpw.allocate.problem import AllocationProblem
     from tbpw.data.files import DatasetContext, DatasetFile, DatasetKind
     from tbpw.evaluate.context import EvalContext
+    from tbpw.jobs import Job, JobEvent
     from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, TensorSample
-    from tbpw.run.graph import Job, JobEvent
 
 
 class NoOptions(BaseModel):

@@ -1,7 +1,8 @@
 """The scheduler: hand an executor every task whose dependencies are done, until the graph is done.
 
 It is the same for every executor plugin: it resolves each ready task's arguments from the results so far
-and submits it as a `Job`, and the executor decides when and where it runs. Progress is one line per
+and submits it as a `Job`, and the executor decides when and where it runs; a task whose condition (`when`) does
+not hold is done at once, without a job. Progress is one line per
 change: how many tasks are done, which run, how many wait. The first failure stops the other jobs and is
 raised as it was (a `TbpwError` stays one line); Ctrl-C stops them too. Either way every stage that
 finished is kept in the run directory, so the next run resumes from there.
@@ -14,8 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tbpw.errors import Interrupted, TbpwError
+from tbpw.jobs import Job, JobEvent, WorkerCheck
 from tbpw.plugin.base import Executor
-from tbpw.run.graph import Job, JobEvent, TaskGraph, WorkerCheck, resolve
+from tbpw.run.graph import TaskGraph, resolve
 
 Log = Callable[[str], None]
 POLL_SECONDS = 0.5
@@ -62,10 +64,24 @@ def execute(graph: TaskGraph, executor: Executor, *, log: Log, check: WorkerChec
     progress = Progress(graph, log, show_progress)
     submitted: set[str] = set()
 
+    def finish(name: str, value: Any) -> None:
+        results[name] = value
+        for nxt in dependents[name]:
+            waiting_for[nxt].discard(name)
+
     def submit_ready() -> None:
-        for task in graph:  # declaration order: one worker runs the tasks in the order they were declared
-            if task.name not in submitted and not waiting_for[task.name]:
+        ready = True
+        while ready:
+            ready = False
+            for task in graph:  # declaration order: one worker runs the tasks in the order they were declared
+                if task.name in submitted or waiting_for[task.name]:
+                    continue
                 submitted.add(task.name)
+                if task.when is not None and not resolve(task.when, results):
+                    finish(task.name, task.otherwise)  # not needed: done without running, its dependents may go on
+                    progress.finished(task.name)
+                    ready = True
+                    continue
                 executor.submit(Job(task.name, task.call, resolve(task.args, results), resolve(task.kwargs, results),
                                     task.resources, check))
 
@@ -78,8 +94,7 @@ def execute(graph: TaskGraph, executor: Executor, *, log: Log, check: WorkerChec
             for event in events:
                 _handle(event, results, progress, log)
                 if event.kind == "done":
-                    for nxt in dependents[event.name]:
-                        waiting_for[nxt].discard(event.name)
+                    finish(event.name, event.value)
             if events:
                 submit_ready()
                 progress.show_line()

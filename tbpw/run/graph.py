@@ -1,41 +1,23 @@
 """A run as a graph of tasks: each task one stage (a name, a call, what it needs) and the tasks it waits for.
 
 The graph only declares. `TaskGraph.add(name, call, *args)` records a task whose arguments may hold `Ref`s
-to other tasks' results (anywhere inside lists, tuples and dicts); those are its dependencies, resolved
-just before it runs. Which task runs where and when is the scheduler's and the executor's business
+to other tasks' results (anywhere inside lists, tuples and dicts) and `Derived` values computed from them;
+those are its dependencies, resolved just before it runs. A task may run only when a condition holds (`when`),
+and it carries its own cost estimate (`estimate`, which `tbpw.run.costplan` sums). Which task runs where and when is the scheduler's and the executor's business
 (`tbpw.run.execute`, the executor plugins); a task's result comes back to the driver, so it must be small:
 paths and numbers, never file contents (big files stay in the run directory, on storage every worker sees).
 
-A `Job` is what an executor receives: one task with its arguments resolved, plus what every worker checks
-before running it (the driver's llama.cpp build key, the run directory being visible). It is picklable, so
-an executor may run it in another process or on another machine.
+A `Job` (tbpw.jobs) is what an executor receives: one task with its arguments resolved.
 """
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from tbpw.errors import TbpwError
-from tbpw.llamacpp.resources import ToolSlot, use
-
-Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What a task needs while it runs.
-
-    `gpu`: its tools offload to a GPU (an executor gives it one of its own when it has several);
-    `memory`: bytes of RAM it is expected to use (0: unknown, little); `exclusive`: it needs the machine to
-    itself (llama-bench measures speed, which other work running beside it would distort)."""
-
-    gpu: bool = False
-    memory: int = 0
-    exclusive: bool = False
+from tbpw.jobs import Resources
 
 
 @dataclass(frozen=True)
@@ -49,9 +31,20 @@ class Ref:
         return Ref(self.task, key)
 
 
+@dataclass(frozen=True)
+class Derived:
+    """A value the driver computes from other tasks' results just before a task runs: `fn(*args)`, the `Ref`s in
+    `args` resolved. Small and pure (which of a target's quants is selected, say); `fn` must be picklable."""
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+
+
 def refs_in(value: Any) -> Iterator[Ref]:
     if isinstance(value, Ref):
         yield value
+    elif isinstance(value, Derived):
+        yield from refs_in(value.args)
     elif isinstance(value, Mapping):
         for v in value.values():
             yield from refs_in(v)
@@ -60,18 +53,29 @@ def refs_in(value: Any) -> Iterator[Ref]:
             yield from refs_in(v)
 
 
-def resolve(value: Any, results: Mapping[str, Any]) -> Any:
-    """`value` with every `Ref` replaced by the result it names."""
+def _rebuild(value: Any, ref: Callable[[Ref], Any], derived: Callable[[Derived], Any]) -> Any:
+    """`value` with each `Ref` and `Derived` replaced (inside lists, tuples and dicts)."""
     if isinstance(value, Ref):
-        result = results[value.task]
-        return result if value.key is None else result[value.key]
+        return ref(value)
+    if isinstance(value, Derived):
+        return derived(value)
     if isinstance(value, Mapping):
-        return {k: resolve(v, results) for k, v in value.items()}
+        return {k: _rebuild(v, ref, derived) for k, v in value.items()}
     if isinstance(value, tuple):
-        return tuple(resolve(v, results) for v in value)
+        return tuple(_rebuild(v, ref, derived) for v in value)
     if isinstance(value, list):
-        return [resolve(v, results) for v in value]
+        return [_rebuild(v, ref, derived) for v in value]
     return value
+
+
+def resolve(value: Any, results: Mapping[str, Any]) -> Any:
+    """`value` with every `Ref` replaced by the result it names, and every `Derived` by its value."""
+
+    def result(ref: Ref) -> Any:
+        found = results[ref.task]
+        return found if ref.key is None else found[ref.key]
+
+    return _rebuild(value, result, lambda d: d.fn(*resolve(d.args, results)))
 
 
 @dataclass
@@ -81,10 +85,16 @@ class Task:
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    # a condition (a Derived of other results): when it is false the task does not run and its result is `otherwise`
+    when: Derived | None = None
+    otherwise: Any = None
+    after: tuple[str, ...] = ()  # tasks it waits for without reading their results
+    # its cost estimate: called with the model's size (None: not known yet), returns a tbpw.stages.cost.Cost
+    estimate: Callable[[Any], Any] | None = None
 
     @property
     def deps(self) -> list[str]:
-        return list(dict.fromkeys(r.task for r in refs_in((self.args, self.kwargs))))
+        return list(dict.fromkeys([*(r.task for r in refs_in((self.args, self.kwargs, self.when))), *self.after]))
 
 
 class TaskGraph:
@@ -94,10 +104,11 @@ class TaskGraph:
         self.tasks: dict[str, Task] = {}
 
     def add(self, name: str, call: Callable[..., Any], *args: Any, resources: Resources | None = None,
-            **kwargs: Any) -> Ref:
+            when: Derived | None = None, otherwise: Any = None, after: tuple[str, ...] = (),
+            estimate: Callable[[Any], Any] | None = None, **kwargs: Any) -> Ref:
         if name in self.tasks:
             raise TbpwError(f"two tasks are named {name!r}: each stage of a run needs its own name")
-        task = Task(name, call, args, kwargs, resources or Resources())
+        task = Task(name, call, args, kwargs, resources or Resources(), when, otherwise, tuple(after), estimate)
         for dep in task.deps:
             if dep not in self.tasks:
                 raise TbpwError(f"task {name!r} needs {dep!r}, which is not declared before it: add {dep!r} first")
@@ -115,19 +126,27 @@ class TaskGraph:
         names = {name: f"{prefix}{name}" for name in other.tasks}
 
         def rename(value: Any) -> Any:
-            if isinstance(value, Ref):
-                return Ref(names[value.task], value.key)
-            if isinstance(value, Mapping):
-                return {k: rename(v) for k, v in value.items()}
-            if isinstance(value, tuple):
-                return tuple(rename(v) for v in value)
-            if isinstance(value, list):
-                return [rename(v) for v in value]
-            return value
+            return _rebuild(value, lambda r: Ref(names[r.task], r.key), lambda d: Derived(d.fn, rename(d.args)))
 
         for task in other:
-            self.add(names[task.name], task.call, *rename(task.args), resources=task.resources, **rename(task.kwargs))
+            self.add(names[task.name], task.call, *rename(task.args), resources=task.resources, when=rename(task.when),
+                     otherwise=task.otherwise, after=tuple(names[a] for a in task.after), estimate=task.estimate,
+                     **rename(task.kwargs))
         return names
+
+    def needed_by(self, names: Iterable[str]) -> TaskGraph:
+        """The tasks `names` need (themselves and every task they wait for), in declaration order: a part of a run
+        to execute alone (what a benchmark times)."""
+        wanted: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name not in wanted:
+                wanted.add(name)
+                todo += self.tasks[name].deps
+        part = TaskGraph()
+        part.tasks = {name: task for name, task in self.tasks.items() if name in wanted}
+        return part
 
     def dependents(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {name: [] for name in self.tasks}
@@ -135,60 +154,3 @@ class TaskGraph:
             for dep in task.deps:
                 out[dep].append(task.name)
         return out
-
-
-@dataclass(frozen=True)
-class WorkerCheck:
-    """What a worker verifies before it runs a job: the same llama.cpp build as the driver (outputs differ
-    across builds) and the driver's paths (run directory, caches) visible at the same place."""
-
-    build_key: str | None = None
-    paths: tuple[Path, ...] = ()
-
-    def verify(self, job: str) -> None:
-        host = socket.gethostname()
-        if self.build_key is not None:
-            from tbpw.llamacpp.build import active_build
-
-            try:
-                here = active_build().key
-            except TbpwError as exc:
-                raise TbpwError(f"{job}: the worker on {host} has no usable llama.cpp build ({exc}): run the "
-                                f"driver's `tbpw build` on every node") from None
-            if here != self.build_key:
-                raise TbpwError(f"{job}: the worker on {host} has llama.cpp build {here}, the driver {self.build_key}: "
-                                "run the same `tbpw build` (source, backend, options) on every node, since outputs "
-                                "differ across builds")
-        for path in self.paths:
-            if not path.exists():
-                raise TbpwError(f"{job}: {path} is not visible on {host}: put the run directory and tbpw's caches on "
-                                "storage every node mounts at the same path (docs/distributed.md)")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One task ready to run: its call with resolved arguments, its resources and the worker's checks."""
-
-    name: str
-    call: Callable[..., Any]
-    args: tuple
-    kwargs: dict[str, Any]
-    resources: Resources
-    check: WorkerCheck = field(default_factory=WorkerCheck)
-
-    def execute(self, log: Log, slot: ToolSlot | None = None) -> Any:
-        """Check the worker, then run the call with `slot`'s threads and GPUs; returns its (small) result."""
-        self.check.verify(self.name)
-        with use(slot):
-            return self.call(*self.args, log=log, **self.kwargs)
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    """What an executor reports about a job: it started, finished with `value`, or failed with `error`."""
-
-    name: str
-    kind: Literal["started", "done", "failed"]
-    value: Any = None
-    error: BaseException | None = None
-    log: tuple[str, ...] = ()  # lines the job logged, when the executor could not show them as they came

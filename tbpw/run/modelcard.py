@@ -25,8 +25,8 @@ import yaml
 from tbpw.files.atomic import atomic_path, write_text
 from tbpw.llamacpp.bench import MARKDOWN_COLUMNS
 from tbpw.model import gguf_layout
-from tbpw.run.recipe import ModelSource
-from tbpw.run.report import as_columns, cell, fmt, markdown_table
+from tbpw.run.report import Entry, Report, cell, fmt, markdown_table, task_columns
+from tbpw.stages.model import ModelSource
 
 CARD = "README.md"
 TAGS = ["gguf", "quantized", "llama.cpp", "imatrix", "tbpw"]
@@ -86,33 +86,33 @@ def source_facts(source: ModelSource, model: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- the tables
 
 
-def hub_file_name(report: dict, entry: dict) -> str:
+def hub_file_name(report: Report, entry: Entry) -> str:
     """`<model>-<target>.gguf`, the name a kept quant gets beside the card."""
-    return f"{report['source']['name']}-{entry['target']}.gguf"
+    return f"{report.source['name']}-{entry.target}.gguf"
 
 
-def kept(report: dict) -> list[dict]:
+def kept(report: Report) -> list[Entry]:
     """The quants the card ships: the best of each target."""
-    return [e for e in report["entries"] if e.get("selected") and e.get("kind") == "tbpw"]
+    return [e for e in report.selected() if e.kind == "tbpw"]
 
 
-def _rows(report: dict) -> list[dict]:
+def _rows(report: Report) -> list[Entry]:
     """Every entry, the float model first, then the quants from the largest bpw down."""
-    base = [e for e in report["entries"] if e.get("kind") == "base"]
-    quants = [e for e in report["entries"] if e.get("kind") != "base"]
-    return base + sorted(quants, key=lambda e: -(e.get("bpw") or 0.0))
+    base = [e for e in report.entries if e.kind == "base"]
+    quants = [e for e in report.entries if e.kind != "base"]
+    return base + sorted(quants, key=lambda e: -(e.bpw or 0.0))
 
 
-def _name(report: dict, entry: dict) -> str:
-    if entry.get("kind") == "base":
+def _name(report: Report, entry: Entry) -> str:
+    if entry.kind == "base":
         return "float model (baseline)"
     if entry in kept(report):
         return f"**{hub_file_name(report, entry)}**"
-    if entry.get("kind") == "stock":
-        return f"llama-quantize {entry['name'].removeprefix('stock-')}"
-    if entry.get("kind") == "other":
-        return f"{entry['name'].removeprefix('other-')} †"
-    return entry["name"]
+    if entry.kind == "stock":
+        return f"llama-quantize {entry.name.removeprefix('stock-')}"
+    if entry.kind == "other":
+        return f"{entry.name.removeprefix('other-')} †"
+    return entry.name
 
 
 def _size(n: int | None) -> str:
@@ -121,44 +121,41 @@ def _size(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
-def quants_table(report: dict) -> str:
+def quants_table(report: Report) -> str:
     rows = []
     for e in _rows(report):
-        if e.get("kind") == "base":
+        if e.kind == "base":
             made = "the source model"
-        elif e.get("kind") == "tbpw":
-            made = f"tbpw, {e.get('allocator')}"
-        elif e.get("kind") == "stock":
+        elif e.kind == "tbpw":
+            made = f"tbpw, {e.allocator}"
+        elif e.kind == "stock":
             made = "stock llama-quantize with the same imatrix"
         else:
-            made = e.get("note", "someone else").removeprefix("not made by this run: ")
+            made = (e.note or "someone else").removeprefix("not made by this run: ")
         file = hub_file_name(report, e) if e in kept(report) else ""
-        rows.append([_name(report, e), made, e.get("target") or "–", fmt(e.get("bpw")),
-                     _size(e.get("size_bytes")), f"[{file}]({file})" if file else ""])
+        rows.append([_name(report, e), made, e.target or "–", fmt(e.bpw), _size(e.size_bytes),
+                     f"[{file}]({file})" if file else ""])
     return markdown_table(["Model", "Made by", "Target", "BPW", "Size", "File"], rows)
 
 
-def quality_table(report: dict) -> str:
-    shown = [c for c in as_columns(report.get("columns", [])) if c.table == "quality"]
-    rows = [[_name(report, e), fmt(e.get("bpw")), fmt((e.get("size_bytes") or 0) / 2**20, 2),
-             *(cell(e.get("metrics", {}), c) for c in shown)] for e in _rows(report)]
+def quality_table(report: Report) -> str:
+    shown = [c for c in report.columns if c.table == "quality"]
+    rows = [[_name(report, e), fmt(e.bpw), fmt((e.size_bytes or 0) / 2**20, 2), *(cell(e.metrics, c) for c in shown)]
+            for e in _rows(report)]
     return markdown_table(["Model", "BPW", "Size (MiB)", *(c.label for c in shown)], rows)
 
 
-def tasks_table(report: dict) -> str | None:
+def tasks_table(report: Report) -> str | None:
     entries = _rows(report)
-    shown = [c for c in as_columns(report.get("columns", [])) if c.table == "tasks"
-             and any(c.key in e.get("metrics", {}) for e in entries)]
+    shown = task_columns(entries, report.columns)
     if not shown:
         return None
-    substitutes = report.get("substitutes", {})
-    header = ["Model", *(f"{c.label}{' (substitute)' if c.key in substitutes else ''}" for c in shown)]
-    return markdown_table(header, [[_name(report, e), *(cell(e.get("metrics", {}), c) for c in shown)]
-                           for e in entries])
+    header = ["Model", *(f"{c.label}{' (substitute)' if c.key in report.substitutes else ''}" for c in shown)]
+    return markdown_table(header, [[_name(report, e), *(cell(e.metrics, c) for c in shown)] for e in entries])
 
 
-def bench_table(report: dict) -> str | None:
-    rows = [(e, row) for e in _rows(report) for row in e.get("bench_rows", [])]
+def bench_table(report: Report) -> str | None:
+    rows = [(e, row) for e in _rows(report) for row in e.bench_rows]
     if not rows:
         return None
     present = {key for _, row in rows for key in row}
@@ -173,14 +170,14 @@ def _options(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items()) if options else "defaults"
 
 
-def _dataset(report: dict, role: str) -> str:
-    data = report.get("datasets", {}).get(role, {})
+def _dataset(report: Report, role: str) -> str:
+    data = report.datasets.get(role, {})
     sha = data.get("sha256", "")
     return f"{data.get('description') or role} (sha256 {sha[:16]}…)" if sha else (data.get("description") or role)
 
 
-def method(report: dict) -> list[str]:
-    r = report.get("recipe", {})
+def method(report: Report) -> list[str]:
+    r = report.recipe
     source = r.get("model", {})
     lines = []
     if source.get("hub") or source.get("path"):
@@ -202,7 +199,7 @@ def method(report: dict) -> list[str]:
                  f"of every tensor for {'the types ' + ', '.join(measure['candidates']) if measure.get('candidates') else 'the default candidate types'}, "
                  "quantized with llama.cpp's own code (libggml).")
     allocators = "; ".join(f"`{a['name']}` ({_options(a.get('options', {}))})" for a in r.get("allocators") or [])
-    targets = ", ".join(e["target"] for e in kept(report)) or "none"
+    targets = ", ".join(str(e.target) for e in kept(report)) or "none"
     lines.append(f"- Allocation: {allocators} for the targets {targets}; every type map was written by stock "
                  "llama-quantize with a complete --tensor-type-file and checked tensor by tensor.")
     constraints = {k: v for k, v in (r.get("constraints") or {}).items() if v}
@@ -222,52 +219,52 @@ def method(report: dict) -> list[str]:
     chunks = f"{ev['chunks']} chunks" if ev.get("chunks") else "every chunk"
     lines.append(f"- Evaluation: against the float model's logits on {_dataset(report, 'evaluation')}, {chunks} of "
                  f"{ev.get('ctx', 512)} tokens; tasks with {ev.get('task_ctx', 768)} tokens of context. Selection by "
-                 f"{', '.join(report.get('select_by', []))}.")
-    others = [role for role in report.get("datasets", {}) if role not in ("calibration", "evaluation")]
+                 f"{', '.join(report.select_by)}.")
+    others = [role for role in report.datasets if role not in ("calibration", "evaluation")]
     for role in others:
         lines.append(f"- Task data `{role}`: {_dataset(report, role)}.")
     b = r.get("bench", {})
-    if b.get("enabled", True) and any(e.get("bench_rows") for e in report["entries"]):
+    if b.get("enabled", True) and any(e.bench_rows for e in report.entries):
         pg = f", pp{b['pg'][0]}+tg{b['pg'][1]}" if b.get("pg") else ""
         lines.append(f"- Speed: llama-bench pp{b.get('pp')}, tg{b.get('tg')}{pg}, {b.get('repetitions')} repetitions.")
-    provenance = report.get("provenance", {})
-    lines.append(f"- Tools: llama.cpp build {report.get('build', '?')}, tbpw {report.get('tbpw_version', '?')}; "
+    provenance = report.provenance
+    lines.append(f"- Tools: llama.cpp build {report.build}, tbpw {report.tbpw_version}; "
                  f"recipe sha256 {provenance.get('recipe_sha256', '?')}. Each file records this in its metadata "
                  "(`tbpw.*` keys; `tbpw inspect FILE.gguf` prints them).")
     return lines
 
 
-def caveats(report: dict) -> list[str]:
-    items = [f"- {note}" for note in report.get("notes", [])]
-    for role, what in sorted(report.get("substitutes", {}).items()):
+def caveats(report: Report) -> list[str]:
+    items = [f"- {note}" for note in report.notes]
+    for role, what in sorted(report.substitutes.items()):
         items.append(f"- {role}: {what}; not the real benchmark.")
-    others = [e for e in report["entries"] if e.get("kind") == "other"]
+    others = [e for e in report.entries if e.kind == "other"]
     if others:
         items.append("- † Someone else's file, not made by this run, evaluated and benched the same way: "
-                     + "; ".join(f"{e['name'].removeprefix('other-')}: {e.get('note', '').removeprefix('not made by this run: ')}"
+                     + "; ".join(f"{e.name.removeprefix('other-')}: {e.note.removeprefix('not made by this run: ')}"
                                  for e in others) + ".")
-    if any(e.get("bench_rows") for e in kept(report)):
+    if any(e.bench_rows for e in kept(report)):
         items.append("- llama-bench's `model` column names the file type llama-quantize records: tbpw's files record "
                      "Q8_0, the base type their complete type map overrides (their real types: report.md's type maps, "
                      "`tbpw inspect FILE.gguf`).")
-    ev = report.get("recipe", {}).get("evaluation", {})
+    ev = report.recipe.get("evaluation", {})
     if ev.get("chunks"):
         items.append(f"- The scores come from {ev['chunks']} chunks of evaluation text: differences within the ± "
                      "values are not significant.")
-    source = report.get("source", {})
+    source = report.source
     if "license" not in source:
         items.append("- The source names no licence: add `license:` to the front matter before publishing.")
     if "base_model" not in source:
         items.append("- The source names no Hugging Face repository: add `base_model:` to the front matter before "
                      "publishing.")
-    for role, data in report.get("datasets", {}).items():
+    for role, data in report.datasets.items():
         if data.get("attribution"):
             items.append(f"- Data attribution ({role}): {' '.join(data['attribution'].split())}")
     return items
 
 
-def markdown(report: dict) -> str:
-    source = report.get("source", {})
+def markdown(report: Report) -> str:
+    source = report.source
     front: dict[str, Any] = {}
     if "base_model" in source:
         front["base_model"] = source["base_model"]
@@ -277,9 +274,9 @@ def markdown(report: dict) -> str:
     front["pipeline_tag"] = "text-generation"
     front["tags"] = TAGS
     parts = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-             f"# {source.get('name', report['name'])} GGUF", ""]
-    if report.get("description"):
-        parts += [report["description"], ""]
+             f"# {source.get('name', report.name)} GGUF", ""]
+    if report.description:
+        parts += [report.description, ""]
     files = ", ".join(f"`{hub_file_name(report, e)}`" for e in kept(report))
     parts += [f"Quantizations made with tbpw on stock llama.cpp, each at an exact bits-per-weight target with the "
               f"least measured error: {files or 'none kept'}. Every number below was measured by the llama.cpp tools.",
@@ -315,10 +312,10 @@ def _place(source: Path, target: Path) -> None:
             shutil.copyfile(source, tmp)
 
 
-def write_model_card(report: dict, folder: Path) -> Path:
+def write_model_card(report: Report, folder: Path) -> Path:
     """Write `folder`/README.md and put the kept quants beside it (files of earlier runs no longer kept go)."""
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = {hub_file_name(report, e): Path(e["path"]) for e in kept(report)}
+    wanted = {hub_file_name(report, e): Path(str(e.path)) for e in kept(report)}
     for stale in folder.glob("*.gguf"):
         if stale.name not in wanted:
             stale.unlink()

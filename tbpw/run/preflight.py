@@ -25,17 +25,18 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from tbpw.allocate.budget import Target, format_size, parse_size
 from tbpw.allocate.problem import build_problem
 from tbpw.errors import Problems, TbpwError
 from tbpw.files import paths
 from tbpw.measure import candidates as cand
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
+from tbpw.model.budget import Target, format_size, parse_size
 from tbpw.model.ggml_types import FLOAT_TYPES, type_name
 from tbpw.model.inventory import ModelInventory
-from tbpw.run.costplan import disk_needed, existing_parent, model_size
+from tbpw.run.costplan import disk_needed, existing_parent
 from tbpw.run.recipe import Recipe, read, readiness_problems
-from tbpw.run.rundir import ownership_problem
+from tbpw.stages import model as model_stage
+from tbpw.stages.rundir import ownership_problem
 
 
 def check(path: Path | str, overrides: list[str] | None = None) -> Recipe:
@@ -230,7 +231,7 @@ def _model_problems(recipe: Recipe, inventory: ModelInventory, *, sound: bool) -
 
 def _compare_problems(recipe: Recipe, inventory: ModelInventory) -> list[str]:
     """Local `compare_files` that are not quants of the model (a hub file is checked once it is fetched)."""
-    from tbpw.run import compare
+    from tbpw.stages import compare
 
     problems = []
     for i, ref in enumerate(recipe.compare_files):
@@ -278,9 +279,13 @@ def _output_problems(recipe: Recipe, inventory: ModelInventory | None) -> list[s
         if not _creatable(folder):
             problems.append(f"{what} {folder} is not writable: set TBPW_HOME (or TBPW_MEASURE_CACHE) to a writable "
                             "folder")
-    size = model_size(recipe, inventory)
+    size = model_stage.size(recipe.model, inventory)
     if size is not None:
-        need = max(0, disk_needed(recipe, size) - _bytes_in(out))
+        try:
+            needed = disk_needed(recipe, size)
+        except TbpwError:  # a recipe whose stages cannot be laid out (an unknown plugin, two targets alike): its
+            return problems  # mistake is reported by its own check, and the disk is checked once it is mended
+        need = max(0, needed - _bytes_in(out))
         free = shutil.disk_usage(existing_parent(out)).free
         if need > free:
             problems.append(f"output_dir {out}: the run writes at least {format_size(need)} more, and its disk has "

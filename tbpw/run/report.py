@@ -1,12 +1,14 @@
-"""The run's report: model-card tables in Markdown, every number in JSON, and PNG plots.
+"""The run's report: a typed record of every quant's numbers (`Report`), rendered as model-card tables in Markdown,
+every number in JSON, and PNG plots.
 
-Pure formatting of the entries the pipeline collected (each entry's numbers are the parsed tool
-outputs); only `write_report` touches the disk.
+Pure formatting of the entries the pipeline collected (each entry's numbers are the parsed tool outputs); only
+`write_report` touches the disk. `tbpw.run.modelcard` renders the same `Report` as a Hugging Face model card.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,80 @@ from tbpw.model.inventory import role_of
 from tbpw.plugin.base import Column
 
 
-def as_columns(columns: list[Column] | list[dict]) -> list[Column]:
-    """Columns as the evaluators declared them (report.json keeps them as dicts)."""
-    return [c if isinstance(c, Column) else Column(**c) for c in columns]
+@dataclass
+class Entry:
+    """One row of the report: the float model (`kind` base), a stock type, one of tbpw's quants, or someone
+    else's file (other)."""
+
+    name: str
+    kind: str  # base, stock, tbpw or other
+    bpw: float | None
+    size_bytes: int | None
+    metrics: dict[str, Any] = field(default_factory=dict)  # evaluator column -> value
+    bench: dict[str, float] = field(default_factory=dict)  # llama-bench test -> tokens per second
+    bench_rows: list[dict] = field(default_factory=list)  # llama-bench's Markdown rows
+    target: str | None = None
+    allocator: str | None = None
+    types: dict[str, str] = field(default_factory=dict)  # tensor -> type
+    path: str | None = None
+    note: str = ""
+    released: bool = False  # its GGUF was deleted after its evaluation (keep: chosen)
+    selected: bool = False  # the best quant of its target
+
+    def to_json(self) -> dict[str, Any]:
+        if self.kind == "base":
+            return {"name": self.name, "kind": self.kind, "bpw": self.bpw, "size_bytes": self.size_bytes,
+                    "metrics": self.metrics, "bench": self.bench}
+        return {"name": self.name, "kind": self.kind, "target": self.target, "allocator": self.allocator,
+                "bpw": self.bpw, "size_bytes": self.size_bytes, "metrics": self.metrics, "bench": self.bench,
+                "bench_rows": self.bench_rows, "types": self.types, "path": self.path,
+                **({"note": self.note} if self.note else {}), **({"released": True} if self.released else {}),
+                **({"selected": True} if self.selected else {})}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Entry:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Report:
+    """What a run found, as report.json records it."""
+
+    name: str
+    description: str
+    model: str  # the float model's path
+    build: str  # the llama.cpp build, in words
+    notes: list[str]
+    select_by: list[str]
+    evaluation_text: str
+    baseline_ppl: float
+    substitutes: dict[str, str]  # dataset role -> what substitutes for the real benchmark
+    columns: list[Column]
+    entries: list[Entry]  # the baseline first, then the quants in the run's order
+    tbpw_version: str
+    recipe: dict[str, Any]  # the resolved recipe, as JSON
+    provenance: dict[str, str]
+    datasets: dict[str, dict[str, str]]  # role -> description, attribution, sha256
+    source: dict[str, str]  # the source model: its name, hub id and licence where known
+    plots: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "model": self.model, "build": self.build,
+                "notes": self.notes, "select_by": self.select_by, "evaluation_text": self.evaluation_text,
+                "baseline_ppl": self.baseline_ppl, "substitutes": self.substitutes,
+                "columns": [asdict(c) for c in self.columns], "entries": [e.to_json() for e in self.entries],
+                "tbpw_version": self.tbpw_version, "recipe": self.recipe, "provenance": self.provenance,
+                "datasets": self.datasets, "source": self.source, "plots": self.plots}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        return cls(**{**{k: v for k, v in data.items() if k in cls.__dataclass_fields__},
+                      "columns": [Column(**c) for c in data["columns"]],
+                      "entries": [Entry.from_json(e) for e in data["entries"]]})
+
+    def selected(self) -> list[Entry]:
+        """The best quant of each target."""
+        return [e for e in self.entries if e.selected]
 
 
 def fmt(value: Any, digits: int = 4, suffix: str = "") -> str:
@@ -44,41 +117,41 @@ def cell(metrics: dict, column: Column) -> str:
     return f"{value:.{column.digits}f} ± {error:.{column.digits}f}{column.suffix}"
 
 
-def _label(entry: dict) -> str:
-    star = " ★" if entry.get("selected") else ""
-    other = " †" if entry.get("kind") == "other" else ""
-    return f"{entry['name']}{star}{other}"
+def _label(entry: Entry) -> str:
+    star = " ★" if entry.selected else ""
+    other = " †" if entry.kind == "other" else ""
+    return f"{entry.name}{star}{other}"
 
 
-def quality_table(entries: list[dict], columns: list[Column] | list[dict]) -> str:
-    shown = [c for c in as_columns(columns) if c.table == "quality"]
-    rows = []
-    for e in entries:
-        m = e.get("metrics", {})
-        rows.append([_label(e), fmt(e.get("bpw")), fmt(e.get("size_bytes", 0) / 2**20, 2),
-                     *(cell(m, c) for c in shown)])
+def quality_table(entries: list[Entry], columns: list[Column]) -> str:
+    shown = [c for c in columns if c.table == "quality"]
+    rows = [[_label(e), fmt(e.bpw), fmt((e.size_bytes or 0) / 2**20, 2), *(cell(e.metrics, c) for c in shown)]
+            for e in entries]
     return markdown_table(["Model", "BPW", "Size (MiB)", *(c.label for c in shown)], rows)
 
 
-def tasks_table(entries: list[dict], columns: list[Column] | list[dict], substitutes: dict[str, str]) -> str | None:
-    present = [c for c in as_columns(columns) if c.table == "tasks"
-               and any(c.key in e.get("metrics", {}) for e in entries)]
+def task_columns(entries: list[Entry], columns: list[Column]) -> list[Column]:
+    """The task benchmarks' columns some entry has a value of."""
+    return [c for c in columns if c.table == "tasks" and any(c.key in e.metrics for e in entries)]
+
+
+def tasks_table(entries: list[Entry], columns: list[Column], substitutes: dict[str, str]) -> str | None:
+    present = task_columns(entries, columns)
     if not present:
         return None
     rows = []
     for e in entries:
-        m = e.get("metrics", {})
-        known = [m[c.key] for c in present if m.get(c.key) is not None]
-        rows.append([_label(e), *(cell(m, c) for c in present), fmt(sum(known) / len(known), 2) if known else "–"])
+        known = [e.metrics[c.key] for c in present if e.metrics.get(c.key) is not None]
+        rows.append([_label(e), *(cell(e.metrics, c) for c in present), fmt(sum(known) / len(known), 2) if known else "–"])
     header = ["Model", *(f"{c.label}{' (substitute)' if c.key in substitutes else ''}" for c in present), "Average"]
     return markdown_table(header, rows)
 
 
-def bench_table(entries: list[dict]) -> str | None:
-    tests = sorted({t for e in entries for t in e.get("bench", {})}, key=lambda t: (len(t), t))
+def bench_table(entries: list[Entry]) -> str | None:
+    tests = sorted({t for e in entries for t in e.bench}, key=lambda t: (len(t), t))
     if not tests:
         return None
-    rows = [[_label(e), *(fmt(e.get("bench", {}).get(t), 2) for t in tests)] for e in entries]
+    rows = [[_label(e), *(fmt(e.bench.get(t), 2) for t in tests)] for e in entries]
     return markdown_table(["Model", *(f"{t} (t/s)" for t in tests)], rows)
 
 
@@ -111,37 +184,36 @@ def type_grid(types: dict[str, str]) -> str:
     return head + markdown_table(["layer", *roles], rows)
 
 
-def markdown(run: dict) -> str:
-    entries = run["entries"]
-    parts = [f"# tbpw report: {run['name']}", ""]
-    if run.get("description"):
-        parts += [run["description"], ""]
-    parts += [f"Model: {run['model']}", f"llama.cpp: build {run.get('build', '?')}", ""]
-    for note in run.get("notes", []):
+def markdown(report: Report) -> str:
+    entries = report.entries
+    parts = [f"# tbpw report: {report.name}", ""]
+    if report.description:
+        parts += [report.description, ""]
+    parts += [f"Model: {report.model}", f"llama.cpp: build {report.build}", ""]
+    for note in report.notes:
         parts += [f"> **Note:** {note}", ""]
     parts += ["## Quality against the baseline", "",
-              f"Evaluation text: {run.get('evaluation_text', '?')}. ★ marks the best quant of each target "
-              f"(by {', '.join(run.get('select_by', []))}).", "", quality_table(entries, run.get("columns", [])), ""]
-    noted = [e for e in entries if e.get("note")]
+              f"Evaluation text: {report.evaluation_text}. ★ marks the best quant of each target "
+              f"(by {', '.join(report.select_by)}).", "", quality_table(entries, report.columns), ""]
+    noted = [e for e in entries if e.note]
     if noted:
-        parts += [f"- {e['name']}{' †' if e.get('kind') == 'other' else ''}: {e['note']}" for e in noted] + [""]
-    tasks = tasks_table(entries, run.get("columns", []), run.get("substitutes", {}))
+        parts += [f"- {e.name}{' †' if e.kind == 'other' else ''}: {e.note}" for e in noted] + [""]
+    tasks = tasks_table(entries, report.columns, report.substitutes)
     if tasks:
         parts += ["## Benchmarks (accuracy, %)", ""]
-        for key, what in sorted(run.get("substitutes", {}).items()):
+        for key, what in sorted(report.substitutes.items()):
             parts += [f"- {key}: {what}"]
         parts += ["", tasks, ""]
     bench = bench_table(entries)
     if bench:
         parts += ["## Speed (llama-bench)", "", bench, ""]
-    chosen = [e for e in entries if e.get("selected") and e.get("types")]
+    chosen = [e for e in report.selected() if e.types]
     if chosen:
         parts += ["## Type maps of the chosen quants", ""]
         for e in chosen:
-            parts += [f"### {e['name']} ({fmt(e.get('bpw'))} bpw)", "", type_grid(e["types"]), ""]
-    plots = run.get("plots", [])
-    if plots:
-        parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+            parts += [f"### {e.name} ({fmt(e.bpw)} bpw)", "", type_grid(e.types), ""]
+    if report.plots:
+        parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report.plots] + [""]
     return "\n".join(parts)
 
 
@@ -164,18 +236,17 @@ def _save(plt, fig, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_quality(entries: list[dict], column: Column, out: Path) -> bool:
+def plot_quality(entries: list[Entry], column: Column, out: Path) -> bool:
     """`column` (the first the selection ranks by) against bpw, one series per allocator, stock types as points."""
     plt = _pyplot()
     if plt is None:
         return False
     series: dict[str, list[tuple[float, float]]] = {}
     for e in entries:
-        value = e.get("metrics", {}).get(column.key)
-        if value is None or e.get("bpw") is None or e.get("kind") == "base":
+        value = e.metrics.get(column.key)
+        if value is None or e.bpw is None or e.kind == "base":
             continue
-        series.setdefault(e.get("allocator") or ("others †" if e.get("kind") == "other" else "stock"), []).append(
-            (e["bpw"], value))
+        series.setdefault(e.allocator or ("others †" if e.kind == "other" else "stock"), []).append((e.bpw, value))
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -184,9 +255,9 @@ def plot_quality(entries: list[dict], column: Column, out: Path) -> bool:
         style = "s" if label == "stock" else "^" if label == "others †" else "o-"
         ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
     for e in entries:
-        if e.get("kind") in ("stock", "other") and e.get("metrics", {}).get(column.key) is not None:
-            name = e["name"].removeprefix("stock-").removeprefix("other-") + (" †" if e["kind"] == "other" else "")
-            ax.annotate(name, (e["bpw"], e["metrics"][column.key]), fontsize=7)
+        if e.kind in ("stock", "other") and e.metrics.get(column.key) is not None and e.bpw is not None:
+            name = e.name.removeprefix("stock-").removeprefix("other-") + (" †" if e.kind == "other" else "")
+            ax.annotate(name, (e.bpw, e.metrics[column.key]), fontsize=7)
     if column.lower_is_better and all(v > 0 for points in series.values() for _, v in points):
         ax.set_yscale("log")
     ax.set_xlabel("bits per weight")
@@ -197,11 +268,11 @@ def plot_quality(entries: list[dict], column: Column, out: Path) -> bool:
     return True
 
 
-def plot_type_grid(entry: dict, out: Path) -> bool:
+def plot_type_grid(entry: Entry, out: Path) -> bool:
     import numpy as np
 
     plt = _pyplot()
-    layers, roles, _ = _by_layer(entry.get("types", {}))
+    layers, roles, _ = _by_layer(entry.types)
     if plt is None or not layers:
         return False
     ids = sorted(layers)
@@ -219,24 +290,25 @@ def plot_type_grid(entry: dict, out: Path) -> bool:
     ax.set_xticks(range(len(roles)), roles, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(ids)), [str(i) for i in ids], fontsize=7)
     ax.set_ylabel("layer")
-    ax.set_title(f"{entry['name']}: nominal bpw per tensor", fontsize=9)
+    ax.set_title(f"{entry.name}: nominal bpw per tensor", fontsize=9)
     fig.colorbar(image, ax=ax, label="bpw")
     _save(plt, fig, out)
     return True
 
 
-def write_report(run: dict, folder: Path) -> Path:
-    """Write report.md, report.json and the plots into `folder`; returns the Markdown's path."""
+def write_report(report: Report, folder: Path) -> Path:
+    """Write report.md, report.json and the plots into `folder` (the plots' names into `report.plots`); returns the
+    Markdown's path."""
     folder.mkdir(parents=True, exist_ok=True)
     plots = []
-    columns = {c.key: c for c in as_columns(run.get("columns", []))}
-    primary = columns.get(next(iter(run.get("select_by", [])), ""))
-    if primary is not None and plot_quality(run["entries"], primary, folder / f"{primary.key}-vs-bpw.png"):
+    columns = {c.key: c for c in report.columns}
+    primary = columns.get(next(iter(report.select_by), ""))
+    if primary is not None and plot_quality(report.entries, primary, folder / f"{primary.key}-vs-bpw.png"):
         plots.append(f"{primary.key}-vs-bpw.png")
-    for e in run["entries"]:
-        if e.get("selected") and e.get("types") and plot_type_grid(e, folder / f"types-{e['name']}.png"):
-            plots.append(f"types-{e['name']}.png")
-    run = {**run, "plots": plots}
-    write_json(folder / "report.json", run)
-    write_text(folder / "report.md", markdown(run))
+    for e in report.selected():
+        if e.types and plot_type_grid(e, folder / f"types-{e.name}.png"):
+            plots.append(f"types-{e.name}.png")
+    report.plots = plots
+    write_json(folder / "report.json", report.to_json())
+    write_text(folder / "report.md", markdown(report))
     return folder / "report.md"

@@ -30,9 +30,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import write_json, write_text
+from tbpw.options import Strict
 from tbpw.run import recipe as recipes
 from tbpw.run.graph import TaskGraph
-from tbpw.run.recipe import ExecutorRef, Strict
+from tbpw.run.recipe import ExecutorRef
 
 LABEL = r"^[A-Za-z0-9._-]+$"
 # A stock quant is "at the same size" as a tbpw quant when their bits per weight differ by at most this.
@@ -73,6 +74,7 @@ class SweepRun:
     model: str
     recipe_label: str
     pipeline: Any  # tbpw.run.pipeline.Pipeline
+    graph: Any  # tbpw.run.pipeline.RunGraph: the run's own graph
     names: dict[str, str]  # the run's task name -> the sweep graph's
 
 
@@ -127,8 +129,8 @@ def _rebase_model(model: dict, base: Path) -> dict:
 def run(path: Path | str, overrides: list[str] | None = None, executor: str | None = None,
         output_dir: Path | None = None, log: Log = print) -> Path:
     """Run every (model, recipe, variant) of the sweep as one graph, write each report and the combined table."""
+    from tbpw.jobs import WorkerCheck
     from tbpw.run.execute import execute, executor_from
-    from tbpw.run.graph import WorkerCheck
     from tbpw.run.pipeline import Pipeline
 
     sweep, loaded = load(path, overrides, executor, output_dir)
@@ -136,11 +138,11 @@ def run(path: Path | str, overrides: list[str] | None = None, executor: str | No
     runs: list[SweepRun] = []
     try:
         for label, model, recipe_label, recipe in loaded:
-            pipeline = Pipeline(recipe, log=log)
-            pipeline.label = label  # its stages log as "<label>: done  measure"
+            pipeline = Pipeline(recipe, log=log, label=label)  # its stages log as "<label>: done  measure"
             recipes.check_ready(recipe)
-            names = graph.merge(pipeline.graph(), prefix=f"{label}/")
-            runs.append(SweepRun(label, model, recipe_label, pipeline, names))
+            run_graph = pipeline.graph()
+            names = graph.merge(run_graph.tasks, prefix=f"{label}/")
+            runs.append(SweepRun(label, model, recipe_label, pipeline, run_graph, names))
         if sweep.executor is None:  # the first run's recipe says (load() filled in the registry's default)
             sweep.executor = loaded[0][3].executor
         assert sweep.executor is not None
@@ -150,14 +152,13 @@ def run(path: Path | str, overrides: list[str] | None = None, executor: str | No
         if not sweep.executor.name:
             sweep.executor.name = executors.default_name()
         executors.validate_options(sweep.executor.name, sweep.executor.options)
-        roots = tuple(r.pipeline.run_dir.root for r in runs)
-        check = WorkerCheck(runs[0].pipeline.build.key, roots)
+        roots = tuple(r.pipeline.context.run_dir.root for r in runs)
+        check = WorkerCheck(runs[0].pipeline.context.build.key, roots)
         log(f"sweep {sweep.name}: {len(runs)} runs ({', '.join(r.label for r in runs)})")
         results = execute(graph, executor_from(sweep.executor), log=log, check=check)
         rows = []
         for r in runs:
-            own = {name: results[new] for name, new in r.names.items()}
-            report_path = r.pipeline.report(own)
+            report_path = r.pipeline.report({name: results[new] for name, new in r.names.items()}, r.graph)
             report = json.loads(report_path.with_suffix(".json").read_text())
             rows += combined_rows(r.model, r.recipe_label, report, report_path)
         assert sweep.output_dir is not None

@@ -25,7 +25,7 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,8 +37,8 @@ from tbpw.files.digest import content_sha256
 from tbpw.files.lock import waiting_lock
 from tbpw.measure.engine import cache_key, model_fingerprint
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
-from tbpw.model.ggml_types import type_name
 from tbpw.model.inventory import ModelInventory
+from tbpw.select.options import CalibrateOptions
 from tbpw.select.scoring import Scorer
 
 if TYPE_CHECKING:
@@ -159,26 +159,24 @@ def _table_hash(table: ErrorTable) -> str:
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:20]
 
 
-def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: Path | str, table: ErrorTable, *,
-              probe_types: Sequence[str] = ("Q3_K",), grouping: Grouping = "tensor", ctx: int = 512, chunks: int = 8,
-              background: str = "float", threads: int | None = None, ngl: int | None = None,
+def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: Path | str, table: ErrorTable,
+              options: CalibrateOptions, *, threads: int | None = None, ngl: int | None = None,
               cache_dir: Path | str | None = None, scorer: Scorer | None = None, store: TensorStore | None = None,
               log: Callable[[str], None] | None = None) -> Sensitivity:
     """Measure (or load from the cache) the sensitivity of every group of `model` (see the module doc).
 
-    `background` is the type every tensor outside the probed group keeps: `float` (its stored type) or a
-    near-lossless type such as Q8_0 (half the disk and load time of each probe; the noise floor is then the
-    all-Q8_0 model's KLD). `scorer` shares the float logits and kept scores with `choose` (its ctx must be
-    `ctx`); `store` writes the probes from tensors quantized once (else llama-quantize writes each)."""
+    `options` gives the probe types, the grouping, the chunks and ctx scored, and the `background`: the type
+    every tensor outside the probed group keeps, `float` (its stored type) or a near-lossless type such as Q8_0
+    (half the disk and load time of each probe; the noise floor is then the all-Q8_0 model's KLD); its
+    `strengths` are the caller's (`calibrated_table`). `scorer` shares the float logits and kept scores with
+    `choose` (its ctx must be `options.ctx`); `store` writes the probes from tensors quantized once (else
+    llama-quantize writes each)."""
     from tbpw.llamacpp.build import active_build
 
     model, calibration_text = Path(model), Path(calibration_text)
     inventory = ModelInventory.load(model)
-    probes = tuple(type_name(t) for t in probe_types)
-    try:
-        bg = "float" if background.lower() == "float" else type_name(background)
-    except (KeyError, ValueError):
-        raise TbpwError(f"unknown calibration background {background!r}: use float or a type such as Q8_0") from None
+    probes, grouping, ctx, chunks, bg = (tuple(options.probes), options.grouping, options.ctx, options.chunks,
+                                         options.background)
     groups = groups_of(inventory, grouping)
     entries = table.by_name()
     build = active_build()
@@ -196,8 +194,13 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
     with waiting_lock(folder / ".lock", note=lambda line: (log or print)(f"note: {line}")):
         if (cached := _cached(final, groups)) is not None:
             return cached
-        return _calibrate(model, imatrix, calibration_text, inventory, entries, groups, probes, grouping, parts, key,
-                          folder, bg, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl, scorer=scorer, store=store, log=log)
+        probing = _Probing(model, imatrix, calibration_text, inventory, options, threads, ngl, store, log)
+        sens = probing.measure(entries, groups, folder, scorer)
+        sens.meta.update({"key": key, **parts, "model_path": str(model), "text_path": str(calibration_text)})
+        sens.group_scales()  # fails now, not later, when nothing was measurable
+        write_json(final, sens.to_json())
+        sens.meta["cached"] = False
+        return sens
 
 
 def _cached(final: Path, groups: Mapping[str, list[str]]) -> Sensitivity | None:
@@ -217,77 +220,85 @@ def _cached(final: Path, groups: Mapping[str, list[str]]) -> Sensitivity | None:
     return sens
 
 
-def _calibrate(model: Path, imatrix: Path | str | None, calibration_text: Path, inventory: ModelInventory,
-               entries: Mapping[str, TensorErrors], groups: dict[str, list[str]], probes: tuple[str, ...],
-               grouping: Grouping, parts: dict, key: str, folder: Path, bg: str, *, ctx: int, chunks: int,
-               threads: int | None, ngl: int | None, scorer: Scorer | None, store: TensorStore | None,
-               log: Callable[[str], None] | None) -> Sensitivity:
-    from tbpw.llamacpp.build import active_build
-    from tbpw.llamacpp.quantize import quantize, tensor_type_text
-    from tbpw.quantize.assemble import assemble, unsupported
+@dataclass
+class _Probing:
+    """One calibration's fixed parts: the model, its imatrix and text, the options and how to write and score."""
 
-    build = active_build()
-    final = folder / "sensitivity.json"
+    model: Path
+    imatrix: Path | str | None
+    text: Path
+    inventory: ModelInventory
+    options: CalibrateOptions
+    threads: int | None
+    ngl: int | None
+    store: TensorStore | None
+    log: Callable[[str], None] | None
 
-    probe_bpw: dict[str, dict[str, float]] = {}
-    proxy: dict[str, dict[str, float]] = {g: {} for g in groups}
-    for group, names in groups.items():
-        for t in probes:
-            total = 0.0
-            for name in names:
-                info = inventory[name]
-                eff = info.effective_type(t)
-                if name not in entries:
-                    raise TbpwError(f"the error table has no entry for {name}: measure this model first")
-                bpw = 8.0 * info.bytes_as(eff) / info.n_elements
-                total += proxy_at(entries[name], eff, bpw)
-                probe_bpw.setdefault(name, {})[t] = bpw
-            proxy[group][t] = total
+    def measure(self, entries: Mapping[str, TensorErrors], groups: dict[str, list[str]], folder: Path,
+                scorer: Scorer | None) -> Sensitivity:
+        """Each group alone at each probe type, scored against the float model (the tools' work files in
+        `folder`/work, removed at the end)."""
+        from tbpw.llamacpp.build import active_build
+        from tbpw.llamacpp.quantize import quantize, tensor_type_text
+        from tbpw.quantize.assemble import assemble, unsupported
 
-    work = temporary_folder(folder / "work")
-    say = log or (lambda line: None)
-    scorer = scorer or Scorer(model, calibration_text, imatrix=imatrix, ctx=ctx, chunks=chunks, threads=threads, ngl=ngl,
-                              cache_dir=work / "scores", log=say)
-    source = store.source(model, imatrix) if store is not None else None
-    try:
-        rest = {t.name: (t.stored_type if bg == "float" else t.effective_type(bg))
-                for t in inventory.tensors if t.quantizable}
-
-        def delta(types: Mapping[str, str], label: str) -> float:
-            score = scorer.lookup(types, chunks)
-            if score is None:
-                out = work / "probe.gguf"
-                if source is not None and unsupported(source, types) is None:
-                    assemble(source, types, out)
-                else:
-                    write_text(work / "types.txt", tensor_type_text(types))
-                    quantize(model, out, imatrix=imatrix, tensor_type_file=work / "types.txt", threads=threads,
-                             log_path=work / "quantize.log", build=build)
-                score = scorer.score(out, types, chunks, log_path=work / "kld.log")
-                out.unlink()
-            say(f"  {label}: KLD {score.kld_mean:.6f}")
-            return score.kld_mean
-
-        # The float model scored against its own logits is 0 (a deterministic run of the same file): not run.
-        floor = 0.0 if bg == "float" else delta(rest, f"all {bg}")
-        measured: dict[str, dict[str, float]] = {}
+        build = active_build()
+        inventory, probes, bg = self.inventory, tuple(self.options.probes), self.options.background
+        ctx, chunks = self.options.ctx, self.options.chunks
+        probe_bpw: dict[str, dict[str, float]] = {}
+        proxy: dict[str, dict[str, float]] = {g: {} for g in groups}
         for group, names in groups.items():
-            measured[group] = {}
             for t in probes:
-                types = dict(rest, **{n: inventory[n].effective_type(t) for n in names})
-                measured[group][t] = delta(types, f"{group} as {t}") - floor
-    except TbpwError:
-        # the tools' logs stay for the message that names them; the large files go
-        for big in [*work.glob("*.gguf"), *work.glob("*.logits")]:
-            big.unlink(missing_ok=True)
-        raise
-    except BaseException:
+                total = 0.0
+                for name in names:
+                    info = inventory[name]
+                    eff = info.effective_type(t)
+                    if name not in entries:
+                        raise TbpwError(f"the error table has no entry for {name}: measure this model first")
+                    bpw = 8.0 * info.bytes_as(eff) / info.n_elements
+                    total += proxy_at(entries[name], eff, bpw)
+                    probe_bpw.setdefault(name, {})[t] = bpw
+                proxy[group][t] = total
+
+        work = temporary_folder(folder / "work")
+        say = self.log or (lambda line: None)
+        scorer = scorer or Scorer(self.model, self.text, imatrix=self.imatrix, ctx=ctx, chunks=chunks,
+                                  threads=self.threads, ngl=self.ngl, cache_dir=work / "scores", log=say)
+        source = self.store.source(self.model, self.imatrix) if self.store is not None else None
+        try:
+            rest = {t.name: (t.stored_type if bg == "float" else t.effective_type(bg))
+                    for t in inventory.tensors if t.quantizable}
+
+            def delta(types: Mapping[str, str], label: str) -> float:
+                score = scorer.lookup(types, chunks)
+                if score is None:
+                    out = work / "probe.gguf"
+                    if source is not None and unsupported(source, types) is None:
+                        assemble(source, types, out)
+                    else:
+                        write_text(work / "types.txt", tensor_type_text(types))
+                        quantize(self.model, out, imatrix=self.imatrix, tensor_type_file=work / "types.txt",
+                                 threads=self.threads, log_path=work / "quantize.log", build=build)
+                    score = scorer.score(out, types, chunks, log_path=work / "kld.log")
+                    out.unlink()
+                say(f"  {label}: KLD {score.kld_mean:.6f}")
+                return score.kld_mean
+
+            # The float model scored against its own logits is 0 (a deterministic run of the same file): not run.
+            floor = 0.0 if bg == "float" else delta(rest, f"all {bg}")
+            measured: dict[str, dict[str, float]] = {}
+            for group, names in groups.items():
+                measured[group] = {}
+                for t in probes:
+                    types = dict(rest, **{n: inventory[n].effective_type(t) for n in names})
+                    measured[group][t] = delta(types, f"{group} as {t}") - floor
+        except TbpwError:
+            # the tools' logs stay for the message that names them; the large files go
+            for big in [*work.glob("*.gguf"), *work.glob("*.logits")]:
+                big.unlink(missing_ok=True)
+            raise
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         shutil.rmtree(work, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    sens = Sensitivity(probes, grouping, groups, measured, proxy, probe_bpw, floor,
-                       {"key": key, **parts, "model_path": str(model), "text_path": str(calibration_text)})
-    sens.group_scales()  # fails now, not later, when nothing was measurable
-    write_json(final, sens.to_json())
-    sens.meta["cached"] = False
-    return sens
+        return Sensitivity(probes, self.options.grouping, groups, measured, proxy, probe_bpw, floor, {})

@@ -1,6 +1,6 @@
 """End-to-end choice among candidate plans by KL divergence on CALIBRATION text.
 
-Per-tensor errors do not add up exactly (docs/quality.md), so tbpw makes
+Per-tensor errors do not add up exactly (docs/results/quality.md), so tbpw makes
 several plans for one target (allocators, metrics, calibrated tables), writes each, and keeps the one whose
 output is closest to the float model on calibration text. `select_plan` is given the calibration file and
 nothing else: it cannot see the text the reported numbers are measured on.
@@ -14,13 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tbpw.allocate.budget import Target
 from tbpw.allocate.plan import Plan
-from tbpw.allocate.problem import ErrorTableLike
+from tbpw.allocate.problem import AllocatorPlugin, ErrorTableLike
 from tbpw.allocate.service import Planner
 from tbpw.errors import TbpwError
 from tbpw.files.atomic import atomic_path
 from tbpw.llamacpp.perplexity import BaseLogits, KldScore
+from tbpw.model.budget import Target
+from tbpw.select.options import ChooseOptions
 from tbpw.select.scoring import Scorer
 from tbpw.select.scoring import finalists as scoring_finalists
 
@@ -56,19 +57,18 @@ class Selection:
 
 
 def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibration_text: Path | str,
-                work_dir: Path | str, *, ctx: int = 512, chunks: int = 16, screen_chunks: int = 0, finalists: int = 2,
-                margin: float = 0.0, ngl: int | None = None, keep: bool = False,
+                work_dir: Path | str, options: ChooseOptions, *, ngl: int | None = None, keep: bool = False,
                 written: Mapping[str, Path] | None = None,
                 scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> Selection:
-    """Write the candidate plans, score them against the float model on `chunks` x `ctx` tokens of
-    `calibration_text`, and return the lowest mean KL divergence (ties: the earlier candidate).
+    """Write the candidate plans, score them against the float model on `options.chunks` x `options.ctx` tokens
+    of `calibration_text`, and return the lowest mean KL divergence (ties: the earlier candidate).
 
     Candidates with the same type map are scored once (and, through `scorer`'s kept scores, once across targets
-    and runs). With `screen_chunks` (fewer than `chunks`), plans are scored in rounds of that many chunks, each
-    chunk once: every distinct plan on the first round, and after each round only the leader and the plans
-    statistically tied with it on all the chunks so far (`scoring.finalists`, at most `finalists`) go on to the
-    next; with `margin`, only those that may still beat the leader by more than that part of its KLD. The
-    choice ends when one plan is left (it is not scored further) or when the survivors have been
+    and runs). With `options.screen_chunks` (fewer than `chunks`), plans are scored in rounds of that many chunks,
+    each chunk once: every distinct plan on the first round, and after each round only the leader and the plans
+    statistically tied with it on all the chunks so far (`scoring.finalists`, at most `options.finalists`) go on
+    to the next; with `options.margin`, only those that may still beat the leader by more than that part of its
+    KLD. The choice ends when one plan is left (it is not scored further) or when the survivors have been
     scored on all `chunks`. `written` maps candidate names to GGUFs already written from their plans (they are
     scored as they are, not written again). The winner's GGUF stays (in `work_dir`, or where `written` had it);
     the ones written here are deleted unless `keep`.
@@ -78,8 +78,7 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise TbpwError("candidate plan names must be unique")
-    if screen_chunks < 0 or finalists < 1 or not 0 <= margin < 1:
-        raise TbpwError("screen_chunks must be 0 (no screening) or more, finalists at least 1, margin in [0, 1)")
+    ctx, chunks, screen_chunks = options.ctx, options.chunks, options.screen_chunks
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: None)
@@ -140,7 +139,7 @@ def select_plan(candidates: Sequence[PlanCandidate], planner: Planner, calibrati
             screening = scores
         if stop == chunks:
             break
-        alive = scoring_finalists(scores, distinct, finalists, margin)
+        alive = scoring_finalists(scores, distinct, options.finalists, options.margin)
         if len(alive) == 1:
             break
     best = min(scores, key=lambda n: (scores[n].kld_mean, names.index(n)))
@@ -180,43 +179,43 @@ class Choice:
     def to_json(self) -> dict:
         return {"chosen": self.best, "calibration_kld": {n: s.kld_mean for n, s in self.selection.scores.items()},
                 "duplicates": self.selection.duplicates, "calibration_kld_chosen": self.score.kld_mean,
-                "refined": self.refined}
+                "refined": self.refined, "chunks": self.selection.chunks,
+                # each plan's score on the chunks of its last round, per chunk: what a study of the rounds replays
+                "scores": {n: s.to_json() for n, s in self.selection.scores.items()}}
 
 
-def choose(planner: Planner, tables: Mapping[str, ErrorTableLike], allocators: Sequence[tuple[str, Mapping]],
-           target: Target, calibration_text: Path | str, out: Path | str, work_dir: Path | str, *,
-           written: Mapping[str, Path] | None = None, ctx: int = 512, chunks: int = 16, screen_chunks: int = 0,
-           finalists: int = 2, margin: float = 0.0, refine_rounds: int = 0, refine_tries: int = 4,
-           ngl: int | None = None, scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> Choice:
-    """Plan `target` with every allocator on every table, keep the plan closest to the float model on
-    calibration text (optionally improved by measured swaps: tbpw.select.refine) and write it to `out`.
+def choose(planner: Planner, tables: Mapping[str, ErrorTableLike], allocators: Sequence[AllocatorPlugin],
+           target: Target, calibration_text: Path | str, out: Path | str, work_dir: Path | str,
+           options: ChooseOptions, *, written: Mapping[str, Path] | None = None, ngl: int | None = None,
+           scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> Choice:
+    """Plan `target` with every allocator (plugin instances) on every table, keep the plan closest to the float
+    model on calibration text (optionally improved by measured swaps: tbpw.select.refine) and write it to `out`.
 
     Candidates are named `candidate_name(allocator, table)`; `written` maps names to GGUFs already written from
-    exactly those plans; `screen_chunks`, `finalists` and `margin` as in `select_plan`; a shared `scorer` keeps
-    the float logits and the scores for other targets. Only the calibration text is ever read; `work_dir` keeps
-    the logs."""
+    exactly those plans; `options` as in `select_plan` and `refine_plan` (`options.tables` and
+    `options.measured_quants` are the caller's: which tables to give, which plans it wrote); a shared `scorer`
+    keeps the float logits and the scores for other targets. Only the calibration text is ever read; `work_dir`
+    keeps the logs."""
     candidates, problems = [], {}
     for table_name, table in tables.items():
         problem = planner.problem(table, target)
-        for allocator, options in allocators:
-            name = candidate_name(allocator, table_name)
-            candidates.append(PlanCandidate(name, planner.plan(table, target, allocator, options, problem=problem)))
+        for allocator in allocators:
+            name = candidate_name(allocator.name, table_name)
+            candidates.append(PlanCandidate(name, planner.plan(table, target, allocator, problem=problem)))
             problems[name] = problem
     work = Path(work_dir)
     own_scorer = scorer is None
-    scorer = scorer or Scorer(planner.model, calibration_text, imatrix=planner.imatrix, ctx=ctx, chunks=chunks,
-                              threads=planner.threads, ngl=ngl, cache_dir=work / "scores", log=log)
-    selection = select_plan(candidates, planner, calibration_text, work, ctx=ctx, chunks=chunks,
-                            screen_chunks=screen_chunks, finalists=finalists, margin=margin, ngl=ngl, written=written,
-                            scorer=scorer,
-                            log=log)
+    scorer = scorer or Scorer(planner.model, calibration_text, imatrix=planner.imatrix, ctx=options.ctx,
+                              chunks=options.chunks, threads=planner.threads, ngl=ngl, cache_dir=work / "scores", log=log)
+    selection = select_plan(candidates, planner, calibration_text, work, options, ngl=ngl, written=written,
+                            scorer=scorer, log=log)
     plan, score, refined = selection.plan, selection.scores[selection.best], []
-    if refine_rounds:
+    if options.refine_rounds:
         from tbpw.select.refine import refine_plan
 
-        refinement = refine_plan(planner, problems[selection.best], plan, calibration_text, work,
-                                 rounds=refine_rounds, tries=refine_tries, ctx=ctx, chunks=chunks, ngl=ngl,
-                                 start_score=score if selection.chunks == chunks else None, scorer=scorer, log=log)
+        refinement = refine_plan(planner, problems[selection.best], plan, calibration_text, work, options, ngl=ngl,
+                                 start_score=score if selection.chunks == options.chunks else None, scorer=scorer,
+                                 log=log)
         if refinement.accepted:
             plan, score, refined = refinement.plan, refinement.score, refinement.accepted
     out = Path(out)

@@ -17,6 +17,7 @@ from tbpw.allocate.plan import Plan, make_plan
 from tbpw.allocate.problem import AllocationProblem, Candidate, DecidableTensor
 from tbpw.allocate.service import Planner
 from tbpw.llamacpp.perplexity import KldScore
+from tbpw.select.options import ChooseOptions
 from tbpw.select.scoring import Scorer
 
 
@@ -69,13 +70,15 @@ def swap_moves(problem: AllocationProblem, choice: dict[str, str],
 
 
 def refine_plan(planner: Planner, problem: AllocationProblem, plan: Plan, calibration_text: Path | str,
-                work_dir: Path | str, *, rounds: int = 2, tries: int = 4, ctx: int = 512, chunks: int = 16,
-                ngl: int | None = None, start_score: KldScore | None = None, scorer: Scorer | None = None,
+                work_dir: Path | str, options: ChooseOptions, *, ngl: int | None = None,
+                start_score: KldScore | None = None, scorer: Scorer | None = None,
                 log: Callable[[str], None] | None = None) -> Refinement:
-    """Up to `rounds` rounds of `tries` measured swaps each, starting from `plan` (see the module doc).
+    """Up to `options.refine_rounds` rounds of `options.refine_tries` measured swaps each, starting from `plan`
+    (see the module doc), scored on `options.chunks` x `options.ctx` tokens of calibration text.
 
     `start_score` is `plan`'s score on the same calibration chunks, when the caller has it (select_plan's);
     `scorer` keeps the float logits and every score (a swap already scored is not scored again)."""
+    ctx, chunks, rounds, tries = options.ctx, options.chunks, options.refine_rounds, options.refine_tries
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: None)

@@ -1,6 +1,6 @@
 """Regenerate tests/data/captured/: output of the real llama.cpp tools on the tiny model.
 
-    .venv/bin/python tests/data/capture.py            # needs `tbpw build` and ../shared/fixtures/fork-tiny
+    .venv/bin/python -m tests.data.capture            # needs `tbpw build` and ../shared/fixtures/fork-tiny
 
 The parser tests read these files, so the parsers are tested on what the tools really print. Every run
 is deterministic (fixed thread count, all tasks, no sampling); absolute paths are replaced by <work>,
@@ -24,14 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tbpw.llamacpp.build import active_build
+from tbpw.llamacpp.collector import NAME, ensure_built
+from tbpw.llamacpp.tools import ToolRun, run_tool
+from tbpw.model.inventory import ModelInventory
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path.insert(0, str(REPO))
-
-from tbpw.llamacpp.build import active_build  # noqa: E402
-from tbpw.llamacpp.collector import NAME, ensure_built  # noqa: E402
-from tbpw.llamacpp.tools import ToolRun, run_tool  # noqa: E402
-from tbpw.model.inventory import ModelInventory  # noqa: E402
 
 THREADS = "2"
 CTX = 128

@@ -1,6 +1,7 @@
-"""Other people's GGUFs in a run's comparison (a recipe's `compare_files:`): where each one is, and the proof
-that it is a quant of the run's model (same architecture, tensor names and shapes) before anything is spent
-on it. They are evaluated and benched like the run's own quants, and marked as not made by the run.
+"""Stage `compare-files`: other people's GGUFs in a run's comparison (a recipe's `compare_files:`): where each one
+is, and the proof that it is a quant of the run's model (same architecture, tensor names and shapes) before
+anything is spent on it. They are evaluated and benched like the run's own quants, and marked as not made by the
+run.
 """
 
 from __future__ import annotations
@@ -8,9 +9,43 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
 from tbpw.errors import TbpwError
 from tbpw.model.inventory import ModelInventory
-from tbpw.run.recipe import CompareFile
+from tbpw.options import Strict
+from tbpw.stages.context import StageContext
+from tbpw.stages.cost import Cost, ModelSize
+from tbpw.stages.quant import Quant
+
+NAME = "compare-files"
+
+
+class CompareFile(Strict):
+    """Someone else's GGUF of the same model (a local path, or a file of a hub repository), evaluated and benched
+    like the run's own quants and marked as not made by the run."""
+
+    path: Path | None = None
+    hub: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")  # owner/name of a model repository
+    file: str | None = None  # the GGUF in that repository
+    revision: str = "main"
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$")  # its name in the tables; default: the file's stem
+
+    @model_validator(mode="after")
+    def _one_place(self) -> CompareFile:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give either path, or hub and file")
+        if self.hub is not None and not self.file:
+            raise ValueError("a hub repository needs `file`: the GGUF to compare with")
+        if self.path is not None and self.file is not None:
+            raise ValueError("`file` names a file of a hub repository: give path alone for a local file")
+        return self
+
+    @property
+    def name(self) -> str:
+        """`other-<label>`: the quant's name in the run."""
+        stem = Path(str(self.path if self.path is not None else self.file)).name.removesuffix(".gguf")
+        return f"other-{self.label or stem}"
 
 
 def locate(ref: CompareFile, where: str) -> Path:
@@ -65,3 +100,23 @@ def describe(ref: CompareFile) -> str:
     if ref.path is not None:
         return f"local file {ref.path}"
     return f"{ref.hub}@{ref.revision} {ref.file} (Hugging Face hub)"
+
+
+def run(ctx: StageContext, model: Path, files: list[CompareFile]) -> list[Quant]:
+    """The files, each found and checked to be a quant of `model` (before any work on it)."""
+    base = ModelInventory.load(model)
+    quants = []
+    for i, ref in enumerate(files):
+        where = f"compare_files.{i}"
+        path = locate(ref, where)
+        other = ModelInventory.load(path)
+        check_same_model(base, other, where)
+        quants.append(Quant(ref.name, "other", path, other.bpw(), path.stat().st_size, types=other.types(),
+                            note=f"not made by this run: {describe(ref)}"))
+        ctx.log(f"other {ref.name}  ({other.bpw():.4f} bpw, {describe(ref)})")
+    return quants
+
+
+def cost(size: ModelSize | None) -> Cost:
+    """Headers read; the files are the user's (a hub file may be downloaded: not counted)."""
+    return Cost()

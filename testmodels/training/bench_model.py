@@ -36,12 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.training.lm import heldout_perplexity, train_steps
-from scripts.training.tokenizer import encode, train_tokenizer
 from tbpw.data import assets
 from tbpw.errors import TbpwError
 from tbpw.files import digest, paths, pinned
 from tbpw.files.atomic import publish_folder, write_json, write_text
+from testmodels.training.lm import heldout_perplexity, train_steps
+from testmodels.training.tokenizer import encode, train_tokenizer
 
 # Everything that shapes the result: the cache key is a hash of this (bump "version" when code changes it).
 SETTINGS: dict = {
@@ -289,7 +289,7 @@ def bench_model(*, train_if_missing: bool = True, settings: dict = SETTINGS,
         manifest = json.loads(manifest_path.read_text())
         return BenchModel(folder, folder / "hf", folder / manifest["gguf"], manifest)
     if not train_if_missing:
-        raise TbpwError(f"the benchmark model is not trained yet ({folder}): run scripts/train_bench_model.py")
+        raise TbpwError(f"the benchmark model is not trained yet ({folder}): run python -m testmodels.train_bench_model")
     from tbpw.llamacpp.convert import convert_hf
 
     def make(staging: Path) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train tbpw's tiny llama test model (Hugging Face format) on the demo's Wikipedia CALIBRATION split.
 
-    .venv/bin/python scripts/make_tiny_llama.py [--out tests/fixtures/tiny-llama-hf] [--steps 110]
+    .venv/bin/python -m testmodels.make_tiny_llama [--out tests/fixtures/tiny-llama-hf] [--steps 110]
 
 Writes safetensors (bf16) + config.json + a SentencePiece tokenizer.model: hidden 256, 4 layers,
 4 heads, ffn 768, tied embeddings, BPE vocab 4096 with byte fallback and split digits. Every weight
@@ -18,16 +18,14 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from testmodels.training import tokenizer
+from testmodels.training.lm import heldout_perplexity, train_steps
+from testmodels.training.tokenizer import encode
 
-from scripts.training import tokenizer  # noqa: E402
-from scripts.training.lm import heldout_perplexity, train_steps  # noqa: E402
-from scripts.training.tokenizer import encode  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 VOCAB = 4096
 HIDDEN, LAYERS, HEADS, FFN = 256, 4, 4, 768
@@ -91,7 +89,7 @@ def main() -> None:
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
     (out / "TRAINING.md").write_text(
         "# tiny-llama-hf: tbpw's tiny trained llama test model\n\n"
-        f"Made by `scripts/make_tiny_llama.py --steps {args.steps}` (seed {SEED}, {THREADS} CPU threads, "
+        f"Made by `python -m testmodels.make_tiny_llama --steps {args.steps}` (seed {SEED}, {THREADS} CPU threads, "
         f"{seconds:.0f} s): {n_params / 1e6:.2f} M parameters, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, "
         f"ffn {FFN}, tied embeddings, SentencePiece BPE vocab {VOCAB} (byte fallback, split digits), bf16 weights.\n\n"
         f"Trained for {args.steps} steps of {BATCH} x {SEQ} tokens on the calibration side of tbpw's Wikipedia split "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make tbpw's tiny mixture-of-experts test model: a Gemma 4 MoE in Hugging Face format.
 
-    .venv/bin/python scripts/make_tiny_moe.py [--out tests/fixtures/tiny-moe-hf] [--steps 10]
+    .venv/bin/python -m testmodels.make_tiny_moe [--out tests/fixtures/tiny-moe-hf] [--steps 10]
 
 Gemma 4's MoE layout, as in gemma-4-26B-A4B, at toy size: each layer has a dense MLP beside a router
 and 4 experts (top-2) stored as 3-D tensors; the pinned convert_hf_to_gguf.py writes them as
@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+from testmodels.make_tiny_llama import encode, train_tokenizer  # the same tokenizer recipe
 
-from make_tiny_llama import encode, train_tokenizer  # noqa: E402  (the same tokenizer recipe)
+REPO = Path(__file__).resolve().parent.parent
 
 SEED = 4321
 THREADS = 2
@@ -126,7 +123,7 @@ def main() -> None:
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
     (out / "MODEL.md").write_text(
         "# tiny-moe-hf: tbpw's tiny Gemma 4 mixture-of-experts test model\n\n"
-        f"Made by `scripts/make_tiny_moe.py --steps {args.steps}` (seed {SEED}, {THREADS} CPU threads, {seconds:.0f} s of training): "
+        f"Made by `python -m testmodels.make_tiny_moe --steps {args.steps}` (seed {SEED}, {THREADS} CPU threads, {seconds:.0f} s of training): "
         f"{n_params / 1e6:.2f} M parameters, Gemma4ForCausalLM, 2 layers (sliding + full attention), hidden 256, "
         "dense MLP 256 beside 4 experts (top-2) of width 256, vocab 4096, tied embeddings, bf16 weights.\n\n"
         + (f"Trained {args.steps} steps of {BATCH} x {SEQ} tokens on the calibration side of tbpw's Wikipedia split "

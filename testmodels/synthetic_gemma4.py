@@ -1,6 +1,6 @@
 """A synthetic Gemma-4-26B-A4B: every tensor at its real name, shape and type, random weights, and a matching imatrix.
 
-    .venv/bin/python benchmarks/synthetic_gemma4.py OUT.gguf [--layers N] [--seed S] [--imatrix OUT.imatrix.gguf] [--sparse]
+    .venv/bin/python -m testmodels.synthetic_gemma4 OUT.gguf [--layers N] [--seed S] [--imatrix OUT.imatrix.gguf] [--sparse]
 
 Writes the F16 GGUF that llama.cpp b11312's convert_hf_to_gguf.py makes of google/gemma-4-26B-A4B
 (dimensions: `GEMMA4_26B_A4B` below, their sources in docs/scale.md) with its first N layers (default: all

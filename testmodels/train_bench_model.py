@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Train (once) and cache tbpw's benchmark models: small llamas with genuine float weights.
 
-    .venv/bin/python scripts/train_bench_model.py [--model bench|bench-odd] [--measure] [--device cpu|cuda]
+    .venv/bin/python -m testmodels.train_bench_model [--model bench|bench-odd] [--measure] [--device cpu|cuda]
 
 Prints the cached model's GGUF path and facts (training time, parameters, held-out perplexity); trains it
 first when the cache (~/.cache/tbpw/bench-model/<hash of the settings>/) does not hold it. The settings,
-data sources and held-out guarantee are described in scripts/training/bench_model.py. --measure only reports this
+data sources and held-out guarantee are described in testmodels/training/bench_model.py. --measure only reports this
 machine's training throughput for the configured shape, to size `steps` (640 took 15.4 minutes on 2 cores).
 --model bench-odd trains the second model (hidden 384, grouped-query attention: widths that make K and IQ
 types fall back, as in real models).
@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
@@ -28,10 +24,10 @@ def main() -> None:
     parser.add_argument("--model", choices=["bench", "bench-odd"], default="bench",
                         help="bench: rows of multiples of 256; bench-odd: hidden 384 with grouped-query attention")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cpu: the reference model of docs/quality.md; cuda: about a minute on a GPU, other weights")
+                        help="cpu: the reference model of docs/results/quality.md; cuda: about a minute on a GPU, other weights")
     args = parser.parse_args()
 
-    from scripts.training import bench_model
+    from testmodels.training import bench_model
 
     settings = bench_model.settings_for(args.device, bench_model.MODELS[args.model])
     if args.measure:

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tbpw import __version__
 from tbpw.errors import Interrupted, TbpwError, os_error
 from tbpw.files.atomic import write_json
 from tbpw.files.digest import content_sha256
 from tbpw.files.lock import FileLock, refuse_if_locked
+from tbpw.version import __version__
 
 MANIFEST = "manifest.json"
 MARKER = ".tbpw-run.json"  # this folder is a tbpw run directory
