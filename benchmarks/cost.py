@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> Result:
             out = work / "fork.gguf"
             cpu = cpu_seconds()
             run_ = quantize_mod.quantize(model, out, imatrix=imatrix, base_type="Q8_0", threads=args.threads,
-                                         extra=["--target-bpw", repr(bpw), "--state-file", str(state)],
+                                         extra=["--target-bpw", repr(bpw), "--state-file", state],
                                          log_path=work / f"fork-{i}.log", build=build)
             out.unlink(missing_ok=True)
             result.fork.append(run_.seconds)

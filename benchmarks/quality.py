@@ -46,6 +46,7 @@ BENCH_MODELS = ("bench", "bench-odd")
 TARGETS_WITH_FORK = (0.85, 0.70)
 TARGETS_STOCK_ONLY = (0.60, 0.45)
 ONE_OFF = ("imatrix", "measure", "calibrate")
+ANCHOR = "<!-- tbpw-run-sections -->"  # where a results page puts a section it does not have yet
 
 
 @dataclass
@@ -91,6 +92,34 @@ def resolve_model(spec: str) -> tuple[Path, str, list[str]]:
         raise SystemExit(f"error: no model {spec!r}: use {', '.join(BENCH_MODELS)} or the path of an F16/BF16 GGUF "
                          "with genuine float weights")
     return path, path.stem, []
+
+
+def public_model(spec: str, model: Path) -> str:
+    """The model as the section prints it: a bench model by where tbpw keeps it, a given file by its name."""
+    if spec in BENCH_MODELS:
+        return f"$TBPW_HOME/{model.parent.parent.name}/{model.parent.name}/{model.name}"
+    return model.name
+
+
+LOCAL_FLAGS = {"--work", "--json", "--out"}  # where this machine put things: not part of what made the numbers
+
+
+def public_argv(argv: list[str]) -> list[str]:
+    """The command line a reader can run: the fork's build folder as a placeholder, this machine's folders left out."""
+    shown: list[str] = []
+    skip = False
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif flag in LOCAL_FLAGS:
+            skip = "=" not in arg
+        elif flag == "--fork-build":
+            shown += ["--fork-build", "FORK_BUILD_DIR"]
+            skip = "=" not in arg
+        else:
+            shown.append(arg)
+    return shown
 
 
 def recipe_text(label: str, model: Path, levels: list[str], ctx: int, chunks: int, imatrix_chunks: int,
@@ -145,8 +174,8 @@ def fork_files(args: argparse.Namespace, result: Result, model: Path, imatrix: P
     found = detect(build)
     if not found.target_bpw:
         raise SystemExit(f"error: the build in {args.fork_build} has no --target-bpw: it is not the fork")
-    result.notes.append(f"fork rows: `llama-quantize --target-bpw <level's bpw>` of the fork build {build.source_name} "
-                        f"(commit {found.commit}), with the run's imatrix and one --state-file across levels (its time: "
+    result.notes.append(f"fork rows: `llama-quantize --target-bpw <level's bpw>` of the fork's build (source "
+                        f"{Path(build.source_name).name}, commit {found.commit}), with the run's imatrix and one --state-file across levels (its time: "
                         "the first level measures, the others reuse); evaluated by the same run as `compare_files`")
     folder = work / "fork"
     folder.mkdir(exist_ok=True)
@@ -157,7 +186,7 @@ def fork_files(args: argparse.Namespace, result: Result, model: Path, imatrix: P
         out = folder / f"fork-{level}.gguf"
         start = time.monotonic()
         quantize(model, out, imatrix=imatrix, base_type="Q8_0", threads=args.threads, build=build,
-                 extra=["--target-bpw", repr(bpw), "--state-file", str(state)], log_path=folder / f"{level}.log")
+                 extra=["--target-bpw", repr(bpw), "--state-file", state], log_path=folder / f"{level}.log")
         result.steps[f"fork {level}"] = time.monotonic() - start
         files.append({"path": str(out), "label": f"fork-{level}"})
     return files
@@ -175,7 +204,9 @@ def run_benchmark(args: argparse.Namespace) -> Result:
     recipe_path = work / "recipe.yaml"
     recipe_path.write_text(recipe_text(label, model, args.levels, ctx, args.chunks, args.imatrix_chunks, args.threads))
     sets = [f"output_dir={run}", *args.set]
-    written = recipe_path.read_text() + "".join(f"# --set {s}\n" for s in args.set)
+    # The printed recipe names the model as a reader finds it, not by this machine's path.
+    printed = recipe_path.read_text().replace(str(model), public_model(args.model, model))
+    written = printed + "".join(f"# --set {s}\n" for s in args.set)
     result = Result(label, written, notes=list(notes))
     for note in notes:
         log(note)
@@ -273,7 +304,7 @@ def markdown(result: Result, args: argparse.Namespace) -> str:
     fork = {r.level: r for r in result.rows if r.variant.startswith("fork")}
     unit = result.stock_seconds or float("nan")
     lines = [f"### {result.model}", "", f"Made {time.strftime('%Y-%m-%d')} by `.venv/bin/python -m benchmarks.quality "
-             + " ".join(args.argv) + "`: every tbpw row is a quant of one `tbpw run` of this recipe (llama.cpp build "
+             + " ".join(public_argv(args.argv)) + "`: every tbpw row is a quant of one `tbpw run` of this recipe (llama.cpp build "
              f"{build.build_number}, {build.backend}):", "", "```yaml", result.recipe.rstrip(), "```", ""]
     lines += [f"- {n}" for n in result.notes]
     lines += ["- variant: `stock` is the run's stock file of that type, `fork --target-bpw` the fork's file at its size "
@@ -321,7 +352,12 @@ def write_section(path: Path, model: str, text: str) -> None:
     doc = path.read_text(encoding="utf-8") if path.is_file() else "# Results: quality at equal size\n\n"
     block = f"{begin}\n{text}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + block + "\n"
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: block, doc)
+    elif ANCHOR in doc:  # a new section goes where the page keeps the sections tbpw run made
+        doc = doc.replace(ANCHOR, f"{block}\n\n{ANCHOR}", 1)
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
     write_text(path, doc)
 
 

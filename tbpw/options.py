@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+# The largest count llama.cpp's tools read from their command line (std::stoi, a 32-bit int): any option that
+# becomes a tool's argument is at most this, so that a typo fails in the recipe, not in the tool.
+TOOL_INT = 2**31 - 1
 
 
 class Strict(BaseModel):

@@ -66,7 +66,7 @@ def test_the_plan_not_kept_is_deleted_and_its_numbers_stay(kept_run):
     manifest = json.loads((out / other / "manifest.json").read_text())
     assert manifest["released"] == ["model.gguf"] and manifest["outputs"]["model.gguf"]["bytes"] == by[other]["size_bytes"]
     kept = [e for e in report["entries"] if e["kind"] != "base" and not e.get("released")]
-    assert all(Path(e["path"]).is_file() for e in kept) and len(kept) == 2
+    assert all((out / e["path"]).is_file() for e in kept) and len(kept) == 2  # paths in the run directory
 
 
 def test_a_rerun_does_no_work(kept_run):
@@ -84,3 +84,12 @@ def test_the_plan_counts_tasks_and_bench_of_the_selected_quant_once(kept_run):
     assert "eval-quant-4.5bpw-knapsack+tasks" in stages and not any(s.startswith("release-") for s in stages)
     # kld on 3 quants; hellaswag on the stock quant and the selected one; llama-bench on those two
     assert re.search(r"5 evaluation runs, 2 llama-bench runs", plan), plan
+
+
+def test_the_plans_disk_is_at_least_what_the_run_wrote(kept_run):
+    """The disk `--plan` (and the preflight) counts is an upper bound of the run folder, its logs and report
+    included (each file counted once: the report's quants are hard links)."""
+    out, _, plan, _ = kept_run
+    needed = int(re.search(r"^plan: disk: at least [\d.]+ \w+ \((\d+) bytes\)", plan, re.M).group(1))
+    files = {(p.stat().st_dev, p.stat().st_ino): p.stat().st_size for p in out.rglob("*") if p.is_file()}
+    assert sum(files.values()) <= needed

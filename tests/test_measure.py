@@ -202,18 +202,30 @@ def test_a_weight_edited_anywhere_is_a_new_measurement(tmp_path, tiny_model, sto
 
 @pytest.mark.tools
 def test_a_damaged_or_foreign_cache_entry_is_measured_again(tmp_path, tiny_model, stock_imatrix, capfd):
+    from tbpw.files.sealed import write_seal
+
     cache = tmp_path / "cache"
     first = _run(tiny_model, stock_imatrix, cache)
     final = cache / first.meta["key"] / "table.json"
     good = final.read_text()
-    for damage, note in ((good[: len(good) // 2], "is not JSON"),
-                         ('{"tensors": [{"name": 1}]}', "damaged error table"),
-                         (good.replace(f'"n_elements": {first.tensors[0].n_elements}', '"n_elements": 7', 1),
-                          "has 7 elements there")):
+    foreign = good.replace(f'"n_elements": {first.tensors[0].n_elements}', '"n_elements": 7', 1)
+    # a cut or edited table: its seal (the size and sha256 the measurement wrote) no longer matches
+    same_size = good.replace('"error": ', '"error":', 1).replace("}", " }", 1)  # other bytes, as many of them
+    assert len(same_size) == len(good) and same_size != good
+    for damage, why in ((good[: len(good) // 2], f"it is {len(good) // 2} bytes, {len(good)} were written"),
+                        (same_size, "its content is not what was written")):
         final.write_text(damage)
         again = _run(tiny_model, stock_imatrix, cache)
         assert again.meta["cached"] is False
         assert [t.to_json() for t in again.tensors] == [t.to_json() for t in first.tensors]
+        err = capfd.readouterr().err
+        assert f"note: discarded the damaged cached error table {final} ({why}" in err and "made again" in err
+    # a table tbpw wrote for another model (its seal intact): checked against the model all the same
+    for damage, note in (('{"tensors": [{"name": 1}]}', "damaged error table"), (foreign, "has 7 elements there")):
+        final.write_text(damage)
+        write_seal(final)
+        again = _run(tiny_model, stock_imatrix, cache)
+        assert again.meta["cached"] is False
         err = capfd.readouterr().err
         assert f"note: discarding the cached error table {final}" in err and note in err and "measuring again" in err
     assert _run(tiny_model, stock_imatrix, cache).meta["cached"] is True
@@ -301,7 +313,7 @@ def test_json_and_csv_export(tmp_path):
     from tbpw.measure.table import CandidateError, TensorErrors
 
     table = ErrorTable([TensorErrors("blk.0.attn_q.weight", 65536, [CandidateError("Q4_K", 36864, 1.5),
-                                                                   CandidateError("Q8_0", 69632, float("inf"))])],
+                                                                   CandidateError("Q8_0", 69632, 0.25)])],
                        {"metric": "wmse"})
     table.write_json(tmp_path / "t.json")
     back = ErrorTable.read_json(tmp_path / "t.json")
@@ -309,7 +321,7 @@ def test_json_and_csv_export(tmp_path):
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["tensors"][0] == {"name": "blk.0.attn_q.weight", "n_elements": 65536,
                                   "candidates": [{"type": "Q4_K", "bytes": 36864, "error": 1.5},
-                                                 {"type": "Q8_0", "bytes": 69632, "error": float("inf")}]}
+                                                 {"type": "Q8_0", "bytes": 69632, "error": 0.25}]}
     table.write_csv(tmp_path / "t.csv")
     lines = (tmp_path / "t.csv").read_text().splitlines()
     assert lines[0] == "tensor,n_elements,type,bytes,bpw,error"

@@ -79,7 +79,7 @@ def test_the_card_has_hub_front_matter_from_the_source(card_run):
 @pytest.mark.tools
 @pytest.mark.slow
 def test_the_four_tables_carry_every_quant_with_its_uncertainties(card_run):
-    _, report, card, _ = card_run
+    out, report, card, other = card_run
     by_name = {e["name"]: e for e in report["entries"]}
     assert set(by_name) == {"baseline", "stock-Q4_K_M", "other-tiny-Q5_K_M", "quant-4.5bpw-knapsack"}
     kept = "**tiny-4.5bpw.gguf**"
@@ -89,7 +89,8 @@ def test_the_four_tables_carry_every_quant_with_its_uncertainties(card_run):
     quants = _section(card, "Quants")
     assert [r["Model"] for r in quants] == ["float model (baseline)", "tiny-Q5_K_M †", "llama-quantize Q4_K_M", kept]
     assert next(r for r in quants if r["Model"] == kept)["File"] == "[tiny-4.5bpw.gguf](tiny-4.5bpw.gguf)"
-    assert "downloads/tiny-Q5_K_M.gguf" in next(r for r in quants if r["Model"] == "tiny-Q5_K_M †")["Made by"]
+    # someone else's file, by its name alone: its folder is the user's own
+    assert next(r for r in quants if r["Model"] == "tiny-Q5_K_M †")["Made by"] == "local file tiny-Q5_K_M.gguf"
 
     quality = {r["Model"]: r for r in _section(card, "Quality against the float model")}
     for name, label in shown.items():
@@ -112,7 +113,8 @@ def test_the_four_tables_carry_every_quant_with_its_uncertainties(card_run):
         rows = [r for r in speed if r["Quant"] == label]
         assert [r["test"] for r in rows] == ["pp16", "tg4"]
         assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", r["t/s"]) for r in rows)
-        tensor_bytes = ModelInventory.load(by_name[name]["path"]).tensor_bytes()  # llama-bench's "size"
+        file = other if name.startswith("other-") else out / by_name[name]["path"]  # run files: in the run directory
+        tensor_bytes = ModelInventory.load(file).tensor_bytes()  # llama-bench's "size"
         assert rows[0]["size"] == f"{tensor_bytes / 2**20:.2f} MiB"
 
 
@@ -125,9 +127,13 @@ def test_the_method_and_caveats_come_from_the_recipe_and_the_run(card_run):
     assert "metric `wmse`" in method and "`knapsack`" in method and "targets 4.5bpw" in method
     assert f"recipe sha256 {report['provenance']['recipe_sha256']}" in method
     assert f"llama.cpp build {report['build']}" in method
+    # the same wiki-sample.txt, split by article: what the calibration text holds of the evaluation text, measured
+    o = report["overlap"]
+    assert o["words"] == 13 and 0 <= o["sequences"] <= o["warn_share"] and o["sequences_checked"] > 0
+    assert f"- Held out: {o['sequences']:.1%} of the evaluation text's 13-word sequences and {o['lines']:.1%}" in method
     caveats = card.split("## Caveats\n", 1)[1]
     assert "† Someone else's file" in caveats and "4 chunks of evaluation text" in caveats
-    assert "tbpw's files record Q8_0" in caveats
+    assert "labelled with the stock type whose usual size is the largest at or below its own" in caveats
 
 
 @pytest.mark.tools
@@ -152,10 +158,36 @@ def test_the_kept_quant_lies_beside_the_card_with_its_provenance(card_run):
 def test_the_other_file_is_marked_in_the_report_too(card_run):
     out, report, _, other = card_run
     md = (out / "report" / "report.md").read_text()
-    assert "| other-tiny-Q5_K_M †" in md and f"not made by this run: local file {other}" in md
+    assert "| other-tiny-Q5_K_M †" in md and f"not made by this run: local file {other.name}" in md
     entry = next(e for e in report["entries"] if e["name"] == "other-tiny-Q5_K_M")
     assert entry["kind"] == "other" and entry["bpw"] == ModelInventory.load(other).bpw()
     assert not entry.get("selected")
+
+
+@pytest.mark.tools
+@pytest.mark.slow
+def test_nothing_published_names_a_local_folder(card_run, wiki_text):
+    """report/ is what a user uploads: its card, report, plots and GGUFs name files, never the folders they lie in."""
+    out, _, _, other = card_run
+    published = [p for p in (out / "report").iterdir() if p.is_file()]
+    assert {p.suffix for p in published} >= {".md", ".json", ".gguf"}
+    for folder in (out.parent, wiki_text.parent, other.parent, Path.home()):
+        for file in published:
+            assert str(folder).encode() not in file.read_bytes(), f"{file.name} names {folder}"
+    kept = gguf_layout.read(out / "report" / "tiny-4.5bpw.gguf").fields
+    assert kept["quantize.imatrix.file"] == "imatrix.gguf" and "/" not in kept["quantize.imatrix.dataset"]
+
+
+@pytest.mark.tools
+def test_a_mixed_file_is_labelled_with_the_stock_type_nearest_below_its_size(card_run):
+    from tbpw.llamacpp.quantize_layout import file_type_label
+
+    out, report, _, _ = card_run
+    entry = next(e for e in report["entries"] if e["name"] == "quant-4.5bpw-knapsack")
+    name, ftype = file_type_label(entry["bpw"])
+    assert name == "Q4_K_S" and gguf_layout.read(out / entry["path"]).fields["general.file_type"] == ftype
+    stock = gguf_layout.read(out / "stock-Q4_K_M" / "model.gguf").fields["general.file_type"]
+    assert stock == 15  # llama-quantize's own: LLAMA_FTYPE_MOSTLY_Q4_K_M
 
 
 @pytest.mark.tools

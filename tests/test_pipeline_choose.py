@@ -31,10 +31,12 @@ def choose_run(tmp_path_factory, tiny_model, wiki_text):
     commands: list[list[str]] = []
     real_launch = tools.launch
 
-    def spy(argv, *args, **kwargs):  # every llama.cpp tool starts here
+    def spy(argv, env, cwd=None):  # every llama.cpp tool starts here
         if Path(str(argv[0])).name.startswith("llama-"):
-            commands.append([str(a) for a in argv])
-        return real_launch(argv, *args, **kwargs)
+            # a text is given by its name to a tool run in its folder (so that no output records the folder)
+            commands.append([str(Path(cwd or ".") / a) if i and argv[i - 1] == "-f" else str(a)
+                             for i, a in enumerate(argv)])
+        return real_launch(argv, env, cwd)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TBPW_SENSITIVITY_CACHE", str(out.parent / "sensitivity"))

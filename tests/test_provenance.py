@@ -17,6 +17,7 @@ from tbpw.errors import TbpwError
 from tbpw.files.digest import sha256_file
 from tbpw.llamacpp.perplexity import base_logits
 from tbpw.llamacpp.quantize import kv_override_args, output_metadata_bytes, quantize
+from tbpw.llamacpp.quantize_layout import file_type_override
 from tbpw.model import gguf_layout, provenance
 from tbpw.model.budget import Target
 from tbpw.model.inventory import ModelInventory
@@ -97,7 +98,8 @@ def test_a_file_assembled_from_the_store_records_the_same_keys_as_llama_quantize
     assert applied.assembled
     kv = planner.provenance_kv(plan.target, plan.allocator, plan.allocator_options)
     stock = tmp_path / "stock.gguf"
-    quantize(tiny_model, stock, imatrix=stock_imatrix, tensor_type_file=applied.tensor_type_file, kv=kv, threads=2)
+    quantize(tiny_model, stock, imatrix=stock_imatrix, tensor_type_file=applied.tensor_type_file, kv=kv, threads=2,
+             overrides=[file_type_override(plan.achieved_bpw)])  # the label every plan's file gets
     assert applied.path.read_bytes() == stock.read_bytes()
 
 

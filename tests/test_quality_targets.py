@@ -57,3 +57,16 @@ def test_a_level_name_leaves_the_variant_family(quality):
     assert quality.family(_row(quality, "Q3_K_M", "quant-like-Q3_K_M-choose", 0.1)) == "quant-<level>-choose"
     assert quality.family(_row(quality, "IQ3_XXS", "quant-like-IQ3_XXS-knapsack", 0.1)) == "quant-<level>-knapsack"
     assert quality.family(_row(quality, "Q2_K", "fork --target-bpw", 0.1)) == "fork --target-bpw"
+
+
+def test_the_printed_command_names_no_folder_of_this_machine(quality):
+    argv = ["--model", "bench-odd", "--fork-build", "/work/fork/builds/abc/", "--work", "/tmp/w", "--json=/tmp/r.json",
+            "--out", "/tmp/q.md", "--set", "choose.chunks=16"]
+    assert quality.public_argv(argv) == ["--model", "bench-odd", "--fork-build", "FORK_BUILD_DIR", "--set",
+                                         "choose.chunks=16"]
+
+
+def test_a_bench_model_is_printed_where_tbpw_keeps_it(quality):
+    model = Path("/root/.cache/tbpw/bench-model/2c8b21b42430c6ca/bench-f16.gguf")
+    assert quality.public_model("bench", model) == "$TBPW_HOME/bench-model/2c8b21b42430c6ca/bench-f16.gguf"
+    assert quality.public_model("/models/other-f16.gguf", Path("/models/other-f16.gguf")) == "other-f16.gguf"

@@ -97,7 +97,7 @@ BAD = [
     ("bad YAML", "targets: [\n", ["not valid YAML"]),
     ("calibrate without choose", "calibrate: {}\n", ["calibrate", "add `choose: {}`"]),
     ("calibration strength out of range", "calibrate: {strengths: [2]}\nchoose: {}\n", ["calibrate.strengths", "(0, 1]"]),
-    ("unknown probe type", "calibrate: {probes: [Q3_X]}\nchoose: {}\n", ["calibrate.probes", "unknown probe type"]),
+    ("unknown probe type", "calibrate: {probes: [Q3_X]}\nchoose: {}\n", ["calibrate.probes", "'Q3_X' (probe 0) is not a ggml type"]),
     ("choose with no chunks", "choose: {chunks: 0}\n", ["choose.chunks", "greater than or equal"]),
     ("unknown executor", "executor: {name: rey}\n", ["executor", "unknown executor 'rey'", "did you mean 'ray'"]),
     ("bad executor option", "executor: {options: {worker: 2}}\n", ["executor", "executor 'local' has no option 'worker'",
@@ -139,7 +139,8 @@ PREFLIGHT_BAD = [
      ["constraints.min_bpw['attn_x'] matches no role"]),
     ("pin that is no regex", "constraints: {pins: {'blk(': Q4_K}}\n", ["constraints.pins", "not a regular expression"]),
     ("pin to no type", "constraints: {pins: {attn_v: Q4_X}}\n", ["constraints.pins", "'Q4_X' is not a ggml type"]),
-    ("float probe type", "calibrate: {probes: [F16]}\nchoose: {}\n", ["calibrate.probes.0", "float type"]),
+    ("float probe type", "calibrate: {probes: [Q3_K, F16]}\nchoose: {}\n", ["calibrate.probes", "F16 (probe 1) is a "
+                                                                         "float type"]),
     ("unknown candidate type", "measure: {candidates: [Q4_K, Q4_X]}\n", ["measure.candidates", "unknown ggml type"]),
     ("missing dataset file", "datasets: {calibration: {name: file, options: {path: /nonexistent/cal.txt}}, "
      "evaluation: {name: file, options: {path: WIKI}}}\n", ["datasets.calibration", "does not exist"]),
@@ -152,11 +153,35 @@ PREFLIGHT_BAD = [
     ("output_dir that is a file", "output_dir: WIKI\n", ["output_dir", "is a file, not a folder"]),
     ("output_dir inside a file", "output_dir: WIKI/run\n", ["cannot create output_dir", "is not a writable folder"]),
     ("model folder that is no Hugging Face model", "model: {path: OUT}\n", ["model.path", "(no config.json)"]),
+    ("stock type that is no quantization", "compare_stock: [F16]\n", ["compare_stock.0", "F16 is not a quantization"]),
+    ("target at the size of a copy", "targets: [{stock: COPY}]\n", ["targets.0.stock", "COPY is not a quantization"]),
+    ("context beyond the model's", "imatrix: {ctx: 1000000000}\n",
+     ["imatrix.ctx: 1000000000 tokens is more than the 512 the model was trained for"]),
+    ("chunks no tool can read", "imatrix: {chunks: 1000000000000}\n", ["imatrix.chunks", "2147483647"]),
+    ("calibration text shorter than two contexts", "datasets: {calibration: {name: file, options: {path: WIKI, "
+     "take_tokens: 100}}, evaluation: {name: file, options: {path: WIKI}}}\n",
+     ["imatrix.ctx: the calibration text has", "tokens two contexts of 512 need"]),
+    ("evaluation text shorter than two contexts", "datasets: {calibration: {name: file, options: {path: WIKI}}, "
+     "evaluation: {name: file, options: {path: WIKI, take_tokens: 100}}}\n",
+     ["evaluation.ctx: the evaluation text has"]),
+    ("targets that would share a name", "targets: [{bpw: 3.5}, {bpw: 3.5000001}]\n",
+     ["targets.1 (3.5bpw) has the name of targets.0"]),
+    ("target that is not a number", "targets: [{bpw: .nan}]\n", ["targets.0.bpw", "finite number"]),
 ]
 
 
-def _edited(edit: str, wiki_text: Path, out: Path) -> str:
-    return edit.replace("WIKI", str(wiki_text)).replace("OUT", str(out))
+def _edited(base: str, edit: str, wiki_text: Path, out: Path) -> str:
+    """The base recipe with the edit's top-level fields in place of its own (a field written twice is a mistake
+    of its own)."""
+    edit = edit.replace("WIKI", str(wiki_text)).replace("OUT", str(out))
+    keys = {line.split(":", 1)[0] for line in edit.splitlines() if line and not line[0].isspace()}
+    kept, skipping = [], False
+    for line in base.splitlines(keepends=True):
+        if line and not line[0].isspace():
+            skipping = line.split(":", 1)[0] in keys
+        if not skipping:
+            kept.append(line)
+    return "".join(kept) + edit
 
 
 @pytest.fixture
@@ -170,7 +195,7 @@ def user_folder(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("what,edit,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_recipe_gives_one_line_naming_the_field(write, tiny_model, wiki_text, user_folder, what, edit, words):
-    path = write(_base(tiny_model, wiki_text) + _edited(edit, wiki_text, user_folder))
+    path = write(_edited(_base(tiny_model, wiki_text), edit, wiki_text, user_folder))
     with pytest.raises(TbpwError) as info:
         recipes.load(path)
     message = str(info.value)
@@ -219,7 +244,7 @@ def _errors(result) -> list[str]:
 @pytest.mark.parametrize("what,edit,words", BAD + PREFLIGHT_BAD, ids=[b[0] for b in BAD + PREFLIGHT_BAD])
 def test_validate_rejects_what_run_rejects_before_its_first_stage(write, tiny_model, wiki_text, user_folder, what,
                                                                   edit, words):
-    recipe = write(_base(tiny_model, wiki_text) + _edited(edit, wiki_text, user_folder))
+    recipe = write(_edited(_base(tiny_model, wiki_text), edit, wiki_text, user_folder))
     before = sorted(p.relative_to(user_folder) for p in user_folder.rglob("*"))
     validated, ran = _validate_and_run(recipe)
     assert validated.exit_code == 2 and ran.exit_code == 2, (validated.output, ran.output)

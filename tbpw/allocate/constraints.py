@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tbpw.errors import TbpwError
 from tbpw.model.ggml_types import type_name
+
+if TYPE_CHECKING:
+    from tbpw.model.inventory import ModelInventory
 
 
 class Constraints(BaseModel):
@@ -39,6 +42,71 @@ class Constraints(BaseModel):
             where = ".".join(str(p) for p in first["loc"]) or "constraints"
             raise TbpwError(f"constraint {where!r}: {first['msg']}; constraints are: "
                             f"{', '.join(cls.model_fields)}") from exc
+
+    # The two checks below are the recipe's (tbpw.run.preflight) and the command line's alike, so that a mistake
+    # reads the same from both and is found before anything is measured.
+
+    def problems(self, where: str = "constraints") -> list[str]:
+        """Patterns that do not compile, types that do not exist, a role in two `share_type` groups: what is
+        wrong without looking at a model, one line each, located as `<where>.<field>[<pattern>]`."""
+        problems = []
+        for pattern, t in self.pins.items():
+            problems += _pattern_problem(f"{where}.pins[{pattern!r}]", pattern)
+            problems += _type_problem(f"{where}.pins[{pattern!r}]", t)
+        for field, rules in (("allowed_types", self.allowed_types), ("min_bpw", self.min_bpw),
+                             ("max_bpw", self.max_bpw)):
+            for pattern in rules:
+                problems += _pattern_problem(f"{where}.{field}[{pattern!r}]", pattern)
+        for pattern, types in self.allowed_types.items():
+            for t in types:
+                problems += _type_problem(f"{where}.allowed_types[{pattern!r}]", t)
+        seen: set[str] = set()
+        for group in self.share_type:
+            for role in group:
+                if role in seen:
+                    problems.append(f"{where}.share_type: role {role!r} is listed more than once: list each role "
+                                    "once, in one group")
+                seen.add(role)
+        return problems
+
+    def model_problems(self, inventory: ModelInventory, where: str = "constraints") -> list[str]:
+        """Pin patterns that match no tensor of the model, role patterns and `share_type` roles that match no
+        role of it: a rule that silently does nothing is a typo. Needs `problems()` to be empty."""
+        problems = []
+        names = [t.name for t in inventory.tensors]
+        roles = {t.role for t in inventory.tensors if t.quantizable}
+        for pattern in self.pins:
+            if not any(re.search(pattern, n) for n in names):
+                problems.append(f"{where}.pins[{pattern!r}] matches no tensor of {inventory.path.name}: check the "
+                                "pattern")
+        for field, rules in (("allowed_types", self.allowed_types), ("min_bpw", self.min_bpw),
+                             ("max_bpw", self.max_bpw)):
+            for pattern in rules:
+                if not any(re.fullmatch(pattern, r) for r in roles):
+                    problems.append(f"{where}.{field}[{pattern!r}] matches no role of {inventory.path.name} "
+                                    f"(its roles: {', '.join(sorted(roles))}): check the pattern")
+        for group in self.share_type:
+            for role in group:
+                if role not in roles:
+                    problems.append(f"{where}.share_type: {role!r} is no role of {inventory.path.name}: check the "
+                                    "name")
+        return problems
+
+
+def _pattern_problem(where: str, pattern: str) -> list[str]:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return [f"{where}: {pattern!r} is not a regular expression ({exc}): fix the pattern"]
+    return []
+
+
+def _type_problem(where: str, t: str) -> list[str]:
+    try:
+        checked_type(t, where)
+    except TbpwError as exc:
+        return [str(exc)]
+    return []
 
 
 def compile_pattern(pattern: str, what: str) -> re.Pattern[str]:

@@ -24,18 +24,12 @@ from pathlib import Path
 
 import click
 
-from tbpw.cli.quantize import _pins, _read_constraints
-from tbpw.cli.support import console, default, options_from_flags
+from tbpw.cli.quantize import checked_constraints
+from tbpw.cli.support import console, default, existing_file, options_from_flags, threads_option
 from tbpw.errors import TbpwError
 from tbpw.plugin.hookspecs import hookimpl
 from tbpw.run.overrides import key_values
 from tbpw.select.options import CalibrateOptions, ChooseOptions
-
-
-def _existing(path: str, what: str) -> Path:
-    if not Path(path).is_file():
-        raise TbpwError(f"{what} {path} does not exist: check the path")
-    return Path(path)
 
 
 def _table_paths(specs: tuple[str, ...]) -> dict[str, Path]:
@@ -47,7 +41,7 @@ def _table_paths(specs: tuple[str, ...]) -> dict[str, Path]:
             name, path = Path(spec).stem, spec
         if name in paths:
             raise TbpwError(f"two error tables are named {name!r}: name them, --error-table NAME=PATH")
-        paths[name] = _existing(path, "error table")
+        paths[name] = existing_file(path, "error table")
     return paths
 
 
@@ -81,7 +75,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
                   help="the type the tensors outside the probed group keep: float, or e.g. Q8_0")
     @click.option("--store/--no-store", default=True, show_default=True,
                   help="write the probes from the tensor store (else llama-quantize writes each)")
-    @click.option("--threads", "-t", type=click.IntRange(min=1), default=None)
+    @threads_option()
     @click.option("-o", "--output", "out", required=True, help="the calibrated table (JSON)")
     def calibrate(model, imatrix, table_file, text, probes, grouping, strength, ctx, chunks, background, store, threads,
                   out):
@@ -94,11 +88,13 @@ def tbpw_register_commands(cli: click.Group) -> None:
         from tbpw.select.scoring import Scorer
 
         options = options_from_flags(CalibrateOptions, "calibrate", probes=list(probes), grouping=grouping,
-                                     strengths=[strength], ctx=ctx, chunks=chunks, background=background)
+                                     strengths=[strength], ctx=ctx, chunks=chunks, background=background,
+                                     flag_of={"probes": "--probe", "strengths": "--strength"})
         refuse_overwriting_inputs({"-o": out}, {"model": model, "imatrix": imatrix, "error table": table_file,
                                                 "calibration text": text})
-        table = ErrorTable.read_json(_existing(table_file, "error table"))
-        model, imatrix, text = _existing(model, "model"), _existing(imatrix, "imatrix"), _existing(text, "text")
+        table = ErrorTable.read_json(existing_file(table_file, "error table"))
+        model, imatrix, text = (existing_file(model, "model"), existing_file(imatrix, "imatrix"),
+                                existing_file(text, "text"))
         table.check_model(model, f"error table {table_file}")
         sens = measure_sensitivity(model, imatrix, text, table, options, threads=threads,
                                    scorer=Scorer(model, text, imatrix=imatrix, ctx=options.ctx, chunks=options.chunks,
@@ -142,7 +138,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--constraints", "constraints_file", default=None, help="YAML/JSON with pins, allowed_types, ...")
     @click.option("--option", "-O", "options", multiple=True, metavar="ALLOCATOR.KEY=VALUE",
                   help="an allocator's option (repeatable)")
-    @click.option("--threads", "-t", type=click.IntRange(min=1), default=None)
+    @threads_option()
     @click.option("--store/--no-store", default=True, show_default=True,
                   help="write the plans from the tensor store (else llama-quantize writes each)")
     @click.option("--json", "as_json", is_flag=True, help="print the scores and the choice as one JSON object")
@@ -151,7 +147,6 @@ def tbpw_register_commands(cli: click.Group) -> None:
                margin, refine_rounds, refine_tries, pins, constraints_file, options, threads, store, as_json, out):
         """Plan a target with every allocator on every table; write the plan with the lowest calibration KLD."""
         from tbpw.allocate.apply import plan_path_for
-        from tbpw.allocate.constraints import Constraints
         from tbpw.allocate.service import Planner
         from tbpw.files.outputs import refuse_overwriting_inputs
         from tbpw.model.budget import Target
@@ -176,16 +171,16 @@ def tbpw_register_commands(cli: click.Group) -> None:
                 raise TbpwError(f"--option {key}: write ALLOCATOR.KEY=VALUE for one of {', '.join(allocators)}")
             per_allocator[allocator][option] = value
         plugins = [registry.create(a, per_allocator[a]) for a in dict.fromkeys(allocators)]
-        constraints = _read_constraints(constraints_file)
-        constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
+        model = existing_file(model, "model")
+        constraints = checked_constraints(constraints_file, pins, model)
         out = Path(out)
         work = out.with_name((out.name[:-5] if out.name.endswith(".gguf") else out.name) + ".choose")
         from tbpw.quantize.store import TensorStore
         from tbpw.select.scoring import Scorer
 
-        planner = Planner(_existing(model, "model"), _existing(imatrix, "imatrix"), Constraints.parse(constraints),
+        planner = Planner(model, existing_file(imatrix, "imatrix"), constraints,
                           log_dir=work, threads=threads, store=TensorStore(threads=threads) if store else None)
-        text = _existing(text, "text")
+        text = existing_file(text, "text")
         say = None if as_json else lambda line: console.print(line, highlight=False)
         choice = choose_plan(planner, _tables(table_paths, Path(model)), plugins, target, text, out, work, choosing,
                              log=say, scorer=Scorer(planner.model, text, imatrix=planner.imatrix, ctx=choosing.ctx,

@@ -12,6 +12,7 @@ import json
 
 import click
 
+from tbpw.cli.support import threads_option
 from tbpw.plugin.hookspecs import hookimpl
 
 
@@ -38,7 +39,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
                   help="stock llama-imatrix (E[a^2]) or tbpw's collector (E[a^2] and E[a])")
     @click.option("--chunks", type=click.IntRange(min=1), default=None, help="use only the first N chunks")
     @click.option("--ctx", type=click.IntRange(min=1), default=512, show_default=True, help="tokens per chunk")
-    @click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="CPU threads (default: the tool's)")
+    @threads_option("CPU threads (default: the tool's)")
     @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None, help="log file (default: OUT.log)")
     def make(model, text, out, collector, chunks, ctx, threads, log_path):
         """Run a collector over calibration text and write a GGUF imatrix."""

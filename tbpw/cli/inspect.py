@@ -56,7 +56,8 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="print everything as one JSON object")
     def inspect(gguf, as_json):
         """Show how GGUF was made (tbpw's provenance), its type mix per role and its exact bpw."""
+        from tbpw.cli.support import existing_file
         from tbpw.model.summary import summarize
 
-        summary = summarize(gguf)
+        summary = summarize(existing_file(gguf, "model file"))
         click.echo(json.dumps(summary.to_json(), indent=1) if as_json else render(summary))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from tbpw.cli.support import console, default
+from tbpw.cli.support import console, default, existing_file, threads_option
 from tbpw.measure.options import SamplingOptions
 from tbpw.plugin.hookspecs import hookimpl
 
@@ -31,7 +31,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
     @click.option("--fork-sampling", is_flag=True,
                   help="the fork's rows where it samples a slice (default: a fifth of them; exact slices stay exact)")
     @click.option("--all-rows", is_flag=True, help="measure every row of every tensor (exact, slow)")
-    @click.option("--threads", "-t", type=int, default=None, help="worker threads (default: all cores)")
+    @threads_option("worker threads (default: all cores)")
     @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the table as JSON here")
     @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None, help="write the table as CSV here")
     @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
@@ -43,6 +43,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
         from tbpw.cli.quantize import measure_options, measured_table
         from tbpw.files.outputs import refuse_overwriting_inputs
 
+        existing_file(model, "model file")
         refuse_overwriting_inputs({"--out": out, "--csv": csv_path}, {"model": model, "imatrix": imatrix})
         if out is not None and csv_path is not None and Path(out).resolve() == Path(csv_path).resolve():
             from tbpw.errors import TbpwError

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from tbpw.cli.support import existing_file, threads_option
 from tbpw.plugin.hookspecs import hookimpl
 from tbpw.run.overrides import key_values
 
@@ -50,6 +51,30 @@ def _read_constraints(path: str | None) -> dict[str, Any]:
     return data
 
 
+def checked_constraints(path: str | None, pins: tuple[str, ...], model: str | Path):
+    """The constraints of `--constraints FILE` and `--pin REGEX=TYPE` (a flag's pin wins over the file's), checked
+    as a recipe's `constraints:` is, with the same messages and before anything is measured: the fields, the
+    patterns and types (`Constraints.problems`), and a rule that matches nothing in `model`
+    (`Constraints.model_problems`); each mistake is one line starting with where it came from."""
+    from tbpw.allocate.constraints import Constraints
+    from tbpw.errors import Problems, TbpwError
+    from tbpw.model.inventory import ModelInventory
+
+    try:
+        from_file = Constraints.parse(_read_constraints(path))
+    except TbpwError as exc:
+        raise TbpwError(f"constraints file {path}: {exc}") from None
+    from_flags = Constraints(pins=_pins(pins))
+    sources = ([(str(path), from_file)] if path else []) + ([("--pin", from_flags)] if pins else [])
+    problems = [f"{source}: {problem}" for source, c in sources for problem in c.problems()]
+    if not problems and sources:
+        inventory = ModelInventory.load(model)
+        problems = [f"{source}: {problem}" for source, c in sources for problem in c.model_problems(inventory)]
+    if problems:
+        raise Problems(problems)
+    return from_file.model_copy(update={"pins": {**from_file.pins, **from_flags.pins}})
+
+
 def measure_options(metric: str | None, metric_options: tuple[str, ...], types: str | None, threads: int | None,
                     command: str, **sampling: Any):
     """The measurement's options (tbpw.measure.options.MeasureOptions) from a command's flags: the metric (default:
@@ -62,7 +87,7 @@ def measure_options(metric: str | None, metric_options: tuple[str, ...], types: 
            "options": key_values(metric_options, flag="--metric-option", example="trim_fraction=0.02")}
     candidates = [t.strip() for t in types.split(",") if t.strip()] if types else None
     return options_from_flags(MeasureOptions, command, metric=ref, candidates=candidates, threads=threads,
-                              sampling=sampling)
+                              sampling=sampling, flag_of={"candidates": "--types", "sampling": "--sample-scale"})
 
 
 def measured_table(model: str | Path, imatrix: str | Path | None, options, *, cache_dir: str | Path | None = None,
@@ -118,13 +143,12 @@ def tbpw_register_commands(cli: click.Group) -> None:
                   help="take the errors from the fork's --state-file instead of measuring")
     @click.option("--dry-run", is_flag=True, help="print the plan; write no model")
     @click.option("--json", "as_json", is_flag=True, help="print the plan as one JSON object")
-    @click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="threads for measuring and llama-quantize")
+    @threads_option("threads for measuring and llama-quantize")
     @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None, help="the GGUF to write")
     def quantize(model, imatrix, target_bpw, target_size, allocator, options, metric, metric_options, types, cache_dir,
                  pins, constraints_file, table_file, fork_state, dry_run, as_json, threads, out):
         """Quantize MODEL to an exact bpw or file-size target with the least measured error."""
         from tbpw.allocate.apply import plan_path_for, written_files
-        from tbpw.allocate.constraints import Constraints
         from tbpw.allocate.service import Planner
         from tbpw.errors import TbpwError
         from tbpw.files.atomic import write_json
@@ -135,8 +159,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
         if out is None and not dry_run:
             raise TbpwError("no output file: give -o OUT.gguf (or --dry-run to only print the plan)")
         for path, what in ((model, "model"), (imatrix, "imatrix")):
-            if not Path(path).is_file():
-                raise TbpwError(f"{what} file {path} does not exist: check the path")
+            existing_file(path, f"{what} file")
         if out is not None:
             refuse_overwriting_inputs(written_files(out) if not dry_run else {"plan file": plan_path_for(out)},
                                       {"model": model, "imatrix": imatrix, "constraints file": constraints_file,
@@ -146,9 +169,7 @@ def tbpw_register_commands(cli: click.Group) -> None:
         plugin = registry.create(allocator or registry.default_name(),
                                  key_values(options, flag="--option", example="bucket_bytes=4096"))
         plugin.check_ready()
-        constraints = _read_constraints(constraints_file)
-        constraints["pins"] = {**constraints.get("pins", {}), **_pins(pins)}
-        parsed = Constraints.parse(constraints)  # a mistake there fails before any measuring
+        parsed = checked_constraints(constraints_file, pins, model)  # a mistake there fails before any measuring
         measuring = measure_options(metric, metric_options, types, threads, "quantize")
         table = error_table(model, imatrix, measuring, fork_state=fork_state, table_file=table_file,
                             cache_dir=cache_dir)

@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from tbpw.plugin.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from tbpw.run.pipeline import Pipeline
+
+_LISTED = 12  # stage names an unknown --force lists, before pointing to `--plan` for the rest
+
+
+def _unknown_stages(pipeline: Pipeline, force: tuple[str, ...], recipe: str) -> list[str]:
+    """One line per `--force` value that would force nothing: a stage is named whole (`measure`,
+    `quant-4.5bpw-knapsack`) or by a prefix up to a dash (`eval`, `quant-4.5bpw`), as `RunSettings.forced` matches
+    them; a typo would otherwise skip every stage and look like a finished run."""
+    import difflib
+
+    stages = list(pipeline.graph().tasks.tasks)
+    prefixes = list(dict.fromkeys(name[:i] for name in stages for i, ch in enumerate(name) if ch == "-"))
+    known = set(stages) | set(prefixes)
+    kinds = [p for p in prefixes if "-" not in p]
+    listed = ", ".join(stages[:_LISTED]) + (f", ...; {len(stages)} in all, `tbpw run {recipe} --plan` lists them"
+                                            if len(stages) > _LISTED else "")
+    problems = []
+    for name in force:
+        if name not in known:
+            close = difflib.get_close_matches(name, [*kinds, *stages], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"--force {name} names no stage of this run{hint}: give a stage ({listed}) or the start "
+                            f"of several ({', '.join(kinds)})")
+    return problems
 
 
 @hookimpl
@@ -35,14 +63,19 @@ def tbpw_register_commands(cli: click.Group) -> None:
             planned, problems = read(recipe, sets)
             if planned is None or problems:
                 raise Problems(problems)
+            planning = Pipeline(planned, force=set(force), log=log, claim=None)
+            if force and (unknown := _unknown_stages(planning, force, recipe)):
+                raise Problems(unknown)
             # what this machine lacks (disk, build) is said after the plan, which shows how much is needed
             refused = [f"{recipe}: {problem}" for problem in preflight(planned)]
-            for line in cost_plan(Pipeline(planned, force=set(force), log=log, claim=None)).lines():
+            for line in cost_plan(planning).lines():
                 click.echo(line)
             if refused:
                 raise Problems(refused)
             return
         loaded = check(recipe, sets)  # every mistake `validate` finds stops the run before any work
+        if force and (unknown := _unknown_stages(Pipeline(loaded, claim=None), force, recipe)):
+            raise Problems(unknown)  # before the run directory is made or claimed
         pipeline = Pipeline(loaded, force=set(force), log=log)
         for line in cost_plan(pipeline).summary():
             log(line)

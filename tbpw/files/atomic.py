@@ -2,7 +2,9 @@
 
 Temporary files and folders are made beside their target and named `.<target>.<host>-<pid>.<random>.tmp`:
 they vanish when the write ends (even by Ctrl-C or SIGTERM), and one left by a process that was killed
-outright is removed by the next write of the same target on that host, once its pid is gone.
+outright is removed by the next write of the same target on that host, once its pid is gone, or by a sweep of
+its folder (`sweep_folder`: tbpw's caches sweep theirs when they are opened). A folder kept on purpose by a
+failed step (its tools' logs, which the error names) stays a day before a sweep takes it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,33 @@ def sweep_stale(target: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+
+
+KEEP_FAILED_FOLDERS_SECONDS = 24 * 3600
+
+
+def sweep_folder(folder: Path | str) -> list[Path]:
+    """Remove every temporary stand-in in `folder` left by a process of this host that no longer runs (a folder
+    once it is a day old: a failed step keeps its logs there); returns what went."""
+    import time
+
+    gone = []
+    folder = Path(folder)
+    for leftover in folder.glob(".*.tmp") if folder.is_dir() else []:
+        m = _TEMPORARY.match(leftover.name)
+        if m is None or m["host"] != _HOST or _alive(int(m["pid"])):
+            continue
+        try:
+            if leftover.is_dir() and not leftover.is_symlink():
+                if time.time() - leftover.stat().st_mtime < KEEP_FAILED_FOLDERS_SECONDS:
+                    continue
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        except OSError:
+            continue
+        gone.append(leftover)
+    return gone
 
 
 def _alive(pid: int) -> bool:

@@ -83,6 +83,22 @@ def content_sha256(path: Path | str) -> str:
     return value
 
 
+def remember(path: Path | str, sha256: str) -> None:
+    """Remember the hash a writer computed while writing `path` (its content now), so that the first check after
+    it costs no re-read."""
+    key = str(Path(path).resolve())
+    try:
+        stamp = identity(key)
+    except OSError:
+        return  # gone already: nothing to remember
+    if stamp[2] < MEMO_MIN_BYTES:
+        return
+    memo = _load()
+    memo.pop(key, None)
+    memo[key] = [*stamp, sha256]
+    _save(memo)
+
+
 def _memo_path() -> Path:
     return paths.home() / MEMO_FILE
 

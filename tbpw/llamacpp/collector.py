@@ -103,11 +103,11 @@ def _compile(info: BuildInfo, tree: Path | None) -> Path:
 
 def run_collector(args: Sequence[str | os.PathLike], *, log_path: Path | str | None = None,
                   build: BuildInfo | None = None, timeout: float | None = None,
-                  meter: progress.Meter | None = None) -> ToolRun:
-    """Run the collector of the active build (compiling it first when its sources changed)."""
+                  meter: progress.Meter | None = None, cwd: Path | None = None) -> ToolRun:
+    """Run the collector of the active build (compiling it first when its sources changed), in `cwd` when given."""
     build = build or active_build()
     ensure_built(build)
-    return run_tool(NAME, args, log_path=log_path, build=build, timeout=timeout, meter=meter)
+    return run_tool(NAME, args, log_path=log_path, build=build, timeout=timeout, meter=meter, cwd=cwd)
 
 
 def _build_json(root: Path) -> dict:

@@ -47,8 +47,9 @@ def make_imatrix(model: Path | str, text: Path | str, out: Path | str, collector
     """Run `collector` over `text` in chunks of `ctx` tokens and write a GGUF imatrix to `out`.
 
     "stock" is llama-imatrix (in_sum2 and counts); "tbpw" is tbpw's collector, which writes the same
-    in_sum2 and counts and also in_sum (so E[a] is known). `text` is recorded in the file exactly as
-    given (imatrix.datasets). The file appears at `out` only when the run succeeded.
+    in_sum2 and counts and also in_sum (so E[a] is known). `text` is recorded in the file by its name alone
+    (imatrix.datasets; the tool runs in the text's folder), so that no quant made with it, which copies that
+    record, names a local folder. The file appears at `out` only when the run succeeded.
     """
     if collector not in COLLECTORS:
         raise TbpwError(f"unknown imatrix collector {collector!r}: use one of {', '.join(COLLECTORS)}")
@@ -68,14 +69,15 @@ def make_imatrix(model: Path | str, text: Path | str, out: Path | str, collector
     work = temporary_folder(out)
     try:
         partial = work / (out.stem + ".gguf")
-        args = imatrix_args(model, text, partial, ctx=ctx, chunks=chunks, threads=threads, build=build, ngl=ngl,
-                            extra_args=extra_args)
+        text = Path(text).resolve()
+        args = imatrix_args(model.resolve(), Path(text.name), partial.resolve(), ctx=ctx, chunks=chunks,
+                            threads=threads, build=build, ngl=ngl, extra_args=extra_args)
         if collector == "stock":
             run = run_tool("llama-imatrix", args, log_path=log_path, build=build, timeout=timeout,
-                           meter=progress.IMATRIX.expecting(chunks))
+                           meter=progress.IMATRIX.expecting(chunks), cwd=text.parent)
         else:
             run = run_collector(args, log_path=log_path, build=build, timeout=timeout,
-                                meter=progress.COLLECTOR.expecting(chunks))
+                                meter=progress.COLLECTOR.expecting(chunks), cwd=text.parent)
         if not partial.is_file():
             raise TbpwError(f"{collector} collector exited without writing an imatrix (log: {run.log_path})")
         os.replace(partial, out)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal, overload
 
 from tbpw.errors import TbpwError
+from tbpw.files import sealed
 from tbpw.files.atomic import write_json
 from tbpw.files.digest import content_sha256
 from tbpw.llamacpp import parsers, progress, resources
@@ -58,8 +59,9 @@ def _common(model: Path | str, ctx: int, chunks: int | None, threads: int | None
 def base_logits(model: Path | str, text: Path | str, out: Path | str, *, ctx: int = 512, chunks: int | None = None,
                 threads: int | None = None, ngl: int | None = None, log_path: Path | str | None = None,
                 build: BuildInfo | None = None) -> BaseLogits:
-    """Save the baseline's logits over `text` to `out`; reused when `out`, its log and the record of what made
-    them (`out.source.json`: the model's and the text's content, ctx, chunks, the build) are there and match."""
+    """Save the baseline's logits over `text` to `out`; reused when `out` is intact (its seal, tbpw.files.sealed),
+    its log is there and the record of what made them (`out.source.json`: the model's and the text's content, ctx,
+    chunks, the build) matches."""
     out, text = Path(out), Path(text)
     if not text.is_file():
         raise TbpwError(f"the text {text} does not exist: check the path")
@@ -68,7 +70,7 @@ def base_logits(model: Path | str, text: Path | str, out: Path | str, *, ctx: in
     source = {"model": content_sha256(model), "text": content_sha256(text), "ctx": ctx, "chunks": chunks,
               "build": build.key, "ngl": ngl}
     record = out.with_name(out.name + ".source.json")
-    if out.is_file() and log_path.is_file() and _recorded(record) == source:
+    if _recorded(record) == source and log_path.is_file() and sealed.trusted(out, "float logits"):
         try:
             result = parsers.parse_perplexity(log_path.read_text(encoding="utf-8", errors="replace"))
             return BaseLogits(out, text, ctx, chunks, result.ppl.value, result.ppl.error, 0.0)
@@ -82,6 +84,7 @@ def base_logits(model: Path | str, text: Path | str, out: Path | str, *, ctx: in
                    meter=progress.PERPLEXITY.expecting(chunks))
     result = parsers.parse_run(parsers.parse_perplexity, run)
     partial.replace(out)
+    sealed.write_seal(out)
     write_json(record, source)
     return BaseLogits(out, text, ctx, chunks, result.ppl.value, result.ppl.error, run.seconds)
 
@@ -160,6 +163,10 @@ class KldScore:
     ppl: float
     seconds: float
     chunk_kld: tuple[float, ...] = ()  # the mean KLD of each chunk (parsers.parse_kld_chunks), when printed
+
+    def finite(self) -> bool:
+        """Whether its KL divergences are finite (a damaged logits file or a broken model gives inf or nan)."""
+        return all(math.isfinite(v) for v in (self.kld_mean, self.kld_p99, *self.chunk_kld))
 
     def to_json(self) -> dict:
         return {"kld_mean": self.kld_mean, "kld_p99": self.kld_p99, "same_top_p": self.same_top_p,

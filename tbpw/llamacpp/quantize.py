@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from tbpw.errors import TbpwError
 from tbpw.llamacpp import progress, resources
 from tbpw.llamacpp.build import BuildInfo, active_build
+from tbpw.llamacpp.quantize_layout import imatrix_name
 from tbpw.llamacpp.tools import ToolRun, run_tool
 
 if TYPE_CHECKING:
@@ -80,22 +81,28 @@ def kv_override_args(kv: Mapping[str, str]) -> list[str]:
 
 
 def quantize(model: Path | str, out: Path | str, *, imatrix: Path | str | None, tensor_type_file: Path | str | None = None,
-             base_type: str = BASE_TYPE, threads: int | None = None, extra: list[str] | None = None,
-             kv: Mapping[str, str] | None = None, log_path: Path | str | None = None,
+             base_type: str = BASE_TYPE, threads: int | None = None, extra: list[str | os.PathLike] | None = None,
+             kv: Mapping[str, str] | None = None, overrides: Sequence[str] = (), log_path: Path | str | None = None,
              build: BuildInfo | None = None) -> ToolRun:
     """Run llama-quantize MODEL OUT BASE_TYPE [threads] with the given options; `kv` adds string keys to the
-    output's metadata (see `output_metadata` for what that costs)."""
+    output's metadata (see `output_metadata` for what that costs), then `overrides` (`KEY=TYPE:VALUE`) follow. With an imatrix the tool runs in the imatrix's
+    folder and is given its name (`imatrix_name`), which it records in the output: no quant names a local folder.
+    Paths in `extra` are passed as paths (os.PathLike) so that they hold from there."""
     args: list[str | os.PathLike] = []
+    cwd = None
     if imatrix is not None:
-        args += ["--imatrix", str(imatrix)]
+        cwd = Path(imatrix).resolve().parent
+        args += ["--imatrix", imatrix_name(imatrix)]
     if tensor_type_file is not None:
-        args += ["--tensor-type-file", str(tensor_type_file)]
+        args += ["--tensor-type-file", Path(tensor_type_file).resolve()]
     args += kv_override_args(kv or {})
-    args += list(extra or [])
-    args += [str(model), str(out), base_type]
+    args += [a for override in overrides for a in ("--override-kv", override)]
+    args += [Path(a).resolve() if isinstance(a, os.PathLike) else a for a in extra or []]
+    args += [Path(model).resolve(), Path(out).resolve(), base_type]
     if threads := resources.threads(threads):
         args.append(str(threads))
-    return run_tool("llama-quantize", args, log_path=log_path, build=build, meter=progress.QUANTIZE)
+    return run_tool("llama-quantize", args, log_path=log_path, build=build, meter=progress.QUANTIZE, cwd=cwd)
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,7 +165,7 @@ def output_metadata(model: Path | str, imatrix: Path | str | None) -> OutputMeta
         from tbpw.imatrix.reader import Imatrix
 
         imx = Imatrix.load(imatrix)
-        delta += set_value("quantize.imatrix.file", _str_bytes(str(imatrix)))
+        delta += set_value("quantize.imatrix.file", _str_bytes(imatrix_name(imatrix)))
         if imx.datasets:
             delta += set_value("quantize.imatrix.dataset", _str_bytes(imx.datasets[0]))
         delta += set_value("quantize.imatrix.entries_count", 4)
@@ -205,14 +212,14 @@ def fork_target_types(model: Path | str, imatrix: Path | str, target: Target, *,
     build = build or active_build()
     flag = "--target-bpw" if target.bpw is not None else "--target-size"
     ensure_tool_features(flag, "--imatrix", purpose="the fork-native allocator", build=build)
-    extra = [flag, repr(target.bpw) if target.bpw is not None else str(target.size)]
+    extra: list[str | os.PathLike] = [flag, repr(target.bpw) if target.bpw is not None else str(target.size)]
     for name, t in (pins or {}).items():
         extra += ["--tensor-type", f"{tensor_pattern(name)}={t.lower()}"]
     if not state_file and reuse_state:
         state_file = fork_state_path(model, imatrix, build, pins)
         state_file.parent.mkdir(parents=True, exist_ok=True)
     if state_file:
-        extra += ["--state-file", str(state_file)]
+        extra += ["--state-file", Path(state_file)]  # a path: it holds from the folder llama-quantize runs in
     work = Path(tempfile.mkdtemp(prefix="tbpw-fork-"))
     try:
         out = work / "fork-native.gguf"

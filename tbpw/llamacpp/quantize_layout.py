@@ -35,6 +35,27 @@ ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT: llama-quantize pads with it
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 # llama_ftype of the base types tbpw hands to llama-quantize (include/llama.h)
 FILE_TYPES = {"Q8_0": 7}
+# The stock types a mixed plan's file is labelled by (`general.file_type`, what llama-bench and other tools show as
+# its type): the llama_ftype (include/llama.h) and the size llama-quantize's own help gives for it on Llama-3-8B
+# (GB of its 8.03 B weights, about bpw), smallest first. K-quant names where they exist, IQ below Q2_K.
+FILE_TYPE_LABELS = (("IQ1_S", 24, 1.56), ("IQ1_M", 31, 1.75), ("IQ2_XXS", 19, 2.06), ("IQ2_XS", 20, 2.31),
+                    ("IQ2_S", 28, 2.5), ("IQ2_M", 29, 2.7), ("Q2_K", 10, 2.95), ("Q3_K_S", 11, 3.40),
+                    ("Q3_K_M", 12, 3.73), ("Q3_K_L", 13, 4.01), ("Q4_K_S", 14, 4.35), ("Q4_K_M", 15, 4.56),
+                    ("Q5_K_S", 16, 5.19), ("Q5_K_M", 17, 5.31), ("Q6_K", 18, 6.12), ("Q8_0", 7, 7.93))
+
+
+def file_type_label(bpw: float) -> tuple[str, int]:
+    """The stock type a mixed file of `bpw` is labelled as: the largest one whose usual size is at most `bpw`
+    (as mixed-quant publishers name theirs), with its llama_ftype; the smallest below all of them."""
+    below = [label for label in FILE_TYPE_LABELS if label[2] <= bpw + 1e-9]
+    name, ftype, _ = below[-1] if below else FILE_TYPE_LABELS[0]
+    return name, ftype
+
+
+def file_type_override(bpw: float) -> str:
+    """The `--override-kv` that labels a mixed file of `bpw` honestly (llama-quantize sets `general.file_type` to
+    its base type's, Q8_0, and applies overrides after it)."""
+    return f"general.file_type=int:{file_type_label(bpw)[1]}"
 _KV_MAX_STR = 127
 _U32, _I32, _F32, _BOOL, _STRING = 4, 5, 6, 7, 8
 _LAYER = re.compile(rb"^blk\.\s*([+-]?\d+)")
@@ -95,12 +116,18 @@ def _kv_str(key: str, value: bytes) -> bytes:
     return _key(key) + struct.pack("<IQ", _STRING, len(value)) + value
 
 
+def imatrix_name(imatrix: Path | str) -> str:
+    """What a quant made with `imatrix` records as `quantize.imatrix.file`: the file's name alone (tbpw runs
+    llama-quantize in the imatrix's folder), so that no published file names a local folder."""
+    return Path(imatrix).name
+
+
 def imatrix_entries(imatrix: Path | str) -> list[bytes]:
-    """The `quantize.imatrix.*` key/values llama-quantize adds for `imatrix` (the path as given)."""
+    """The `quantize.imatrix.*` key/values llama-quantize adds for `imatrix` (given by its name, `imatrix_name`)."""
     from tbpw.imatrix.reader import Imatrix
 
     imx = Imatrix.load(imatrix)
-    out = [_kv_str("quantize.imatrix.file", str(imatrix).encode("utf-8"))]
+    out = [_kv_str("quantize.imatrix.file", imatrix_name(imatrix).encode("utf-8"))]
     if imx.datasets:
         out.append(_kv_str("quantize.imatrix.dataset", imx.datasets[0].encode("utf-8")))
     out.append(_kv_u32("quantize.imatrix.entries_count", len(imx.entries)))

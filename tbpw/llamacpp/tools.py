@@ -41,15 +41,17 @@ class ToolRun:
         return self.stdout + "\n" + self.stderr
 
 
-def launch(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start a tool with both streams piped and no input."""
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+def launch(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a tool with both streams piped and no input (in `cwd`, when given)."""
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                            cwd=cwd)
 
 
 def run_tool(tool: str, args: Sequence[str | os.PathLike], *, log_path: Path | str | None = None,
              build: BuildInfo | None = None, check: bool = True, timeout: float | None = None,
-             env: dict[str, str] | None = None, meter: progress.Meter | None = None) -> ToolRun:
-    """Run `tool` (e.g. "llama-perplexity") with `args`; both streams go to `log_path`.
+             env: dict[str, str] | None = None, meter: progress.Meter | None = None,
+             cwd: Path | None = None) -> ToolRun:
+    """Run `tool` (e.g. "llama-perplexity") with `args`, in `cwd` when given; both streams go to `log_path`.
 
     With `check`, a non-zero exit raises TbpwError naming the tool, the exit status, the log path, and
     carrying the log's last lines. `meter` says how the tool shows its progress (shown when a display is active).
@@ -65,7 +67,7 @@ def run_tool(tool: str, args: Sequence[str | os.PathLike], *, log_path: Path | s
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with progress.track(tool, meter) as tracker:
-        proc = launch(argv, _environment(env))
+        proc = launch(argv, _environment(env), cwd)
         streams = {"stdout": _Reader(proc.stdout, "stdout", tracker), "stderr": _Reader(proc.stderr, "stderr", tracker)}
         try:
             returncode = proc.wait(timeout=timeout)

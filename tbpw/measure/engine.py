@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tbpw.errors import Interrupted, TbpwError, os_error, sigterm_as_interrupt
-from tbpw.files import paths
-from tbpw.files.atomic import write_json
+from tbpw.files import paths, sealed
+from tbpw.files.atomic import sweep_folder, write_json
 from tbpw.files.lock import waiting_lock
 from tbpw.imatrix.reader import Imatrix
 from tbpw.llamacpp import resources
 from tbpw.measure import candidates as cand
-from tbpw.measure.cache import cached_table, mismatch, note
+from tbpw.measure.cache import cached_table, note, partial_line, read_partial
 from tbpw.measure.options import MeasureOptions, SamplingOptions
 from tbpw.measure.sampling import rows_per_slice, sample_rows
 from tbpw.measure.slices import ColumnStats, MeasureSetup, MetricContext, MetricPlugin, TensorSample
@@ -135,6 +135,7 @@ def measure(model_path: Path | str, imatrix_path: Path | str | None, metric: Met
         # whoever held the lock may have finished this very table
         if (cached := cached_table(final, inventory, names)) is not None:
             return cached
+        sweep_folder(folder)  # what a measurement that was killed left half-written
         from tbpw.llamacpp import ggml as ggml_bridge
 
         engine = _Engine(inventory, imatrix, metric, ggml_bridge.load(build.library("ggml-base")), candidate_set,
@@ -147,8 +148,7 @@ def _measure_entry(folder: Path, meta: dict, engine: _Engine, names: list[str], 
     final = folder / "table.json"
     write_json(folder / "meta.json", meta)
     partial = folder / "partial.jsonl"
-    done = _read_partial(partial)
-    done = {n: t for n, t in done.items() if n in names and not mismatch([t], engine.inventory)}
+    done = read_partial(partial, engine.inventory, names, lambda n: engine.candidates(engine.inventory[n]))
 
     engine.metric.setup(MeasureSetup(inventory=engine.inventory, imatrix=engine.imatrix, tensors=tuple(names)))
     todo = [n for n in names if n not in done]
@@ -171,6 +171,7 @@ def _measure_entry(folder: Path, meta: dict, engine: _Engine, names: list[str], 
     table = ErrorTable([results[n] for n in names], dict(meta, seconds=round(time.monotonic() - start, 3),
                                                          resumed_tensors=len(done)))
     table.write_json(final)
+    sealed.write_seal(final)
     partial.unlink(missing_ok=True)
     table.meta["cached"] = False
     return table
@@ -329,7 +330,7 @@ class _Engine:
 
 
 def _append_partial(path: Path, result: TensorErrors) -> None:
-    line = json.dumps(result.to_json()) + "\n"
+    line = partial_line(result)
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(line)
@@ -337,21 +338,6 @@ def _append_partial(path: Path, result: TensorErrors) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         raise os_error(exc, "write", path) from None
-
-
-def _read_partial(path: Path) -> dict[str, TensorErrors]:
-    """Tensors finished by an earlier, interrupted run; a line cut short by a kill is ignored."""
-    out: dict[str, TensorErrors] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            t = TensorErrors.from_json(json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-        out[t.name] = t
-    return out
-
 
 
 class _Progress:

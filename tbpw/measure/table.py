@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from tbpw.errors import TbpwError, os_error
 from tbpw.files.atomic import write_json, write_text
 from tbpw.files.digest import content_sha256
 from tbpw.measure import candidates as cand
+from tbpw.model.ggml_types import type_name
 
 TABLE_FORMAT = "tbpw-error-table"
 
@@ -61,15 +63,44 @@ class ErrorTable:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ErrorTable:
+        """The table `data` holds, refused (one line naming the tensor and the candidate) when an allocator could
+        not trust it: an unknown type, an error below 0 or not finite, a tensor listed twice."""
         if not isinstance(data, Mapping) or not isinstance(data.get("tensors"), list):
             raise TbpwError("not an error table (no `tensors` list): give a file written by `tbpw measure --out`")
         try:
-            return cls(tensors=[TensorErrors.from_json(t) for t in data["tensors"]], meta=dict(data.get("meta") or {}))
+            table = cls(tensors=[TensorErrors.from_json(t) for t in data["tensors"]], meta=dict(data.get("meta") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise TbpwError(f"a damaged error table ({type(exc).__name__}: {exc} in a tensor entry): give a file "
                             "written by `tbpw measure --out`, or measure again") from None
+        if problem := table.problem():
+            raise TbpwError(f"{problem}: fix that entry, or measure again with `tbpw measure --out`")
+        return table
+
+    def problem(self) -> str:
+        """The first entry no allocator can use ("" when there is none). Every reader of a saved table checks
+        it, so that a hand-edited or foreign table fails here, naming the entry, rather than as a KeyError deep
+        in a plan or as a silently wrong one (a negative error is a free upgrade to the allocators)."""
+        seen: set[str] = set()
+        for t in self.tensors:
+            if t.name in seen:
+                return f"tensor {t.name} is listed twice"
+            seen.add(t.name)
+            for c in t.candidates:
+                try:
+                    type_name(c.type)
+                except (KeyError, ValueError):
+                    return (f"tensor {t.name}, candidate {c.type!r}: not a ggml type (names such as Q4_K, IQ3_S, "
+                            "Q8_0, BF16)")
+                if not math.isfinite(c.error) or c.error < 0:
+                    return f"tensor {t.name}, candidate {c.type}: the error {c.error!r} is not a finite number >= 0"
+        return ""
 
     def write_json(self, path: Path | str) -> None:
+        """Write the table, unless it holds an entry `read_json` would refuse: a table tbpw wrote is one it reads."""
+        if problem := self.problem():
+            metric = self.meta.get("metric")
+            raise TbpwError(f"error table {path} not written: {problem}" + (f" (metric {metric})" if metric else "")
+                            + ": every candidate needs a ggml type and a finite error >= 0, once per tensor")
         write_json(path, self.to_json())
 
     @classmethod

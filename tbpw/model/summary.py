@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tbpw.errors import TbpwError
 from tbpw.model import gguf_layout, provenance
 from tbpw.model.inventory import ModelInventory
 
@@ -67,6 +68,8 @@ class GgufSummary:
 def summarize(path: Path | str) -> GgufSummary:
     """Read `path` (metadata and tensor infos only) and describe it."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:  # else it reads as a file that cannot be mapped, as if unreadable
+        raise TbpwError(f"{path} is empty, not a GGUF file: give a .gguf model")
     inventory = ModelInventory.load(path)
     fields = gguf_layout.read(path).fields
     by_role: dict[str, list] = {}

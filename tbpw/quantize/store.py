@@ -12,7 +12,10 @@ releases the GIL). `tbpw.quantize.assemble` streams them into a plan's GGUF.
     source = store.source("model-f16.gguf", "imatrix.gguf")
     path = source.ensure("blk.0.ffn_down.weight", "Q4_K")  # quantized now, or found
 
-Layout: `<root>/<model fingerprint[:20]>/<key>.bin`; deleting a model's folder drops its blobs.
+Layout: `<root>/<model fingerprint[:20]>/<key>.bin`; deleting a model's folder drops its blobs. Each blob has a
+seal beside it (`<key>.bin.seal`: its size and sha256, hashed while it was written, tbpw.files.sealed): a blob
+that is cut, changed or unrecorded is discarded, with a note, and quantized again before any plan uses it, and
+the temporary file a killed writer left is swept when the model's folder is next opened (tbpw.files.atomic).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tbpw.errors import TbpwError
-from tbpw.files import paths
+from tbpw.files import paths, sealed
+from tbpw.files.atomic import sweep_folder, temporary_prefix
 from tbpw.model.inventory import ModelInventory, TensorInfo, fingerprint
 
 if TYPE_CHECKING:
@@ -86,7 +90,9 @@ class StoreSource:
 
     @cached_property
     def folder(self) -> Path:
-        return self.store.root / self.fingerprint[:20]
+        folder = self.store.root / self.fingerprint[:20]
+        sweep_folder(folder)  # blobs a killed writer left half-written
+        return folder
 
     @cached_property
     def imatrix(self) -> Imatrix | None:
@@ -137,7 +143,8 @@ class StoreSource:
         return self.folder / f"{self.key(name, type_name)}.bin"
 
     def has(self, name: str, type_name: str) -> bool:
-        return self.path(name, type_name).is_file()
+        """Whether the blob is there and intact (a damaged one is discarded, with a note)."""
+        return sealed.trusted(self.path(name, type_name), f"tensor store blob of {name} as {type_name.upper()}")
 
     def check(self, name: str, type_name: str) -> TensorInfo:
         """Raise what llama-quantize would refuse: a type the bridge cannot write, rows that do not fit it,
@@ -176,9 +183,10 @@ class StoreSource:
             blob.discard()
 
     def ensure(self, name: str, type_name: str) -> Path:
-        """The blob of `name` as `type_name`: found, or quantized now (streamed in slabs, on the store's threads)."""
+        """The blob of `name` as `type_name`: found intact, or quantized now (streamed in slabs, on the store's
+        threads)."""
         path = self.path(name, type_name)
-        if path.is_file():
+        if self.has(name, type_name):
             return path
         t = type_name.upper()
         info = self.check(name, t)
@@ -209,21 +217,27 @@ class BlobWriter:
     def __init__(self, target: Path, expected: int, what: str):
         self.target, self.expected, self.what = target, expected, what
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=".tmp", dir=target.parent)
         self.tmp = Path(tmp)
         self.fh = os.fdopen(fd, "wb")
         self.written = 0
+        self.digest = hashlib.sha256()  # of the bytes as they are written: the seal costs no second read
 
     def write(self, data: np.ndarray | bytes) -> None:
         raw = np.ascontiguousarray(data).tobytes() if isinstance(data, np.ndarray) else bytes(data)
         self.fh.write(raw)
+        self.digest.update(raw)
         self.written += len(raw)
 
     def commit(self) -> Path:
         self.fh.close()
         if self.written != self.expected:
             raise TbpwError(f"{self.written} bytes were written for {self.what}, expected {self.expected}")
+        if self.target.is_dir():  # something that is no blob took its place: the blob is made, so it goes
+            sealed.discard(self.target)
+        # A blob's bytes follow from its key, so a seal already there (another process's) says the same as ours.
         os.replace(self.tmp, self.target)
+        sealed.write_seal(self.target, self.digest.hexdigest(), self.written)
         return self.target
 
     def discard(self) -> None:

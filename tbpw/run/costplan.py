@@ -66,11 +66,26 @@ def estimates(graph: RunGraph, size: ModelSize | None) -> dict[str, Cost]:
     return {t.name: t.estimate(size) if t.estimate is not None else Cost() for t in graph.tasks}
 
 
+# Every stage folder holds a manifest and its tools' logs; the report folder its texts and plots, and each quant's
+# type map (report.json, report.md) takes about this many bytes per tensor.
+STAGE_FILES_BYTES = 64 << 10
+REPORT_BYTES = 2 << 20
+TYPE_MAP_BYTES_PER_TENSOR = 120
+
+
+def run_disk(graph: RunGraph, total: Cost, size: ModelSize) -> int:
+    """The stages' disk (`sum_costs`), and what the run directory holds besides: each stage's manifest and logs,
+    the report."""
+    report = REPORT_BYTES + TYPE_MAP_BYTES_PER_TENSOR * size.tensors * len(graph.quants)
+    return total.disk + STAGE_FILES_BYTES * len(graph.tasks) + report
+
+
 def disk_needed(recipe: Recipe, size: ModelSize) -> int:
-    """What the run directory of `recipe` holds at its end, plus what it needs on the way (see `sum_costs`)."""
+    """What the run directory of `recipe` holds at its end, plus what it needs on the way (`run_disk`)."""
     from tbpw.run.pipeline import Pipeline
 
-    return sum_costs(estimates(Pipeline(recipe, claim=None).graph(), size).values()).disk
+    graph = Pipeline(recipe, claim=None).graph()
+    return run_disk(graph, sum_costs(estimates(graph, size).values()), size)
 
 
 def existing_parent(path: Path) -> Path:
@@ -187,7 +202,8 @@ def cost_plan(pipeline: Pipeline, rates: Rates | None = None) -> CostPlan:
     total = sum_costs(costs.values())
     free = shutil.disk_usage(existing_parent(root)).free
     plan = CostPlan(stages, total.quantizations, total.klds, total.evaluations, total.benches,
-                    total.disk if size is not None else None, free, None, size, klds_at_most=total.klds_at_most)
+                    run_disk(graph, total, size) if size is not None else None, free, None, size,
+                    klds_at_most=total.klds_at_most)
     rates = rates or measure_rates(recipe.measure.threads)
     if size is None or rates is None:
         if rates is None and size is not None:

@@ -1,11 +1,11 @@
 """The scheduler: hand an executor every task whose dependencies are done, until the graph is done.
 
-It is the same for every executor plugin: it resolves each ready task's arguments from the results so far
-and submits it as a `Job`, and the executor decides when and where it runs; a task whose condition (`when`) does
-not hold is done at once, without a job. Progress is one line per
-change: how many tasks are done, which run, how many wait. The first failure stops the other jobs and is
-raised as it was (a `TbpwError` stays one line); Ctrl-C stops them too. Either way every stage that
-finished is kept in the run directory, so the next run resumes from there.
+It is the same for every executor plugin: it resolves each ready task's arguments from the results so far and
+submits it as a `Job`, and the executor decides when and where it runs; a task whose condition (`when`) does not
+hold is done at once, without a job. Progress is one line per change: how many tasks are done, which run, how
+many wait. The first failure stops the other jobs and is raised as it was (a `TbpwError` stays one line); Ctrl-C
+stops them too. Either way every stage that finished is kept in the run directory, so the next run resumes from
+there.
 """
 
 from __future__ import annotations

@@ -220,6 +220,12 @@ def method(report: Report) -> list[str]:
     lines.append(f"- Evaluation: against the float model's logits on {_dataset(report, 'evaluation')}, {chunks} of "
                  f"{ev.get('ctx', 512)} tokens; tasks with {ev.get('task_ctx', 768)} tokens of context. Selection by "
                  f"{', '.join(report.select_by)}.")
+    if report.overlap:
+        o = report.overlap
+        lines.append(f"- Held out: {o['sequences']:.1%} of the evaluation text's {o['words']}-word sequences and "
+                     f"{o['lines']:.1%} of its long lines also occur in the calibration text"
+                     + (" (more than tbpw considers held out: the numbers above are flattered)."
+                        if max(o["sequences"], o["lines"]) > o["warn_share"] else "."))
     others = [role for role in report.datasets if role not in ("calibration", "evaluation")]
     for role in others:
         lines.append(f"- Task data `{role}`: {_dataset(report, role)}.")
@@ -244,9 +250,9 @@ def caveats(report: Report) -> list[str]:
                      + "; ".join(f"{e.name.removeprefix('other-')}: {e.note.removeprefix('not made by this run: ')}"
                                  for e in others) + ".")
     if any(e.bench_rows for e in kept(report)):
-        items.append("- llama-bench's `model` column names the file type llama-quantize records: tbpw's files record "
-                     "Q8_0, the base type their complete type map overrides (their real types: report.md's type maps, "
-                     "`tbpw inspect FILE.gguf`).")
+        items.append("- llama-bench's `model` column names the file type each file records: a tbpw file is a mix of "
+                     "types, labelled with the stock type whose usual size is the largest at or below its own (its "
+                     "real types: report.md's type maps, `tbpw inspect FILE.gguf`).")
     ev = report.recipe.get("evaluation", {})
     if ev.get("chunks"):
         items.append(f"- The scores come from {ev['chunks']} chunks of evaluation text: differences within the ± "
@@ -313,9 +319,10 @@ def _place(source: Path, target: Path) -> None:
 
 
 def write_model_card(report: Report, folder: Path) -> Path:
-    """Write `folder`/README.md and put the kept quants beside it (files of earlier runs no longer kept go)."""
+    """Write `folder`/README.md (the run directory's report/) and put the kept quants beside it (files of earlier runs
+    no longer kept go)."""
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = {hub_file_name(report, e): Path(str(e.path)) for e in kept(report)}
+    wanted = {hub_file_name(report, e): folder.parent / str(e.path) for e in kept(report)}  # run-relative paths
     for stale in folder.glob("*.gguf"):
         if stale.name not in wanted:
             stale.unlink()

@@ -36,6 +36,7 @@ from tbpw.stages import (
     evaluate,
     imatrix,
     measure,
+    overlap,
     plan,
     release,
     stock,
@@ -133,6 +134,7 @@ class Pipeline:
         texts = {role: g.add(data.name(role), task(data.run), role, ref, estimate=data.cost)
                  for role, ref in r.datasets.items()}
         calibration = texts["calibration"]
+        g.add(overlap.NAME, task(overlap.run), calibration, texts["evaluation"], estimate=overlap.cost)
         base = g.add(baseline.NAME, task(baseline.run), model, texts["evaluation"], r.evaluation, resources=loads_model,
                      estimate=partial(baseline.cost, options=r.evaluation))
         imx = g.add(imatrix.NAME, task(imatrix.run), model, calibration, r.imatrix, resources=loads_model,
@@ -259,13 +261,23 @@ class Pipeline:
     def report(self, results: dict[str, Any], graph: RunGraph) -> Path:
         """Write the report from the graph's results (task name -> result)."""
         from tbpw.run.modelcard import source_facts, write_model_card
-        from tbpw.run.report import Entry, Report, quality_table, write_report
+        from tbpw.run.report import (
+            Entry,
+            Report,
+            flag_strangers,
+            public_json,
+            public_path,
+            public_text,
+            quality_table,
+            write_report,
+        )
 
         r, build = self.recipe, self.context.build
         model, notes = results[model_stage.NAME]
         texts = {role: results[data.name(role)] for role in r.datasets}
         base: baseline.Baseline = results[baseline.NAME]
         released = {name for task in graph.releases for name in results[task]}
+        run_dir = self.context.run_dir
         entries = []
         for name, ref in graph.quants.items():
             q: Quant = resolve(ref, results)
@@ -276,29 +288,34 @@ class Pipeline:
                                  metrics={**results[evaluate.name(name, "all")],
                                           **results.get(evaluate.name(name, "tasks"), {})},
                                  bench=benched.get("speeds", {}), bench_rows=benched.get("rows", []),
-                                 target=q.target, allocator=q.allocator, types=q.types, path=str(q.path), note=note,
+                                 target=q.target, allocator=q.allocator, types=q.types,
+                                 path=public_path(q.path, self.context.run_dir.root), note=public_text(note),
                                  released=name in released))
         for members in _by_target(entries).values():
             members[self.rule.best({e.name: e.metrics for e in members.values()})].selected = True
+        lower = [c for c in self.rule.by if self.rule.lower_is_better.get(c)]
+        for warning in flag_strangers(entries, lower[0]) if lower else []:
+            self.log(warning)
         base_metrics: dict[str, float] = {}
         for _, evaluator in self.evaluators:
             base_metrics.update(evaluator.baseline_values(base.ppl, base.ppl_error))
         base_entry = Entry("baseline", "base", ModelInventory.load(model).bpw(), model.stat().st_size,
                            metrics=base_metrics)
-        run_dir = self.context.run_dir
         report = Report(
-            name=r.name, description=r.description, model=str(model),
-            build=f"{build.build_number} ({build.build_commit}, {build.backend})", notes=list(dict.fromkeys(notes)),
-            select_by=r.select.by, evaluation_text=texts["evaluation"].description or texts["evaluation"].path.name,
-            baseline_ppl=base.ppl, substitutes={k: v.description for k, v in texts.items()
+            name=r.name, description=r.description, model=public_path(model, run_dir.root),
+            build=f"{build.build_number} ({build.build_commit}, {build.backend})",
+            notes=public_json(list(dict.fromkeys(notes))),
+            select_by=r.select.by,
+            evaluation_text=public_text(texts["evaluation"].description or texts["evaluation"].path.name),
+            baseline_ppl=base.ppl, substitutes={k: public_text(v.description) for k, v in texts.items()
                                                 if "substitute" in v.description.lower()},
             columns=self.columns, entries=[base_entry, *entries], tbpw_version=__version__,
-            recipe=r.model_dump(mode="json", exclude={"output_dir", "executor"}),
+            recipe=public_json(r.model_dump(mode="json", exclude={"output_dir", "executor"})),
             provenance={**self.context.provenance(texts["calibration"]),
                         "imatrix_sha256": run_dir.fingerprint(results[imatrix.NAME])},
-            datasets={role: {"description": f.description, "attribution": f.attribution,
+            datasets={role: {"description": public_text(f.description), "attribution": public_text(f.attribution),
                              "sha256": run_dir.fingerprint(f.path)} for role, f in texts.items()},
-            source=source_facts(r.model, model))
+            source=source_facts(r.model, model), overlap=results[overlap.NAME])
         path = write_report(report, run_dir.root / "report")
         card = write_model_card(report, run_dir.root / "report")
         self.log(f"model card: {card}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,10 +30,9 @@ from tbpw.files import paths
 from tbpw.measure import candidates as cand
 from tbpw.measure.table import CandidateError, ErrorTable, TensorErrors
 from tbpw.model.budget import Target, format_size, parse_size
-from tbpw.model.ggml_types import FLOAT_TYPES, type_name
 from tbpw.model.inventory import ModelInventory
 from tbpw.run.costplan import disk_needed, existing_parent
-from tbpw.run.recipe import Recipe, read, readiness_problems
+from tbpw.run.recipe import Recipe, evaluator_instances, read, readiness_problems
 from tbpw.stages import model as model_stage
 from tbpw.stages.rundir import ownership_problem
 
@@ -62,7 +60,8 @@ def preflight(recipe: Recipe) -> list[str]:
     if inventory is not None:
         problems += _model_problems(recipe, inventory, sound=not constraints and not any(
             p.startswith("measure.candidates") for p in types))
-        problems += _compare_problems(recipe, inventory)
+        problems += _context_problems(recipe, inventory) + _compare_problems(recipe, inventory)
+    problems += _text_problems(recipe)
     problems += _output_problems(recipe, inventory)
     return problems
 
@@ -83,74 +82,103 @@ def _type_problems(recipe: Recipe, stock_types: list[str] | None) -> list[str]:
     problems = []
     wanted = [(f"compare_stock.{i}", t) for i, t in enumerate(recipe.compare_stock)]
     wanted += [(f"targets.{i}.stock", t.stock.upper()) for i, t in enumerate(recipe.targets) if t.stock]
-    if stock_types is not None:
-        for where, t in wanted:
-            if t not in stock_types:
-                problems.append(f"{where}: {t!r} is not a type this build's llama-quantize writes: use one of "
-                                f"{', '.join(x for x in stock_types if x != 'COPY')}")
+    for where, t in wanted:
+        if t in NOT_QUANTIZATIONS:
+            problems.append(f"{where}: {t} is not a quantization (llama-quantize {'copies' if t == 'COPY' else 'converts'}"
+                            " the tensors): compare with a quantized type such as Q4_K_M")
+        elif stock_types is not None and t not in stock_types:
+            problems.append(f"{where}: {t!r} is not a type this build's llama-quantize writes: use one of "
+                            f"{', '.join(x for x in stock_types if x not in NOT_QUANTIZATIONS)}")
     if recipe.measure.candidates is not None:
         try:
             cand.normalize_types(recipe.measure.candidates)
         except TbpwError as exc:
             problems.append(f"measure.candidates: {exc}")
-    if recipe.calibrate is not None:
-        for i, t in enumerate(recipe.calibrate.probes):
-            if t in FLOAT_TYPES:
-                problems.append(f"calibrate.probes.{i}: {t} is a float type, which costs no measurable KL divergence: "
-                                "probe with a quantized type such as Q3_K")
     return problems
 
 
 def _constraint_problems(recipe: Recipe) -> list[str]:
     """Patterns that do not compile and types that do not exist (the model is not needed for these)."""
-    c = recipe.constraints
-    problems = []
-    for pattern, t in c.pins.items():
-        problems += _pattern_problem(f"constraints.pins[{pattern!r}]", pattern)
-        problems += _type_problem(f"constraints.pins[{pattern!r}]", t)
-    for field, rules in (("allowed_types", c.allowed_types), ("min_bpw", c.min_bpw), ("max_bpw", c.max_bpw)):
-        for pattern in rules:
-            problems += _pattern_problem(f"constraints.{field}[{pattern!r}]", pattern)
-    for pattern, types in c.allowed_types.items():
-        for t in types:
-            problems += _type_problem(f"constraints.allowed_types[{pattern!r}]", t)
-    seen: set[str] = set()
-    for group in c.share_type:
-        for role in group:
-            if role in seen:
-                problems.append(f"constraints.share_type: role {role!r} is listed more than once: list each role "
-                                "once, in one group")
-            seen.add(role)
-    return problems
-
-
-def _pattern_problem(where: str, pattern: str) -> list[str]:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        return [f"{where}: {pattern!r} is not a regular expression ({exc}): fix the pattern"]
-    return []
-
-
-def _type_problem(where: str, t: str) -> list[str]:
-    try:
-        type_name(str(t))
-    except (KeyError, ValueError):
-        return [f"{where}: {t!r} is not a ggml type; use names such as Q4_K, IQ3_S, Q8_0, BF16"]
-    return []
+    return recipe.constraints.problems()
 
 
 def _duplicate_targets(recipe: Recipe) -> list[str]:
     problems = []
     seen: dict[tuple, int] = {}
+    labels: dict[str, int] = {}
     for i, t in enumerate(recipe.targets):
         same = ("bpw", t.bpw) if t.bpw is not None else ("size", parse_size(t.size)) if t.size is not None \
             else ("stock", (t.stock or "").upper())
         if same in seen:
             problems.append(f"targets.{i} ({t.label}) repeats targets.{seen[same]}: each target makes its own quants; "
                             "remove one")
+        elif t.label in labels:
+            problems.append(f"targets.{i} ({t.label}) has the name of targets.{labels[t.label]}, whose quants its own "
+                            "would overwrite: targets this close are one target; remove one")
         else:
-            seen[same] = i
+            seen[same], labels[t.label] = i, i
+    return problems
+
+
+# Stock "types" llama-quantize accepts that quantize nothing: no comparison at their size makes sense.
+NOT_QUANTIZATIONS = ("F32", "F16", "BF16", "COPY")
+# llama-perplexity and llama-imatrix refuse a text of fewer tokens than twice their context; a token is at least
+# one byte of text, so fewer bytes than this many contexts is surely too short.
+MIN_CONTEXTS_OF_TEXT = 2
+
+
+def _contexts(recipe: Recipe) -> list[tuple[str, int, str]]:
+    """(field, tokens of context, the dataset role its text comes from) of every tool run a recipe sets."""
+    found = [("imatrix.ctx", recipe.imatrix.ctx, "calibration"), ("evaluation.ctx", recipe.evaluation.ctx, "evaluation")]
+    if recipe.calibrate is not None:
+        found.append(("calibrate.ctx", recipe.calibrate.ctx, "calibration"))
+    if recipe.choose is not None:
+        found.append(("choose.ctx", recipe.choose.ctx, "calibration"))
+    return found
+
+
+def _context_problems(recipe: Recipe, inventory: ModelInventory) -> list[str]:
+    """Contexts the model was not trained for (llama.cpp sizes its buffers by them: a huge one fails to load after
+    the stages before it ran)."""
+    trained = inventory.metadata(f"{inventory.architecture}.context_length")
+    if not isinstance(trained, int) or trained <= 0:
+        return []
+    fields = [(field, ctx) for field, ctx, _ in _contexts(recipe)]
+    if _runs_tasks(recipe):  # task benchmarks run at their own context
+        fields.append(("evaluation.task_ctx", recipe.evaluation.task_ctx))
+    return [f"{field}: {ctx} tokens is more than the {trained} the model was trained for: give at most {trained}"
+            for field, ctx in fields if ctx > trained]
+
+
+def _runs_tasks(recipe: Recipe) -> bool:
+    try:
+        return any(e.dataset_roles() for _, e in evaluator_instances(recipe))
+    except TbpwError:
+        return False  # an evaluator that cannot be made: its own check says so
+
+
+def _text_problems(recipe: Recipe) -> list[str]:
+    """Texts shorter than the runs that read them need (checked on the texts that are here: local files, cached
+    downloads; a text that needs a download is checked once it is fetched)."""
+    from tbpw.data.files import DatasetContext
+    from tbpw.plugin.manager import get_manager
+
+    registry = get_manager().datasets()
+    context = DatasetContext(cache_dir=paths.assets(), offline=True, resolve=registry.create)
+    sizes: dict[str, int | None] = {}
+    problems = []
+    for field, ctx, role in _contexts(recipe):
+        if role not in sizes:
+            ref = recipe.datasets[role]
+            try:
+                made = registry.create(ref.name, ref.options).materialize(context)
+                sizes[role] = Path(made.path).stat().st_size if made.kind == "text" else None
+            except (TbpwError, OSError):
+                sizes[role] = None  # not here yet, or not text: its own checks speak for it
+        size = sizes[role]
+        if size is not None and size < MIN_CONTEXTS_OF_TEXT * ctx:
+            problems.append(f"{field}: the {role} text has {size} bytes, fewer than the {MIN_CONTEXTS_OF_TEXT * ctx} "
+                            f"tokens two contexts of {ctx} need: give more text or a smaller {field}")
     return problems
 
 
@@ -161,8 +189,11 @@ def _source_problems(recipe: Recipe) -> list[str]:
     from tbpw.llamacpp import convert
 
     src = recipe.model
-    if src.hub is not None and importlib.util.find_spec("huggingface_hub") is None:
+    no_hub = importlib.util.find_spec("huggingface_hub") is None
+    if src.hub is not None and no_hub:
         return ["model.hub needs huggingface_hub: pip install 'tbpw[hub]'"]
+    if no_hub and (hubs := [i for i, ref in enumerate(recipe.compare_files) if ref.hub is not None]):
+        return [f"compare_files.{hubs[0]}: a hub file needs huggingface_hub: pip install 'tbpw[hub]'"]
     if src.path is not None:
         if Path(src.path).is_dir() and not (Path(src.path) / "config.json").is_file():
             return [f"model.path: {src.path} is not a Hugging Face model folder (no config.json): give the folder "
@@ -199,22 +230,8 @@ def _model_problems(recipe: Recipe, inventory: ModelInventory, *, sound: bool) -
     constraints and candidates themselves are valid, so that sizes can be worked out)."""
     if not sound:
         return []
-    problems = []
     c = recipe.constraints
-    names = [t.name for t in inventory.tensors]
-    roles = {t.role for t in inventory.tensors if t.quantizable}
-    for pattern in c.pins:
-        if not any(re.search(pattern, n) for n in names):
-            problems.append(f"constraints.pins[{pattern!r}] matches no tensor of {inventory.path.name}: check the pattern")
-    for field, rules in (("allowed_types", c.allowed_types), ("min_bpw", c.min_bpw), ("max_bpw", c.max_bpw)):
-        for pattern in rules:
-            if not any(re.fullmatch(pattern, r) for r in roles):
-                problems.append(f"constraints.{field}[{pattern!r}] matches no role of {inventory.path.name} "
-                                f"(its roles: {', '.join(sorted(roles))}): check the pattern")
-    for group in c.share_type:
-        for role in group:
-            if role not in roles:
-                problems.append(f"constraints.share_type: {role!r} is no role of {inventory.path.name}: check the name")
+    problems = c.model_problems(inventory)
     if problems:
         return problems
     table = _zero_table(inventory, recipe.measure.candidates)

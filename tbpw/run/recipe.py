@@ -138,8 +138,107 @@ class Recipe(Strict):
 # ---------------------------------------------------------------------------------------------- loading
 
 
+# A recipe is a few hundred YAML nodes. These bounds refuse what only a hostile or broken file reaches: an alias
+# bomb (nine aliases of ten make 10^9 nodes out of a few lines, and every later walk of the data pays for each) and
+# a nesting so deep that the recursive composer would end in a RecursionError.
+MAX_YAML_NODES = 200_000  # nodes of a recipe with its includes (or of a sweep file), aliases counted expanded
+MAX_YAML_DEPTH = 100  # levels of nested lists and mappings, aliases counted expanded
+MAX_YAML_FILES = 100  # files read for one recipe with its includes, a file included twice counted twice
+
+
+class _YamlRefused(Exception):
+    """A YAML file over a bound, or with a key twice; `_read_yaml` names the file."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+
+
+class _ReadBudget:
+    """The nodes and files one load has read so far (a recipe and its includes share one budget)."""
+
+    def __init__(self, limit: int = MAX_YAML_NODES):
+        self.limit, self.used, self.files = limit, 0, 0
+
+
 class _LineLoader(yaml.SafeLoader):
-    """A YAML loader that remembers the line of every mapping key, for error messages."""
+    """A YAML loader that remembers the line of every mapping key, for error messages, and that refuses duplicate
+    keys and documents past MAX_YAML_NODES or MAX_YAML_DEPTH while it composes them (before any expansion)."""
+
+    def __init__(self, stream: str, budget: _ReadBudget | None = None):
+        super().__init__(stream)
+        self._budget = budget or _ReadBudget()
+        self._before = self._budget.used  # spent by the files read before this one
+        self._depth = 0
+        # id(node) -> (its nodes, its levels), both counted expanded: set once the node is composed, so an alias
+        # to a node without it is an alias to an enclosing node (a recursive structure)
+        self._extent: dict[int, tuple[int, int]] = {}
+
+    def _spend(self, nodes: int, mark: yaml.Mark, alias: str | None = None) -> None:
+        budget = self._budget
+        budget.used += nodes
+        if budget.used > budget.limit:
+            scope = " in one recipe with its includes" if self._before else ""
+            how = f" (alias *{alias} repeats {nodes:,} of them)" if alias else ""
+            if alias and self._before:
+                fix = "repeat fewer values through aliases and fewer files through includes"
+            elif alias:
+                fix = "write the values out instead of repeating them through aliases"
+            elif self._before:
+                fix = "include fewer files, or each file fewer times"
+            else:
+                fix = "a recipe or sweep file is far smaller: check that this is the file you meant"
+            raise _YamlRefused(mark.line + 1, f"over the limit of {budget.limit:,} YAML nodes{scope}{how}: {fix}")
+
+    @staticmethod
+    def _too_deep(mark: yaml.Mark) -> _YamlRefused:
+        return _YamlRefused(mark.line + 1, f"over the limit of {MAX_YAML_DEPTH} nested levels of lists and "
+                                           "mappings: flatten the structure")
+
+    @staticmethod
+    def _refuse_duplicate_keys(node: yaml.MappingNode) -> None:
+        # YAML lets a key written twice pass (the last one wins), which hides a mistake. Checked on the mapping as
+        # written: a key merged in (`<<: *base`) and written again is an override, not a duplicate.
+        seen: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                raise _YamlRefused(line, f"key {key_node.value!r} appears twice (lines {seen[key]} and {line}): "
+                                         "keep one")
+            seen[key] = line
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = super().compose_node(parent, index)  # an undefined alias is PyYAML's error
+            extent = self._extent.get(id(node))
+            if extent is None:
+                raise _YamlRefused(event.start_mark.line + 1, f"alias *{event.anchor} sits inside the node it "
+                                                              "names (a structure without end): remove the alias")
+            if self._depth + extent[1] > MAX_YAML_DEPTH:
+                raise self._too_deep(event.start_mark)
+            self._spend(extent[0], event.start_mark, event.anchor)
+            return node
+        mark = self.peek_event().start_mark
+        if self._depth >= MAX_YAML_DEPTH:  # before descending: the composer recurses once per level
+            raise self._too_deep(mark)
+        self._spend(1, mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            self._refuse_duplicate_keys(node)
+            children = [part for pair in node.value for part in pair]
+        extents = [self._extent[id(child)] for child in children]
+        self._extent[id(node)] = (1 + sum(n for n, _ in extents), 1 + max((d for _, d in extents), default=0))
+        return node
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
@@ -154,26 +253,34 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, budget: _ReadBudget | None = None, what: str = "recipe") -> dict:
+    """The mapping a YAML file holds, with the line of each key (`__lines__`); `budget` is shared by the files of
+    one load."""
     if path.is_dir():
-        raise TbpwError(f"recipe {path} is a folder: give the recipe's YAML file")
+        raise TbpwError(f"{what} {path} is a folder: give the {what}'s YAML file")
     if not path.is_file():
-        raise TbpwError(f"recipe {path} does not exist: check the path")
+        raise TbpwError(f"{what} {path} does not exist: check the path")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise TbpwError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                        "save the recipe as UTF-8") from None
+                        f"save the {what} as UTF-8") from None
     except OSError as exc:
-        raise os_error(exc, "read the recipe", path) from None
+        raise os_error(exc, f"read the {what}", path) from None
+    loader = _LineLoader(text, budget)
     try:
-        data = yaml.load(text, Loader=_LineLoader)
+        data = loader.get_single_data()
+    except _YamlRefused as exc:
+        raise TbpwError(f"{path}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise TbpwError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}): fix the syntax") from exc
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
-        raise TbpwError(f"{path}: a recipe is a mapping of fields (name, model, datasets, targets, ...)")
+        fields = " (name, model, datasets, targets, ...)" if what == "recipe" else ""
+        raise TbpwError(f"{path}: a {what} is a mapping of fields{fields}")
     return data
 
 
@@ -189,11 +296,18 @@ def _merge(base: Any, override: Any) -> Any:
     return override
 
 
-def _resolve_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def _resolve_includes(path: Path, seen: tuple[Path, ...] = (), budget: _ReadBudget | None = None) -> dict:
     path = path.resolve()
     if path in seen:
         raise TbpwError(f"{path}: include cycle ({' -> '.join(p.name for p in (*seen, path))}): remove one include")
-    data = _read_yaml(path)
+    # One budget for the whole tree of includes: a file included many times over is read (and counted) each time,
+    # so a tree of includes that fans out is bounded like an alias bomb.
+    budget = budget or _ReadBudget()
+    budget.files += 1
+    if budget.files > MAX_YAML_FILES:
+        raise TbpwError(f"{path}: over the limit of {MAX_YAML_FILES} files read for one recipe with its includes "
+                        "(a file included twice counts twice): include fewer files, or each file fewer times")
+    data = _read_yaml(path, budget)
     includes = data.pop("include", None)
     line = data.get("__lines__", {}).pop("include", None)
     if includes is None:
@@ -204,7 +318,7 @@ def _resolve_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise TbpwError(f"{where}: include: give a recipe file name or a list of them (got {_strip_lines(includes)!r})")
     merged: dict = {}
     for inc in listed:
-        merged = _merge(merged, _resolve_includes(path.parent / inc, (*seen, path)))
+        merged = _merge(merged, _resolve_includes(path.parent / inc, (*seen, path), budget))
     return _merge(merged, _rebase_paths(data, path.parent))
 
 

@@ -8,6 +8,7 @@ Pure formatting of the entries the pipeline collected (each entry's numbers are 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,36 @@ from tbpw.files.atomic import atomic_path, write_json, write_text
 from tbpw.model.ggml_types import nominal_bpw
 from tbpw.model.inventory import role_of
 from tbpw.plugin.base import Column
+
+
+def public_path(path: Path | str, root: Path | str) -> str:
+    """A path as a published file records it: relative to the run directory `root` when inside it, else the file's
+    name alone, so that no published file names a local folder (a user's home, their layout)."""
+    path, root = Path(path), Path(root)
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return path.name
+
+
+# An absolute path inside a text (a dataset's description, a note): its last part is kept.
+_ABSOLUTE = re.compile(r"(?<![\w.~/:-])(?:~/|/)(?:[^\s/'\"`()]+/)+(?=[^\s/'\"`()]+)")
+
+
+def public_text(text: str) -> str:
+    """`text` with the folders of every absolute path in it taken out (`/home/me/data/wiki.txt` -> `wiki.txt`)."""
+    return _ABSOLUTE.sub("", text)
+
+
+def public_json(value: Any) -> Any:
+    """`value` (a recipe, a dataset's record, notes) with every absolute path reduced to the file's name."""
+    if isinstance(value, dict):
+        return {k: public_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_json(v) for v in value]
+    if isinstance(value, str):
+        return Path(value).name if Path(value).is_absolute() else public_text(value)
+    return value
 
 
 @dataclass
@@ -33,7 +64,7 @@ class Entry:
     target: str | None = None
     allocator: str | None = None
     types: dict[str, str] = field(default_factory=dict)  # tensor -> type
-    path: str | None = None
+    path: str | None = None  # in the run directory (`public_path`): the report publishes no local folder
     note: str = ""
     released: bool = False  # its GGUF was deleted after its evaluation (keep: chosen)
     selected: bool = False  # the best quant of its target
@@ -59,7 +90,7 @@ class Report:
 
     name: str
     description: str
-    model: str  # the float model's path
+    model: str  # the float model: its path in the run directory, else its file name (`public_path`)
     build: str  # the llama.cpp build, in words
     notes: list[str]
     select_by: list[str]
@@ -73,6 +104,7 @@ class Report:
     provenance: dict[str, str]
     datasets: dict[str, dict[str, str]]  # role -> description, attribution, sha256
     source: dict[str, str]  # the source model: its name, hub id and licence where known
+    overlap: dict[str, Any] = field(default_factory=dict)  # how much evaluation text the calibration text holds
     plots: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -81,7 +113,7 @@ class Report:
                 "baseline_ppl": self.baseline_ppl, "substitutes": self.substitutes,
                 "columns": [asdict(c) for c in self.columns], "entries": [e.to_json() for e in self.entries],
                 "tbpw_version": self.tbpw_version, "recipe": self.recipe, "provenance": self.provenance,
-                "datasets": self.datasets, "source": self.source, "plots": self.plots}
+                "datasets": self.datasets, "source": self.source, "overlap": self.overlap, "plots": self.plots}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
@@ -92,6 +124,27 @@ class Report:
     def selected(self) -> list[Entry]:
         """The best quant of each target."""
         return [e for e in self.entries if e.selected]
+
+
+# A file not made by the run whose first ranking column is this many times every quant the run made is suspect.
+STRANGER_FACTOR = 10.0
+
+
+def flag_strangers(entries: list[Entry], column: str) -> list[str]:
+    """Note, on each file not made by the run, a `column` (lower is better) far above every quant the run made: it
+    may be a quant of another model. Returns the warnings."""
+    ours = [e.metrics[column] for e in entries if e.kind in ("stock", "tbpw") and e.metrics.get(column) is not None]
+    if not ours:
+        return []
+    warnings = []
+    for e in entries:
+        value = e.metrics.get(column)
+        if e.kind == "other" and value is not None and value > STRANGER_FACTOR * max(ours):
+            doubt = (f"its {column} {value:.6g} is more than {STRANGER_FACTOR:g}x every quant this run made: it may "
+                     "be a quant of another model")
+            e.note = f"{e.note}; {doubt}" if e.note else doubt
+            warnings.append(f"warning: {e.name}: {doubt}")
+    return warnings
 
 
 def fmt(value: Any, digits: int = 4, suffix: str = "") -> str:

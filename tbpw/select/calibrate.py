@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tbpw.errors import TbpwError
-from tbpw.files import paths
-from tbpw.files.atomic import temporary_folder, write_json, write_text
+from tbpw.files import paths, sealed
+from tbpw.files.atomic import sweep_folder, temporary_folder, write_json, write_text
 from tbpw.files.digest import content_sha256
 from tbpw.files.lock import waiting_lock
 from tbpw.measure.engine import cache_key, model_fingerprint
@@ -194,27 +194,31 @@ def calibrate(model: Path | str, imatrix: Path | str | None, calibration_text: P
     with waiting_lock(folder / ".lock", note=lambda line: (log or print)(f"note: {line}")):
         if (cached := _cached(final, groups)) is not None:
             return cached
+        sweep_folder(folder)  # work folders of calibrations that were killed, or failed a day ago
         probing = _Probing(model, imatrix, calibration_text, inventory, options, threads, ngl, store, log)
         sens = probing.measure(entries, groups, folder, scorer)
         sens.meta.update({"key": key, **parts, "model_path": str(model), "text_path": str(calibration_text)})
         sens.group_scales()  # fails now, not later, when nothing was measurable
         write_json(final, sens.to_json())
+        sealed.write_seal(final)
         sens.meta["cached"] = False
         return sens
 
 
 def _cached(final: Path, groups: Mapping[str, list[str]]) -> Sensitivity | None:
     """A finished measurement of the cache, or None; a damaged one (or one of other groups) is dropped."""
-    if not final.is_file():
+    if not sealed.trusted(final, "cached sensitivity"):
         return None
     try:
         sens = Sensitivity.from_json(json.loads(final.read_text(encoding="utf-8")))
-        ok = sens.groups == dict(groups) and all(g in sens.measured and g in sens.proxy for g in groups)
-    except (OSError, ValueError, KeyError, TypeError):
+        ok = (sens.groups == dict(groups) and all(g in sens.measured and g in sens.proxy for g in groups)
+              and all(math.isfinite(v) for table in (sens.measured, sens.proxy) for by_type in table.values()
+                      for v in by_type.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         print(f"note: discarding the damaged cached sensitivity {final}; measuring again", file=sys.stderr)
-        final.unlink(missing_ok=True)
+        sealed.discard(final)
         return None
     sens.meta["cached"] = True
     return sens

@@ -180,6 +180,8 @@ class Choice:
         return {"chosen": self.best, "calibration_kld": {n: s.kld_mean for n, s in self.selection.scores.items()},
                 "duplicates": self.selection.duplicates, "calibration_kld_chosen": self.score.kld_mean,
                 "refined": self.refined, "chunks": self.selection.chunks,
+                # the distinct plans scored: all of them on the first round (the last round may hold fewer)
+                "distinct": len(self.selection.screening or self.selection.scores),
                 # each plan's score on the chunks of its last round, per chunk: what a study of the rounds replays
                 "scores": {n: s.to_json() for n, s in self.selection.scores.items()}}
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tbpw.errors import TbpwError
-from tbpw.options import Strict
+from tbpw.options import TOOL_INT, Strict
 
 
 class CalibrateOptions(Strict):
@@ -21,8 +21,8 @@ class CalibrateOptions(Strict):
     probes: list[str] = Field(default_factory=lambda: ["Q3_K"], min_length=1)
     grouping: Literal["tensor", "role"] = "role"  # role: one measurement per role (cheap); tensor: one per tensor
     strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5], min_length=1)  # one calibrated table each
-    ctx: int = Field(512, ge=32)
-    chunks: int = Field(8, ge=1)
+    ctx: int = Field(512, ge=32, le=TOOL_INT)
+    chunks: int = Field(8, ge=1, le=TOOL_INT)
     # the type every tensor outside the probed group keeps: float (its stored type) or a near-lossless type
     background: str = "float"
 
@@ -48,20 +48,26 @@ class CalibrateOptions(Strict):
     @field_validator("probes")
     @classmethod
     def _probes(cls, value: list[str]) -> list[str]:
-        from tbpw.model.ggml_types import type_name
+        from tbpw.model.ggml_types import FLOAT_TYPES, type_name
 
-        try:
-            return [type_name(v) for v in value]
-        except (KeyError, ValueError, TbpwError) as exc:
-            raise ValueError(f"unknown probe type ({exc}): use ggml type names such as Q3_K or IQ4_XS") from None
+        names = []
+        for i, v in enumerate(value):
+            try:
+                names.append(type_name(v))
+            except (KeyError, ValueError, TbpwError):
+                raise ValueError(f"{v!r} (probe {i}) is not a ggml type: use type names such as Q3_K or IQ4_XS") from None
+            if names[-1] in FLOAT_TYPES:
+                raise ValueError(f"{names[-1]} (probe {i}) is a float type, which costs no measurable KL divergence: "
+                                 "probe with a quantized type such as Q3_K")
+        return names
 
 
 class ChooseOptions(Strict):
     """Per target, write every plan (each allocator on each error table: measured, and calibrated when
     `calibrate` is set) and keep the one closest to the float model on CALIBRATION text."""
 
-    ctx: int = Field(512, ge=32)
-    chunks: int = Field(16, ge=1)
+    ctx: int = Field(512, ge=32, le=TOOL_INT)
+    chunks: int = Field(16, ge=1, le=TOOL_INT)
     # the error tables whose plans are candidates: all (the measured one and the calibrated ones), or only the
     # calibrated ones
     tables: Literal["all", "calibrated"] = "calibrated"

@@ -10,7 +10,9 @@ distinct file scored once.
 - Screening: `tied_with_leader` is the statistical rule `select_plan` uses after each round to decide which plans
   go on to more chunks: those that may still beat the leader, by more than a margin when one is given.
 
-Everything lives under $TBPW_HOME/calibration/<key>/ (or `cache_dir`); only calibration text is ever read.
+Everything lives under $TBPW_HOME/calibration/<key>/ (or `cache_dir`); only calibration text is ever read. The
+float logits, their windows and every kept score are sealed (tbpw.files.sealed): a damaged one is discarded with a
+note and made again, and a score that is not finite is neither kept nor used (it stops the run, naming the file).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from functools import cached_property
 from pathlib import Path
 
 from tbpw.errors import TbpwError
-from tbpw.files import paths
-from tbpw.files.atomic import write_json
+from tbpw.files import paths, sealed
+from tbpw.files.atomic import sweep_folder, write_json
 from tbpw.files.digest import content_sha256
 from tbpw.files.lock import waiting_lock
 from tbpw.llamacpp.perplexity import BaseLogits, KldScore, base_logits, base_window, kld
@@ -117,6 +119,8 @@ class Scorer:
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
         folder = self.cache_dir / key
         folder.mkdir(parents=True, exist_ok=True)
+        sweep_folder(folder)  # what a scoring run that was killed left half-written
+        sweep_folder(folder / "scores")
         return folder
 
     def _full(self, chunks: int) -> BaseLogits:
@@ -134,17 +138,18 @@ class Scorer:
             info = json.loads(info_path.read_text()) if info_path.is_file() else None
         except (OSError, ValueError):
             info = None
-        if info is None or info["chunks"] < chunks or not logits.is_file():
+        if info is None or info["chunks"] < chunks or not sealed.trusted(logits, "float logits", self.log):
             return None
         return BaseLogits(logits, self.text, self.ctx, info["chunks"], info["ppl"], info["ppl_error"], 0.0)
 
     def _make(self, want: int) -> BaseLogits:
         logits = self.folder / "base.logits"
         for old in self.folder.glob("base*.logits"):
-            old.unlink()
+            sealed.discard(old)
         made = base_logits(self.model, self.text, self.folder / "base.new.logits", ctx=self.ctx, chunks=want,
                            threads=self.threads, ngl=self.ngl, log_path=self.folder / "base.log", build=self.build)
         made.path.replace(logits)
+        sealed.write_seal(logits)
         self.base_runs += 1
         self.seconds += made.seconds
         info = {"chunks": want, "ppl": made.ppl, "ppl_error": made.ppl_error}
@@ -156,7 +161,13 @@ class Scorer:
         """The float model's logits on chunks [start, chunks) of the text."""
         full = self._full(chunks)
         name = f"base.first-{chunks}.logits" if start == 0 else f"base.{start}-{chunks}.logits"
-        return base_window(full, start, chunks, self.folder / name)
+        window = self.folder / name
+        if window.exists() and not sealed.trusted(window, "window of the float logits", self.log):
+            pass  # discarded: base_window makes it again from the whole file
+        made = base_window(full, start, chunks, window)
+        if made.path == window and not sealed.seal_path(window).is_file():
+            sealed.write_seal(window)
+        return made
 
     def _score_path(self, types: Mapping[str, str], chunks: int, start: int) -> Path:
         base_chunks = self._full(chunks).chunks
@@ -166,12 +177,18 @@ class Scorer:
     def lookup(self, types: Mapping[str, str], chunks: int, start: int = 0) -> KldScore | None:
         """The score of a model with `types` on chunks [start, chunks), when one was made before."""
         path = self._score_path(types, chunks, start)
-        if not path.is_file():
+        if not sealed.trusted(path, "kept calibration score", self.log):
             return None
         try:
-            return KldScore.from_json(json.loads(path.read_text()))
+            found = KldScore.from_json(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            found = None
+        if found is None or not found.finite():
+            sealed.discard(path)
+            self.log(f"note: discarded the kept calibration score {path} (it does not hold a finite score); it is "
+                     "made again")
             return None
+        return found
 
     def score(self, model: Path | str, types: Mapping[str, str], chunks: int, *, start: int = 0,
               log_path: Path | str | None = None) -> KldScore:
@@ -183,5 +200,10 @@ class Scorer:
         result = kld(model, self.base(chunks, start), threads=self.threads, ngl=self.ngl, log_path=log_path)
         self.runs += 1
         self.seconds += result.seconds
-        write_json(self._score_path(types, chunks, start), result.to_json())
+        if not result.finite():
+            raise TbpwError(f"the KL divergence of {Path(model).name} on calibration text is {result.kld_mean} (not "
+                            f"finite): its outputs are broken or the float logits are; see {log_path or 'its log'}")
+        path = self._score_path(types, chunks, start)
+        write_json(path, result.to_json())
+        sealed.write_seal(path)
         return result

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 
 from tbpw.llamacpp.bench import bench, markdown_rows, speeds
-from tbpw.options import Strict
+from tbpw.options import TOOL_INT, Strict
 from tbpw.stages.context import StageContext
 from tbpw.stages.cost import Cost, ModelSize
 from tbpw.stages.quant import Quant
@@ -16,10 +16,10 @@ from tbpw.stages.quant import Quant
 
 class BenchOptions(Strict):
     enabled: bool = True
-    pp: int = Field(512, ge=1)
-    tg: int = Field(128, ge=1)
+    pp: int = Field(512, ge=1, le=TOOL_INT)
+    tg: int = Field(128, ge=1, le=TOOL_INT)
     pg: tuple[int, int] | None = (1024, 1024)
-    repetitions: int = Field(5, ge=1)
+    repetitions: int = Field(5, ge=1, le=TOOL_INT)
     threads: int | None = Field(None, ge=1)
     ngl: int | None = Field(None, ge=0)  # GPU layers for llama-bench alone (default: the recipe's `ngl`)
 

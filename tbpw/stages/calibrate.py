@@ -11,6 +11,7 @@ from tbpw.measure.table import ErrorTable
 from tbpw.select.options import CalibrateOptions
 from tbpw.stages.context import StageContext
 from tbpw.stages.cost import ASSUMED_ROLES, Cost, ModelSize
+from tbpw.stages.measure import table_bytes
 
 NAME = "calibrate"
 
@@ -55,5 +56,7 @@ def probes(size: ModelSize | None, options: CalibrateOptions) -> int:
 
 
 def cost(size: ModelSize | None, options: CalibrateOptions) -> Cost:
+    """Each probe written and scored; a calibrated table per strength left, and the sensitivity (about a table)."""
     runs = probes(size, options)
-    return Cost(quantizations=runs, klds=runs, tokens=options.ctx * options.chunks * (runs + 1))
+    return Cost(quantizations=runs, klds=runs, tokens=options.ctx * options.chunks * (runs + 1),
+                disk=(len(options.strengths) + 1) * table_bytes(size))

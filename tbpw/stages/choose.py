@@ -71,7 +71,8 @@ def run(ctx: StageContext, choosing: Choosing, model: Path, imatrix: Path, table
 
 def note(result: dict) -> str:
     """The report's line on how the choice went."""
-    distinct, total = len(result["calibration_kld"]), len(result["calibration_kld"]) + len(result["duplicates"])
+    distinct = result.get("distinct", len(result["calibration_kld"]))  # (results of earlier versions: the last round)
+    total = distinct + len(result["duplicates"])
     swaps = f", then {len(result['refined'])} measured swaps" if result["refined"] else ""
     why = (f"all {total} plans were the same" if distinct == 1 else
            f"lowest calibration KLD of {distinct} distinct plans among {total}")

@@ -95,10 +95,19 @@ def check_same_model(model: ModelInventory, other: ModelInventory, where: str) -
                             f"model {_shape(tensor.shape)}: it is not a quant of this model; {fix}")
 
 
+def another_name(model: ModelInventory, other: ModelInventory) -> str | None:
+    """Why a file with the model's tensors may still be a quant of another model (a fine-tune, a sibling of the same
+    architecture): it names another model."""
+    ours, theirs = model.metadata("general.name"), other.metadata("general.name")
+    if isinstance(ours, str) and isinstance(theirs, str) and ours.strip().lower() != theirs.strip().lower():
+        return f"it names itself {theirs!r}, the run's model {ours!r}: it may be a quant of another model"
+    return None
+
+
 def describe(ref: CompareFile) -> str:
     """Where the file comes from, for the report."""
     if ref.path is not None:
-        return f"local file {ref.path}"
+        return f"local file {Path(ref.path).name}"  # its folder is the user's own: not for the report
     return f"{ref.hub}@{ref.revision} {ref.file} (Hugging Face hub)"
 
 
@@ -111,8 +120,12 @@ def run(ctx: StageContext, model: Path, files: list[CompareFile]) -> list[Quant]
         path = locate(ref, where)
         other = ModelInventory.load(path)
         check_same_model(base, other, where)
+        note = f"not made by this run: {describe(ref)}"
+        if (doubt := another_name(base, other)) is not None:
+            ctx.log(f"warning: {ref.name}: {doubt}")
+            note += f"; {doubt}"
         quants.append(Quant(ref.name, "other", path, other.bpw(), path.stat().st_size, types=other.types(),
-                            note=f"not made by this run: {describe(ref)}"))
+                            note=note))
         ctx.log(f"other {ref.name}  ({other.bpw():.4f} bpw, {describe(ref)})")
     return quants
 

@@ -9,7 +9,8 @@ knows a stage by name.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from tbpw.model.ggml_types import nominal_bpw, type_name
 
@@ -29,6 +30,11 @@ class ModelSize:
     source: str  # where the numbers come from
     roles: int = ASSUMED_ROLES
     tensors: int = 0  # quantizable tensors (0: unknown)
+    metadata_bytes: int = 0  # what a GGUF of it holds besides tensor data (key/values, the tokenizer)
+    imatrix_values: int = 0  # the numbers an imatrix of it holds per statistic (input columns x experts)
+    # a GGUF's bytes with every quantizable tensor as a type (its fallbacks on rows that do not fit applied), when
+    # the tensor table is known
+    bytes_at: Callable[[str], int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,33 @@ class Cost:
         return float(self.quantizations) if self.quantize_work is None else self.quantize_work
 
 
-def stock_bpw(name: str) -> float:
-    """The nominal bpw of a stock type's main ggml type (Q4_K_M -> Q4_K: 4.5), a lower bound of its size."""
+def main_type(name: str) -> str | None:
+    """A stock type's main ggml type (Q4_K_M -> Q4_K), or None when it names none."""
     for base in (name.upper(), re.sub(r"_(?:XXS|XS|S|M|L|XL)$", "", name.upper())):
         try:
-            return nominal_bpw(type_name(base))
+            return type_name(base)
         except (KeyError, ValueError):
             continue
-    return MIN_STOCK_BPW
+    return None
+
+
+def stock_bpw(name: str) -> float:
+    """The nominal bpw of a stock type's main ggml type (Q4_K_M -> Q4_K: 4.5), a lower bound of its size."""
+    main = main_type(name)
+    return nominal_bpw(main) if main is not None else MIN_STOCK_BPW
+
+
+# A stock mixture raises some tensors above its main type (attn_v, ffn_down, the output); every tensor one type up
+# bounds it from above (the tiny llama's Q4_K_M is 1.16x its main type's size, a type up 1.21x).
+_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+
+
+def stock_bytes(name: str, size: ModelSize) -> int:
+    """An upper bound of a stock file's bytes: every quantizable tensor a type above the stock type's main one
+    (with the model's fallbacks, and its metadata) when the tensor table is known; else the main type's nominal
+    size."""
+    main = main_type(name)
+    if size.bytes_at is None or main is None:
+        return int(stock_bpw(name) * size.n_elements / 8)
+    above = next((t for t in _LADDER if nominal_bpw(t) > nominal_bpw(main)), _LADDER[-1])
+    return size.bytes_at(above)

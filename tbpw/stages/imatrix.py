@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from tbpw.data.files import DatasetFile
-from tbpw.options import Strict
+from tbpw.options import TOOL_INT, Strict
 from tbpw.stages.context import StageContext
 from tbpw.stages.cost import Cost, ModelSize
 
@@ -18,8 +18,8 @@ NAME = "imatrix"
 
 class ImatrixOptions(Strict):
     collector: Literal["stock", "tbpw"] = "stock"
-    ctx: int = Field(512, ge=32)
-    chunks: int | None = Field(None, ge=1)
+    ctx: int = Field(512, ge=32, le=TOOL_INT)
+    chunks: int | None = Field(None, ge=1, le=TOOL_INT)
     process_output: bool = False
 
 
@@ -39,6 +39,9 @@ def run(ctx: StageContext, model: Path, text: DatasetFile, options: ImatrixOptio
 
 
 def cost(size: ModelSize | None, options: ImatrixOptions) -> Cost:
+    """A pass over the calibration chunks; the file holds 3 float32 statistics per input column (E[a²], E[a] with
+    tbpw's collector, the counts)."""
+    disk = 3 * 4 * size.imatrix_values if size is not None else 0
     if options.chunks is None:
-        return Cost(uncounted=("the imatrix: imatrix.chunks is not set (the whole calibration text)",))
-    return Cost(tokens=options.ctx * options.chunks)
+        return Cost(disk=disk, uncounted=("the imatrix: imatrix.chunks is not set (the whole calibration text)",))
+    return Cost(tokens=options.ctx * options.chunks, disk=disk)

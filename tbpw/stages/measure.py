@@ -23,8 +23,10 @@ def run(ctx: StageContext, model: Path, imatrix: Path, options: MeasureOptions) 
         metric = ctx.plugin("metric", options.metric)
         table = measure(model, imatrix, metric, options,
                         store=ctx.store.source(model, imatrix) if ctx.store is not None else None)
-        for volatile in ("cached", "seconds", "resumed_tensors"):  # how it was obtained, not what it is: the
-            table.meta.pop(volatile, None)  # same table gives the same bytes, and the stages after it the same keys
+        # how and where it was obtained, not what it is (a cached table records the paths of the run that measured
+        # it): the same table gives the same bytes, and the stages after it the same keys
+        for volatile in ("cached", "seconds", "resumed_tensors", "model_path", "imatrix_path"):
+            table.meta.pop(volatile, None)
         table.write_json(folder / "errors.json")
         return {"table": "errors.json", "tensors": len(table.tensors)}
 
@@ -37,7 +39,15 @@ def metric_name(options: MeasureOptions) -> str:
     return options.metric.name
 
 
+# An error table's JSON: about this many bytes per (tensor, candidate type), for the 20 default candidates.
+TABLE_BYTES_PER_TENSOR = 20 * 100
+
+
+def table_bytes(size: ModelSize | None) -> int:
+    return TABLE_BYTES_PER_TENSOR * size.tensors if size is not None else 0
+
+
 def cost(size: ModelSize | None) -> Cost:
-    return Cost(quantize_work=WORK_IN_QUANTIZATIONS)
+    return Cost(quantize_work=WORK_IN_QUANTIZATIONS, disk=table_bytes(size))
 
 

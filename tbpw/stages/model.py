@@ -162,11 +162,19 @@ def _from_inventory(inventory: ModelInventory, outtype: str) -> ModelSize:
     stored = {t.stored_type for t in inventory.tensors}
     embd = next((t for t in inventory.tensors if t.name == "token_embd.weight"), None)
     quantizable = [t for t in inventory.tensors if t.quantizable]
+    metadata = max(0, inventory.path.stat().st_size - inventory.tensor_bytes())
+
+    def bytes_at(qtype: str) -> int:
+        return metadata + sum(t.bytes_as(t.effective_type(qtype)) if t.quantizable else t.bytes_as(t.stored_type)
+                              for t in inventory.tensors)
+
     return ModelSize(n_elements=inventory.n_elements, n_active=int(inventory.n_elements - experts * (1 - share)),
                      vocab=embd.shape[1] if embd is not None and len(embd.shape) > 1 else 0,
                      stored_bytes=inventory.tensor_bytes(), needs_copy=not used_as_is(stored, outtype),
                      source=f"the tensor table of {inventory.path.name}",
-                     roles=len({t.role for t in quantizable}) or ASSUMED_ROLES, tensors=len(quantizable))
+                     roles=len({t.role for t in quantizable}) or ASSUMED_ROLES, tensors=len(quantizable),
+                     metadata_bytes=metadata, imatrix_values=sum(t.row_length * t.n_experts for t in quantizable),
+                     bytes_at=bytes_at)
 
 
 def _from_folder(folder: Path) -> ModelSize | None:

@@ -6,8 +6,8 @@ A run directory belongs to tbpw: `tbpw run` writes only into a folder that is ab
 
 A stage is a function that writes its outputs into a fresh folder and returns a JSON-able result. Its key
 hashes the stage name, its options, the content of its input files and the llama.cpp build. A finished
-stage is skipped only when its key matches AND every output its manifest recorded is still there with the
-same size and content; otherwise it runs again (a deleted or truncated output is recomputed, not an
+stage is skipped only when its key matches, its manifest holds the result it recorded (`result_sha256`) AND every
+output its manifest recorded is still there with the same size and content; otherwise it runs again (a deleted or truncated output is recomputed, not an
 error). A killed stage leaves only a `.partial` folder that the next run discards. The manifest is written
 last, so a folder without one never counts as finished.
 
@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ def _canonical(obj: Any) -> Any:
     if hasattr(obj, "model_dump"):
         return _canonical(obj.model_dump(mode="json"))
     return obj
+
+
+def result_sha256(result: Any) -> str:
+    """The hash a manifest records of its stage's result (checked whenever the manifest is read)."""
+    return hashlib.sha256(json.dumps(_canonical(result), sort_keys=True).encode()).hexdigest()
 
 
 def is_run_dir(root: Path) -> bool:
@@ -142,13 +148,18 @@ class RunDir:
         return self.root / stage
 
     def manifest(self, stage: str) -> dict | None:
-        """The stage's manifest, or None when there is none or it is damaged (the stage then runs again)."""
+        """The stage's manifest, or None when there is none or it is damaged (the stage then runs again): its result
+        must be the one it recorded (`result_sha256`), so an edited number never reaches a report."""
         path = self.folder(stage) / MANIFEST
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
+            return None
+        if data.get("result_sha256") != result_sha256(data["result"]):
+            print(f"note: the manifest of stage {stage} in {self.root} does not hold the result it recorded: the "
+                  "stage runs again", file=sys.stderr, flush=True)
             return None
         return data
 
@@ -271,6 +282,7 @@ class RunDir:
         write_json(folder / MANIFEST, {"stage": stage, "key": key, "options": _canonical(options),
                                        "inputs": {n: str(p) for n, p in sorted(inputs.items())},
                                        "outputs": self._outputs(folder),
-                                       "result": _canonical(result), "seconds": round(seconds, 2),
+                                       "result": _canonical(result), "result_sha256": result_sha256(result),
+                                       "seconds": round(seconds, 2),
                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return StageOutcome(stage, folder, _canonical(result), False, seconds)

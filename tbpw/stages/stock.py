@@ -10,7 +10,7 @@ from tbpw.data.files import DatasetFile
 from tbpw.llamacpp.quantize import quantize
 from tbpw.model.inventory import ModelInventory
 from tbpw.stages.context import StageContext
-from tbpw.stages.cost import Cost, ModelSize, stock_bpw
+from tbpw.stages.cost import Cost, ModelSize, stock_bytes
 from tbpw.stages.quant import Quant
 
 
@@ -33,4 +33,4 @@ def run(ctx: StageContext, model: Path, imatrix: Path, qtype: str, calibration: 
 
 
 def cost(size: ModelSize | None, qtype: str) -> Cost:
-    return Cost(quantizations=1, disk=int(stock_bpw(qtype) * size.n_elements / 8) if size is not None else 0)
+    return Cost(quantizations=1, disk=stock_bytes(qtype, size) if size is not None else 0)

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from tbpw.errors import TbpwError
 from tbpw.model.budget import Target, parse_size
 from tbpw.options import Strict
-from tbpw.stages.cost import ModelSize, stock_bpw
+from tbpw.stages.cost import ModelSize, stock_bytes
 from tbpw.stages.quant import Quant
 
 
@@ -16,7 +16,7 @@ class RecipeTarget(Strict):
     """One of: bpw (all tensor bytes / all elements, no metadata), size (file size with metadata), or
     stock (the bpw of the stock llama-quantize file of that type, for comparisons at equal size)."""
 
-    bpw: float | None = Field(None, gt=0, le=32)
+    bpw: float | None = Field(None, gt=0, le=32, allow_inf_nan=False)
     size: str | None = None
     stock: str | None = None
 
@@ -50,9 +50,13 @@ def budget(target: RecipeTarget, stock: Quant | None) -> Target:
 
 
 def estimated_bytes(target: RecipeTarget, size: ModelSize | None) -> int:
-    """A quant's bytes for `target`, before any file is made (a `stock:` target: its main type's nominal bpw)."""
+    """A quant's bytes for `target`, before any file is made: its tensor bytes and the model's metadata (a `stock:`
+    target: the stock file's bound, `stock_bytes`)."""
     if size is None:
         return 0
-    n = size.n_elements
-    return int(target.bpw * n / 8 if target.bpw is not None else parse_size(target.size) if target.size is not None
-               else stock_bpw(target.stock or "") * n / 8)
+    if target.size is not None:
+        return parse_size(target.size)
+    if target.stock is not None:
+        return stock_bytes(target.stock, size)
+    assert target.bpw is not None  # a target is one of bpw, size, stock
+    return int(target.bpw * size.n_elements / 8) + size.metadata_bytes
